@@ -1,0 +1,27 @@
+"""The ``fedmte`` command line: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from fedmte.cli import score as score_commands
+
+app = typer.Typer(
+    name="fedmte",
+    help="Privacy-preserving federated model transferability estimation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Privacy-preserving federated model transferability estimation."""
+
+
+score_commands.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,268 @@
+"""The site's catalogue: every feature transform and statistic a site knows how to compute.
+
+The coordinator can only *name* entries of these two literal dicts and send arrays for
+them; the code that runs is the site's own. A site's policy can allow or deny entries by
+name. Each statistic says which inputs it reads (features, source probabilities), its shape
+and dtype, so the receiving side can validate a sum before using it.
+
+Notation: ``x`` is the (m, k) float64 view of a batch's features, ``y`` the (m,) int64
+labels, ``theta`` the (m, Cs) source-class probabilities, ``C`` the number of target
+classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmte.protocol import symmetric
+from fedmte.protocol.errors import InvalidInputError, UnknownStatisticError
+from fedmte.protocol.requests import Stat, View
+from fedmte.protocol.statistics import Statistics
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A slice of one site's rows: features (m, d) float64, labels (m,) int64 in [0, C),
+    and optionally source probabilities (m, Cs)."""
+
+    features: np.ndarray | None
+    labels: np.ndarray
+    num_classes: int
+    source_probs: np.ndarray | None = None
+
+    def one_hot(self) -> np.ndarray:
+        return np.eye(self.num_classes, dtype=np.float64)[self.labels]
+
+
+# --------------------------------------------------------------------------- transforms
+
+@dataclass(frozen=True)
+class TransformKind:
+    """A feature transform: ``apply(x, batch, args) -> x'`` and the output width."""
+
+    apply: Callable[[np.ndarray, Batch, Mapping[str, np.ndarray]], np.ndarray]
+    output_dim: Callable[[int, int, Mapping[str, np.ndarray]], int]
+    summary: str
+
+
+def _require(args: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], op: str) -> np.ndarray:
+    if name not in args:
+        raise InvalidInputError(f"transform or statistic {op!r} needs the argument {name!r}")
+    array = args[name]
+    if array.shape != shape:
+        raise InvalidInputError(f"{op!r} argument {name!r} should have shape {shape}, got {array.shape}")
+    return array
+
+
+def _offset_dim(dim: int, num_classes: int, args: Mapping[str, np.ndarray]) -> int:
+    _require(args, "offset", (dim,), "offset")
+    return dim
+
+
+def _project_dim(dim: int, num_classes: int, args: Mapping[str, np.ndarray]) -> int:
+    basis = args.get("basis")
+    if basis is None or basis.ndim != 2 or basis.shape[0] != dim:
+        raise InvalidInputError(f"'project' needs a (d={dim}, k) basis, got {None if basis is None else basis.shape}")
+    return int(basis.shape[1])
+
+
+def _class_shift_dim(dim: int, num_classes: int, args: Mapping[str, np.ndarray]) -> int:
+    _require(args, "shift", (num_classes, dim), "class_shift")
+    return dim
+
+
+TRANSFORMS: dict[str, TransformKind] = {
+    "offset": TransformKind(
+        apply=lambda x, b, a: x - a["offset"],
+        output_dim=_offset_dim,
+        summary="subtract the agreed public offset (x - o)",
+    ),
+    "project": TransformKind(
+        apply=lambda x, b, a: x @ a["basis"],
+        output_dim=_project_dim,
+        summary="project onto a broadcast basis (x @ B), e.g. a PCA",
+    ),
+    "class_shift": TransformKind(
+        apply=lambda x, b, a: x + a["shift"][b.labels],
+        output_dim=_class_shift_dim,
+        summary="move every row by its class's broadcast vector (x + D[y])",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- statistics
+
+@dataclass(frozen=True)
+class StatisticKind:
+    """An additive statistic: ``compute(x, batch, args)`` over a batch, summed over batches.
+
+    ``shape(k, C, Cs, args)`` gives the summed array's shape for a view of width ``k``.
+    """
+
+    compute: Callable[[np.ndarray | None, Batch, Mapping[str, np.ndarray]], np.ndarray]
+    shape: Callable[[int, int, int, Mapping[str, np.ndarray]], tuple[int, ...]]
+    dtype: np.dtype
+    needs_features: bool
+    needs_source_probs: bool
+    summary: str
+
+
+def _class_scatters(x: np.ndarray, batch: Batch) -> np.ndarray:
+    out = np.zeros((batch.num_classes, symmetric.packed_size(x.shape[1])))
+    for c in np.unique(batch.labels):
+        rows = x[batch.labels == c]
+        out[c] = symmetric.pack(rows.T @ rows)
+    return out
+
+
+def _mixture_loglik(theta: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    weights = _require(args, "weights", (batch.num_classes, theta.shape[1]), "mixture_loglik")
+    likelihood = np.einsum("iz,iz->i", theta, weights[batch.labels])
+    with np.errstate(divide="ignore"):
+        return np.asarray(np.log(likelihood).sum())
+
+
+F64 = np.dtype(np.float64)
+I64 = np.dtype(np.int64)
+
+STATISTICS: dict[str, StatisticKind] = {
+    "count": StatisticKind(
+        compute=lambda x, b, a: np.asarray(len(b.labels), dtype=np.int64),
+        shape=lambda k, C, Cs, a: (),
+        dtype=I64, needs_features=False, needs_source_probs=False,
+        summary="n, the number of rows",
+    ),
+    "class_counts": StatisticKind(
+        compute=lambda x, b, a: np.bincount(b.labels, minlength=b.num_classes).astype(np.int64),
+        shape=lambda k, C, Cs, a: (C,),
+        dtype=I64, needs_features=False, needs_source_probs=False,
+        summary="n_c, rows per target class",
+    ),
+    "sum": StatisticKind(
+        compute=lambda x, b, a: x.sum(axis=0),
+        shape=lambda k, C, Cs, a: (k,),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="sum of the feature rows",
+    ),
+    "class_sums": StatisticKind(
+        compute=lambda x, b, a: b.one_hot().T @ x,
+        shape=lambda k, C, Cs, a: (C, k),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="per-class sums of the rows (F^T Y, transposed)",
+    ),
+    "gram": StatisticKind(
+        compute=lambda x, b, a: symmetric.pack(x.T @ x),
+        shape=lambda k, C, Cs, a: (symmetric.packed_size(k),),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="F^T F, upper triangle",
+    ),
+    "class_sq_sums": StatisticKind(
+        compute=lambda x, b, a: b.one_hot().T @ (x * x),
+        shape=lambda k, C, Cs, a: (C, k),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="per-class sums of squared coordinates",
+    ),
+    "class_scatters": StatisticKind(
+        compute=lambda x, b, a: _class_scatters(x, b),
+        shape=lambda k, C, Cs, a: (C, symmetric.packed_size(k)),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="per-class F_c^T F_c, upper triangles",
+    ),
+    "norm4_sum": StatisticKind(
+        compute=lambda x, b, a: np.asarray((np.einsum("ij,ij->i", x, x) ** 2).sum()),
+        shape=lambda k, C, Cs, a: (),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="sum of ||f||^4",
+    ),
+    "norm2_weighted_sum": StatisticKind(
+        compute=lambda x, b, a: np.einsum("ij,ij->i", x, x) @ x,
+        shape=lambda k, C, Cs, a: (k,),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="sum of ||f||^2 f",
+    ),
+    "soft_joint": StatisticKind(
+        compute=lambda x, b, a: b.one_hot().T @ b.source_probs,
+        shape=lambda k, C, Cs, a: (C, Cs),
+        dtype=F64, needs_features=False, needs_source_probs=True,
+        summary="sum of source probabilities per target class (C x Cs)",
+    ),
+    "hard_joint": StatisticKind(
+        compute=lambda x, b, a: np.bincount(
+            b.labels * b.source_probs.shape[1] + np.argmax(b.source_probs, axis=1),
+            minlength=b.num_classes * b.source_probs.shape[1],
+        ).reshape(b.num_classes, -1).astype(np.int64),
+        shape=lambda k, C, Cs, a: (C, Cs),
+        dtype=I64, needs_features=False, needs_source_probs=True,
+        summary="counts of (target class, most likely source class)",
+    ),
+    "mixture_loglik": StatisticKind(
+        compute=lambda x, b, a: _mixture_loglik(b.source_probs, b, a),
+        shape=lambda k, C, Cs, a: (),
+        dtype=F64, needs_features=False, needs_source_probs=True,
+        summary="sum of log(theta_i . W[y_i]) for a broadcast C x Cs matrix W",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _lookup(table: Mapping[str, object], name: str, what: str) -> object:
+    try:
+        return table[name]
+    except KeyError:
+        raise UnknownStatisticError(
+            f"unknown {what} {name!r}; the catalogue has: {', '.join(sorted(table))}"
+        ) from None
+
+
+def view_dim(view: View, dim: int, num_classes: int) -> int:
+    """Width of ``view`` applied to ``dim``-wide features (validates the arguments)."""
+    for step in view:
+        kind = _lookup(TRANSFORMS, step.op, "transform")
+        dim = kind.output_dim(dim, num_classes, step.arrays)
+    return dim
+
+
+def expected_shape(stat: Stat, dim: int, num_classes: int, num_source_classes: int) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the summed ``stat``; raises for unknown or ill-shaped requests."""
+    kind = _lookup(STATISTICS, stat.kind, "statistic")
+    width = view_dim(stat.view, dim, num_classes) if kind.needs_features else 0
+    return kind.shape(width, num_classes, num_source_classes, stat.arrays), kind.dtype
+
+
+def apply_view(view: View, batch: Batch) -> np.ndarray:
+    x = batch.features
+    for step in view:
+        kind = _lookup(TRANSFORMS, step.op, "transform")
+        x = kind.apply(x, batch, step.arrays)
+    return x
+
+
+def accumulate(requests: Sequence[Stat], batches: Iterable[Batch]) -> Statistics:
+    """Sum every requested statistic over ``batches`` in one pass.
+
+    Each distinct view is computed once per batch and shared by all requests on it; memory
+    holds one batch and the running sums, whatever the number of rows.
+    """
+    unique = {stat.key: stat for stat in requests}
+    kinds = {key: _lookup(STATISTICS, stat.kind, "statistic") for key, stat in unique.items()}
+    totals: dict[str, np.ndarray] = {}
+    for batch in batches:
+        views: dict[str, np.ndarray] = {}
+        for key, stat in unique.items():
+            kind = kinds[key]
+            if kind.needs_source_probs and batch.source_probs is None:
+                raise InvalidInputError(f"statistic {stat.kind!r} needs source probabilities, and this site has none")
+            x = None
+            if kind.needs_features:
+                if stat.view_key not in views:
+                    views[stat.view_key] = apply_view(stat.view, batch)
+                x = views[stat.view_key]
+            value = np.asarray(kind.compute(x, batch, stat.arrays), dtype=kind.dtype)
+            totals[key] = value if key not in totals else totals[key] + value
+    if not totals:
+        return Statistics.empty()
+    return Statistics(totals)

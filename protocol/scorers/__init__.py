@@ -1,0 +1,36 @@
+"""The scorer registry: every scorer fedmte can run, by the name used everywhere.
+
+``SCORERS`` is a literal dict (no registration by import side effect); an unknown name is
+refused with the list of valid ones. ``NOT_FEDERABLE`` names the scorers that cannot be
+computed from sums of per-site statistics, with the reason.
+"""
+
+from __future__ import annotations
+
+from fedmte.protocol.scorers import gbc, hscore, linear_mse, logme, source_label, transrate
+from fedmte.protocol.scorers.base import ScorerSpec
+
+SCORERS: dict[str, ScorerSpec] = {
+    "logme": logme.SPEC,
+    "hscore": hscore.HSCORE,
+    "shrinkage_hscore": hscore.SHRINKAGE_HSCORE,
+    "nce": source_label.NCE,
+    "gbc": gbc.SPEC,
+    "transrate": transrate.SPEC,
+    "linear_mse": linear_mse.SPEC,
+    "leep": source_label.LEEP,
+}
+
+NOT_FEDERABLE: dict[str, str] = {
+    "parc": (
+        "PARC correlates the pairwise distances between all samples, including pairs that sit "
+        "at different sites, so it needs per-sample features from every site; no sum of "
+        "per-site statistics reproduces it"
+    ),
+    "knn": (
+        "the hold-one-out k-NN accuracy needs each sample's nearest neighbours among all "
+        "sites' samples, which per-site sums cannot give"
+    ),
+}
+
+__all__ = ["SCORERS", "NOT_FEDERABLE", "ScorerSpec"]
