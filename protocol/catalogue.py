@@ -125,6 +125,26 @@ def _mixture_loglik(theta: np.ndarray, batch: Batch, args: Mapping[str, np.ndarr
         return np.asarray(np.log(likelihood).sum())
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def linear_class_probs(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray], op: str) -> np.ndarray:
+    """softmax(x coef^T + bias), applied ``passes`` times (SFDA applies it twice)."""
+    coef = args.get("coef")
+    if coef is None or coef.shape != (batch.num_classes, x.shape[1]):
+        raise InvalidInputError(f"{op!r} needs coef of shape (C={batch.num_classes}, k={x.shape[1]})")
+    bias = _require(args, "bias", (batch.num_classes,), op)
+    probs = x @ coef.T + bias
+    for _ in range(int(args["passes"]) if "passes" in args else 1):
+        probs = softmax(probs)
+    return probs
+
+
 F64 = np.dtype(np.float64)
 I64 = np.dtype(np.int64)
 
@@ -203,6 +223,14 @@ STATISTICS: dict[str, StatisticKind] = {
         shape=lambda k, C, Cs, a: (),
         dtype=F64, needs_features=False, needs_source_probs=True,
         summary="sum of log(theta_i . W[y_i]) for a broadcast C x Cs matrix W",
+    ),
+    "true_class_prob_sum": StatisticKind(
+        compute=lambda x, b, a: np.asarray(
+            linear_class_probs(x, b, a, "true_class_prob_sum")[np.arange(len(b.labels)), b.labels].sum()
+        ),
+        shape=lambda k, C, Cs, a: (),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="sum of p(y_i | x_i) under a broadcast linear classifier softmax(x coef^T + bias)",
     ),
 }
 

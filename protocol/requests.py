@@ -31,7 +31,7 @@ def _frozen_arrays(arrays: Mapping[str, object]) -> tuple[tuple[str, np.ndarray]
             array = array.astype(np.float64)
         else:
             raise TypeError(f"argument {name!r} must be numeric, got dtype {array.dtype}")
-        array = np.ascontiguousarray(array)
+        array = np.array(array, order="C", copy=True)
         array.setflags(write=False)
         frozen.append((name, array))
     return tuple(frozen)
