@@ -1,0 +1,5 @@
+"""``python -m fedmte`` runs the CLI."""
+
+from fedmte.cli import main
+
+main()
