@@ -42,6 +42,7 @@ DATASETS: dict[str, Dataset] = {
     "binary": make("binary", n=150, d=6, classes=2, seed=3),
     "many_classes": make("many_classes", n=500, d=10, classes=50, separation=2.0, seed=4),
     "large_offset": make("large_offset", n=240, d=8, classes=4, offset=1e3, seed=5),
+    "well_separated": make("well_separated", n=200, d=16, classes=5, separation=4.0, seed=6),
 }
 """Every scorer must match its reference on each of these (see tests/refs)."""
 

@@ -47,7 +47,7 @@ def gbc_from_class_moments(counts: np.ndarray, class_sums: np.ndarray, class_sq_
         first = np.sum((means[a] - means) ** 2 / avg, axis=1) / 8.0
         second = np.sum(np.log(avg), axis=1) - 0.5 * np.sum(np.log(variances[a])) - 0.5 * np.sum(np.log(variances), axis=1)
         coefficient = np.exp(-(first + 0.5 * second))
-        total += coefficient.sum() - coefficient[a]
+        total += np.delete(coefficient, a).sum()  # not sum - self: self is 1, the rest can be ~1e-9
     return float(-total)
 
 
