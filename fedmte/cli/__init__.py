@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from fedmte.cli import evaluate as evaluate_commands
 from fedmte.cli import score as score_commands
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ def _root() -> None:
 
 
 score_commands.register(app)
+evaluate_commands.register(app)
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ from rich.table import Table
 
 from fedmte.api import score_detailed
 from fedmte.cli.errors import friendly_errors
+from fedmte.protocol.catalogue import STATISTICS
 from fedmte.protocol.errors import InvalidInputError
+from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
 
 console = Console()
 
@@ -71,5 +73,61 @@ def score(
     console.print(table)
 
 
+def statistics_by_round(name: str) -> list[list[str]]:
+    """The statistic kinds one site sends for ``name``, round by round (traced on toy data)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 4
+    features = rng.normal(size=(40, 6)) + labels[:, None]
+    probs = rng.dirichlet(np.ones(5), 40)
+    result = score_detailed(features, labels, source_probs=probs, scorers=[name])
+    return [record.kinds for record in result.rounds]
+
+
+def scorer_rows() -> list[dict[str, str]]:
+    """One row per scorer: what it measures, rounds, inputs, what a site sends, its reference."""
+    rows = []
+    for name, spec in SCORERS.items():
+        needs = " + ".join(k for k, v in (("features", spec.needs_features), ("source probs", spec.needs_source_probs)) if v)
+        first = 0 if spec.centred else 1
+        sent = "; ".join(f"R{i + first}: {', '.join(kinds)}" for i, kinds in enumerate(statistics_by_round(name)))
+        rounds = f"{spec.rounds}{' (+R0)' if spec.centred else ''}{', iterative, opt-in' if spec.iterative else ''}"
+        rows.append({"scorer": name, "measures": spec.summary, "rounds": rounds, "needs": needs, "sends": sent, "matches": spec.reference})
+    for name, reason in NOT_FEDERABLE.items():
+        rows.append({"scorer": name, "measures": f"not federable: {reason}", "rounds": "-", "needs": "", "sends": "", "matches": ""})
+    return rows
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def scorers(
+    markdown: Annotated[bool, typer.Option("--markdown", help="print a Markdown table (the README's)")] = False,
+) -> None:
+    """List the scorers: what each measures, its rounds, what a site sends, the reference it matches.
+
+    R0 is the centring round that agrees on the pooled mean; a public offset skips it.
+    """
+    rows = scorer_rows()
+    columns = ("scorer", "measures", "rounds", "needs", "sends", "matches")
+    if markdown:
+        typer.echo("| " + " | ".join(columns) + " |")
+        typer.echo("|" + "---|" * len(columns))
+        for row in rows:
+            cells = (f"`{v}`" if c == "scorer" else _markdown_cell(v) for c, v in row.items())
+            typer.echo("| " + " | ".join(cells) + " |")
+        typer.echo("\n| statistic | what a site sums |\n|---|---|")
+        for kind, spec in STATISTICS.items():
+            typer.echo(f"| `{kind}` | {_markdown_cell(spec.summary)} |")
+        return
+    table = Table(title="fedmte scorers (R0: the shared centring round, skipped with a public offset)")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     app.command("score")(score)
+    app.command("scorers")(scorers)
