@@ -74,6 +74,22 @@ def _class_shift_dim(dim: int, num_classes: int, args: Mapping[str, np.ndarray])
     return dim
 
 
+def _confmix_dim(dim: int, num_classes: int, args: Mapping[str, np.ndarray]) -> int:
+    _require(args, "coef", (num_classes, dim), "confmix")
+    _require(args, "bias", (num_classes,), "confmix")
+    _require(args, "others_mean", (num_classes, dim), "confmix")
+    if "passes" in args and (args["passes"].shape != () or int(args["passes"]) < 1):
+        raise InvalidInputError(f"'confmix' argument 'passes' must be a positive integer, got {args['passes']}")
+    return dim
+
+
+def _confmix(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    """SFDA's ConfMix: x~ = p x + (1 - p) others_mean[y], p = p(y | x) under a broadcast
+    linear classifier (softmax applied ``passes`` times). Returns a new array."""
+    own = linear_class_probs(x, batch, args, "confmix")[np.arange(len(batch.labels)), batch.labels][:, None]
+    return own * x + (1.0 - own) * args["others_mean"][batch.labels]
+
+
 TRANSFORMS: dict[str, TransformKind] = {
     "offset": TransformKind(
         apply=lambda x, b, a: x - a["offset"],
@@ -89,6 +105,11 @@ TRANSFORMS: dict[str, TransformKind] = {
         apply=lambda x, b, a: x + a["shift"][b.labels],
         output_dim=_class_shift_dim,
         summary="move every row by its class's broadcast vector (x + D[y])",
+    ),
+    "confmix": TransformKind(
+        apply=_confmix,
+        output_dim=_confmix_dim,
+        summary="SFDA's ConfMix: p x + (1 - p) others_mean[y], p = p(y | x) of a broadcast linear classifier",
     ),
 }
 
@@ -118,6 +139,15 @@ def _class_scatters(x: np.ndarray, batch: Batch) -> np.ndarray:
     return out
 
 
+def _class_prob_outer_sums(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    probs = linear_class_probs(x, batch, args, "class_prob_outer_sums")
+    out = np.zeros((batch.num_classes, symmetric.packed_size(batch.num_classes)))
+    for c in np.unique(batch.labels):
+        rows = probs[batch.labels == c]
+        out[c] = symmetric.pack(rows.T @ rows)
+    return out
+
+
 def _mixture_loglik(theta: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
     weights = _require(args, "weights", (batch.num_classes, theta.shape[1]), "mixture_loglik")
     likelihood = np.einsum("iz,iz->i", theta, weights[batch.labels])
@@ -143,6 +173,92 @@ def linear_class_probs(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarra
     for _ in range(int(args["passes"]) if "passes" in args else 1):
         probs = softmax(probs)
     return probs
+
+
+def _logsumexp_rows(values: np.ndarray) -> np.ndarray:
+    """log sum_j exp(values[i, j]) per row, shifted by the row maximum."""
+    top = values.max(axis=1)
+    return top + np.log(np.exp(values - top[:, None]).sum(axis=1))
+
+
+def _gmm_parameters(
+    x: np.ndarray, args: Mapping[str, np.ndarray], op: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    means = args.get("means")
+    if means is None or means.ndim != 2 or means.shape[1] != x.shape[1]:
+        raise InvalidInputError(
+            f"{op!r} needs 'means' of shape (K, k={x.shape[1]}), got {None if means is None else means.shape}"
+        )
+    components, k = means.shape
+    prec_chol = _require(args, "prec_chol", (components, k, k), op)
+    log_weights = _require(args, "log_weights", (components,), op)
+    return means, prec_chol, log_weights
+
+
+def _gmm_components(args: Mapping[str, np.ndarray]) -> int:
+    if "means" not in args or args["means"].ndim != 2:
+        raise InvalidInputError("a 'gmm_*' statistic needs the mixture's 'means' as a (K, k) array")
+    return int(args["means"].shape[0])
+
+
+def gmm_log_resp(x: np.ndarray, args: Mapping[str, np.ndarray], op: str) -> tuple[np.ndarray, np.ndarray]:
+    """log p(x_i) (m,) and log responsibilities (m, K) under a broadcast full-covariance mixture.
+
+    scikit-learn's E-step: log w_j - (k log 2 pi + ||(x - mu_j) U_j||^2) / 2 + sum log diag U_j,
+    with U_j upper triangular and U_j U_j^T the precision. One component at a time, so memory
+    stays O(m (K + k)).
+    """
+    means, prec_chol, log_weights = _gmm_parameters(x, args, op)
+    components, k = means.shape
+    log_det = np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
+    squared = np.empty((x.shape[0], components))
+    for j in range(components):
+        whitened = (x - means[j]) @ prec_chol[j]
+        squared[:, j] = np.einsum("ij,ij->i", whitened, whitened)
+    weighted = -0.5 * (k * np.log(2 * np.pi) + squared) + log_det + log_weights
+    log_norm = _logsumexp_rows(weighted)
+    return log_norm, weighted - log_norm[:, None]
+
+
+def _gmm_moments(x: np.ndarray, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per component j: [sum r, sum r (x - mu_j), upper triangle of sum r (x - mu_j)(x - mu_j)^T],
+    taken about the broadcast mean mu_j so that narrow, distant components keep their digits."""
+    _, log_resp = gmm_log_resp(x, args, "gmm_moments")
+    resp = np.exp(log_resp)
+    means = args["means"]
+    components, k = means.shape
+    rows, cols = np.triu_indices(k)
+    out = np.empty((components, 1 + k + len(rows)))
+    out[:, 0] = resp.sum(axis=0)
+    for j in range(components):
+        centred = x - means[j]
+        weighted = centred * resp[:, j, None]
+        out[j, 1 : 1 + k] = weighted.sum(axis=0)
+        out[j, 1 + k :] = (weighted.T @ centred)[rows, cols]
+    return out
+
+
+def _gmm_mixture_loglik(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    _, log_resp = gmm_log_resp(x, args, "gmm_mixture_loglik")
+    conditional = _require(args, "conditional", (batch.num_classes, log_resp.shape[1]), "gmm_mixture_loglik")
+    likelihood = np.einsum("iz,iz->i", np.exp(log_resp), conditional[batch.labels])
+    with np.errstate(divide="ignore"):
+        return np.asarray(np.log(likelihood).sum())
+
+
+def _tilted_log_posterior(batch: Batch, args: Mapping[str, np.ndarray], op: str) -> tuple[np.ndarray, np.ndarray]:
+    """log q (m, Cs) with q_i = softmax(log(theta_i + floor) + T[y_i]), and log(theta + floor)."""
+    theta = batch.source_probs
+    tilt = _require(args, "tilt", (batch.num_classes, theta.shape[1]), op)
+    floor = _require(args, "floor", (), op)
+    log_prior = np.log(theta + floor)
+    logits = log_prior + tilt[batch.labels]
+    return logits - _logsumexp_rows(logits)[:, None], log_prior
+
+
+def _tilted_kl_sum(batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    log_q, log_prior = _tilted_log_posterior(batch, args, "tilted_kl_sum")
+    return np.asarray(np.sum(np.exp(log_q) * (log_q - log_prior)))
 
 
 F64 = np.dtype(np.float64)
@@ -231,6 +347,51 @@ STATISTICS: dict[str, StatisticKind] = {
         shape=lambda k, C, Cs, a: (),
         dtype=F64, needs_features=True, needs_source_probs=False,
         summary="sum of p(y_i | x_i) under a broadcast linear classifier softmax(x coef^T + bias)",
+    ),
+    "gmm_moments": StatisticKind(
+        compute=lambda x, b, a: _gmm_moments(x, a),
+        shape=lambda k, C, Cs, a: (_gmm_components(a), 1 + k + symmetric.packed_size(k)),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="EM sufficient statistics under a broadcast Gaussian mixture (means, prec_chol, "
+        "log_weights): per component sum r, sum r (x - mu), sum r (x - mu)(x - mu)^T (upper triangle)",
+    ),
+    "gmm_loglik": StatisticKind(
+        compute=lambda x, b, a: np.asarray(gmm_log_resp(x, a, "gmm_loglik")[0].sum()),
+        shape=lambda k, C, Cs, a: (),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="sum of log p(x_i) under a broadcast Gaussian mixture",
+    ),
+    "gmm_soft_joint": StatisticKind(
+        compute=lambda x, b, a: b.one_hot().T @ np.exp(gmm_log_resp(x, a, "gmm_soft_joint")[1]),
+        shape=lambda k, C, Cs, a: (C, _gmm_components(a)),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="sum of a broadcast Gaussian mixture's posteriors per target class (C x K)",
+    ),
+    "gmm_mixture_loglik": StatisticKind(
+        compute=_gmm_mixture_loglik,
+        shape=lambda k, C, Cs, a: (),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="sum of log(r_i . P[y_i]) for the posteriors r_i of a broadcast Gaussian mixture "
+        "and a broadcast C x K matrix P (conditional)",
+    ),
+    "tilted_joint": StatisticKind(
+        compute=lambda x, b, a: b.one_hot().T @ np.exp(_tilted_log_posterior(b, a, "tilted_joint")[0]),
+        shape=lambda k, C, Cs, a: (C, Cs),
+        dtype=F64, needs_features=False, needs_source_probs=True,
+        summary="Y^T q with q_i = softmax(log(theta_i + floor) + T[y_i]) for a broadcast C x Cs tilt T "
+        "(PACTran's mean-field pass)",
+    ),
+    "tilted_kl_sum": StatisticKind(
+        compute=lambda x, b, a: _tilted_kl_sum(b, a),
+        shape=lambda k, C, Cs, a: (),
+        dtype=F64, needs_features=False, needs_source_probs=True,
+        summary="sum of KL(q_i || theta_i + floor) for the tilted q of 'tilted_joint'",
+    ),
+    "class_prob_outer_sums": StatisticKind(
+        compute=lambda x, b, a: _class_prob_outer_sums(x, b, a),
+        shape=lambda k, C, Cs, a: (C, symmetric.packed_size(C)),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="per target class, sum of p p^T (upper triangle) with p = softmax(x coef^T + bias) broadcast",
     ),
 }
 

@@ -59,11 +59,11 @@ class ScoringResult:
 
 
 def default_scorers(*, has_features: bool, has_source_probs: bool) -> tuple[str, ...]:
-    """Every federable, non-iterative scorer the inputs allow."""
+    """Every federable scorer the inputs allow, except the opt-in ones (iterative, partial)."""
     return tuple(
         name
         for name, spec in SCORERS.items()
-        if not spec.iterative
+        if not (spec.iterative or spec.opt_in)
         and (has_features or not spec.needs_features)
         and (has_source_probs or not spec.needs_source_probs)
     )

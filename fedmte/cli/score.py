@@ -83,13 +83,24 @@ def statistics_by_round(name: str) -> list[list[str]]:
     return [record.kinds for record in result.rounds]
 
 
+def _round_ranges(rounds: list[list[str]], first: int) -> list[str]:
+    """'R2-R28: a, b' for consecutive rounds that send the same kinds (EM iterations)."""
+    groups: list[tuple[int, int, list[str]]] = []
+    for index, kinds in enumerate(rounds, start=first):
+        if groups and groups[-1][2] == kinds:
+            groups[-1] = (groups[-1][0], index, kinds)
+        else:
+            groups.append((index, index, kinds))
+    return [f"R{a}{'' if a == b else f'-R{b}'}: {', '.join(kinds)}" for a, b, kinds in groups]
+
+
 def scorer_rows() -> list[dict[str, str]]:
     """One row per scorer: what it measures, rounds, inputs, what a site sends, its reference."""
     rows = []
     for name, spec in SCORERS.items():
         needs = " + ".join(k for k, v in (("features", spec.needs_features), ("source probs", spec.needs_source_probs)) if v)
         first = 0 if spec.centred else 1
-        sent = "; ".join(f"R{i + first}: {', '.join(kinds)}" for i, kinds in enumerate(statistics_by_round(name)))
+        sent = "; ".join(_round_ranges(statistics_by_round(name), first))
         rounds = f"{spec.rounds}{' (+R0)' if spec.centred else ''}{', iterative, opt-in' if spec.iterative else ''}"
         rows.append({"scorer": name, "measures": spec.summary, "rounds": rounds, "needs": needs, "sends": sent, "matches": spec.reference})
     for name, reason in NOT_FEDERABLE.items():

@@ -8,6 +8,9 @@ computed from sums of per-site statistics, with the reason.
 from __future__ import annotations
 
 from fedmte.protocol.scorers import gbc, hscore, linear_mse, logme, source_label, transrate
+from fedmte.protocol.scorers import ped, sfda
+from fedmte.protocol.scorers import etran, gbc_pca, ncti
+from fedmte.protocol.scorers import nleep, pactran
 from fedmte.protocol.scorers.base import ScorerSpec
 
 SCORERS: dict[str, ScorerSpec] = {
@@ -19,6 +22,17 @@ SCORERS: dict[str, ScorerSpec] = {
     "transrate": transrate.SPEC,
     "linear_mse": linear_mse.SPEC,
     "leep": source_label.LEEP,
+    "sfda": sfda.SPEC,
+    "ped": ped.SPEC,
+    "etran_lda": etran.SPEC,
+    "gbc_pca": gbc_pca.SPEC,
+    "ncti": ncti.NCTI,
+    "ncti_seli": ncti.NCTI_SELI,
+    "ncti_ncc": ncti.NCTI_NCC,
+    "ncti_vc": ncti.NCTI_VC,
+    "nleep": nleep.SPEC,
+    "pactran_dir": pactran.PAC_DIR,
+    "pactran_gamma": pactran.PAC_GAMMA,
 }
 
 NOT_FEDERABLE: dict[str, str] = {

@@ -55,6 +55,8 @@ class ScorerSpec:
     reference: str
     centred: bool = False
     iterative: bool = False
+    opt_in: bool = False
+    """Left out of the default set: iterative scorers (many rounds) and partial terms."""
     options: Mapping[str, Any] = field(default_factory=dict)
 
 

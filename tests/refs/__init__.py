@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tests.refs import core
+from tests.refs import sfda
+from tests.refs import lda_pca
+from tests.refs import iterative
 
 Reference = Callable[..., float]
 
-REFERENCES: dict[str, Reference] = {**core.REFERENCES}
+REFERENCES: dict[str, Reference] = {**core.REFERENCES, **sfda.REFERENCES, **lda_pca.REFERENCES, **iterative.REFERENCES}
 
-TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {**core.TOLERANCES}
+TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {**core.TOLERANCES, **sfda.TOLERANCES, **lda_pca.TOLERANCES, **iterative.TOLERANCES}
