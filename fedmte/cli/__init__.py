@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from fedmte.cli import audit as audit_commands
 from fedmte.cli import evaluate as evaluate_commands
+from fedmte.cli import local as local_commands
+from fedmte.cli import run as run_commands
 from fedmte.cli import score as score_commands
 
 app = typer.Typer(
@@ -23,6 +26,9 @@ def _root() -> None:
 
 score_commands.register(app)
 evaluate_commands.register(app)
+audit_commands.register(app)
+local_commands.register(app)
+run_commands.register(app)
 
 
 def main() -> None:

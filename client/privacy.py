@@ -1,0 +1,523 @@
+"""The site's privacy pipeline: clip after the model, sum, add calibrated Gaussian noise.
+
+A candidate model is untrusted: its weights can route raw records into its features. The
+only defence that holds for any weights is in the site's own code, after the model
+(research/PRIVACY.md sections 2 T2 and 4.2):
+
+1. :func:`clip_rows` scales every feature row to L2 norm at most C (``policy.clip_norm``);
+   non-finite rows become zero and are counted. Source probabilities are put back in the
+   simplex (:func:`sanitize_probs`).
+2. The catalogue sums the requested statistics over the clipped rows
+   (:func:`fedmte.protocol.catalogue.accumulate`).
+3. Every block b gets N(0, sigma_b^2) noise with sigma_b = z * Delta_b, Delta_b its L2
+   sensitivity (:func:`fedmte.protocol.dp.stat_sensitivity`) and z = sqrt(B) / mu for the B
+   blocks of the release, so the release is mu-GDP with mu fixed by the site's policy.
+   Integer blocks (counts) are rounded after the noise, which is post-processing.
+   Noise comes from a generator seeded with 256 fresh bits of the OS CSPRNG per release
+   (:func:`noise_generator`), never from numpy's global state.
+4. Classes whose *noisy* count is below ``policy.min_noisy_class_count`` have their
+   class rows zeroed (shapes never depend on the data).
+5. The ledger charges mu to the data source before anything leaves; an identical request
+   gets the same bytes back at no cost; a request past the cap is refused and audited.
+
+:class:`SitePrivacy` runs these steps for a :class:`ReleaseRequest` and, in
+:meth:`SitePrivacy.disclose`, wraps the send in the audit log's intent and outcome records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedmte.client.audit_log import AuditLog
+from fedmte.client.ledger import Ledger
+from fedmte.client.policy import SitePolicy, check_coordinator, violations
+from fedmte.protocol import dp
+from fedmte.protocol.audit_format import DatasetRef, ModelRef, PrivacyCharge, StatBlock, canonical_json, dec
+from fedmte.protocol.catalogue import Batch, accumulate, expected_shape
+from fedmte.protocol.errors import (
+    BudgetExceededError,
+    InvalidInputError,
+    PolicyRefusal,
+    RefusalError,
+    StatisticsError,
+)
+from fedmte.protocol.requests import Stat
+
+RELEASE_MAGIC = b"FMTREL1\n"
+RELEASE_SCHEMA = "fedmte.release.v1"
+SEED_BYTES = 32  # 256 bits of OS randomness per release
+# Statistics whose first axis is the target class, zeroed for suppressed classes.
+CLASS_INDEXED = frozenset({
+    "class_sums", "class_sq_sums", "class_scatters", "soft_joint", "hard_joint", "tilted_joint",
+    "gmm_soft_joint", "class_prob_outer_sums",
+})
+_DTYPES = {"float64": np.dtype("<f8"), "int64": np.dtype("<i8")}
+
+
+# --------------------------------------------------------------------------- clipping
+
+def clip_rows(x: np.ndarray, clip_norm: float) -> tuple[np.ndarray, int, int]:
+    """(rows scaled to L2 norm <= clip_norm, how many were scaled, how many were non-finite).
+
+    v -> v * min(1, C / ||v||), in float64; a row with NaN or Inf becomes zero. Returns a
+    new array, never a view of the model's output.
+    """
+    if not (clip_norm > 0 and math.isfinite(clip_norm)):
+        raise InvalidInputError(f"the clip norm must be positive and finite, got {clip_norm}")
+    x = np.array(x, dtype=np.float64, copy=True)
+    if x.ndim != 2:
+        raise InvalidInputError(f"features must be a (rows, dim) array, got shape {x.shape}")
+    bad = ~np.isfinite(x).all(axis=1)
+    x[bad] = 0.0
+    norms = _row_norms(x)
+    over = norms > clip_norm
+    x[over] *= (clip_norm / norms[over])[:, None]
+    # Rounding can leave a scaled row a few ulps above C; pull those just inside.
+    still = _row_norms(x) > clip_norm
+    x[still] *= (np.nextafter(clip_norm, 0.0) / _row_norms(x[still]))[:, None]
+    return x, int(over.sum()), int(bad.sum())
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norm of each row, scaled by the row's largest entry so 1e200 does not overflow."""
+    top = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(len(x))
+    safe = np.where(top > 0, top, 1.0)
+    scaled = x / safe[:, None]
+    return top * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+
+
+def sanitize_probs(theta: np.ndarray) -> tuple[np.ndarray, int]:
+    """(rows put in the probability simplex, how many needed repair).
+
+    A row with a non-finite or negative entry, or that does not sum to 1 within 1e-6,
+    is clamped to >= 0 and renormalised (uniform if nothing is left); the soft-count
+    sensitivities assume simplex rows.
+    """
+    theta = np.array(theta, dtype=np.float64, copy=True)
+    if theta.ndim != 2 or theta.shape[1] == 0:
+        raise InvalidInputError(f"source probabilities must be a (rows, classes) array, got shape {theta.shape}")
+    finite = np.isfinite(theta).all(axis=1)
+    theta[~finite] = 0.0
+    negative = (theta < 0).any(axis=1)
+    np.maximum(theta, 0.0, out=theta)
+    totals = theta.sum(axis=1)
+    off = ~finite | negative | (np.abs(totals - 1.0) > 1e-6)
+    empty = totals <= 0
+    theta[empty] = 1.0 / theta.shape[1]
+    totals[empty] = 1.0
+    theta /= totals[:, None]
+    return theta, int(off.sum())
+
+
+@dataclass
+class ClipCounts:
+    """Running counts of what clipping changed, for the site's own report."""
+
+    rows: int = 0
+    clipped: int = 0
+    nonfinite_features: int = 0
+    repaired_probs: int = 0
+
+
+def clip_batch(batch: Batch, clip_norm: float, counts: ClipCounts | None = None) -> Batch:
+    """The batch with features clipped and source probabilities in the simplex."""
+    features, probs = batch.features, batch.source_probs
+    scaled = bad = repaired = 0
+    if features is not None:
+        features, scaled, bad = clip_rows(features, clip_norm)
+    if probs is not None:
+        probs, repaired = sanitize_probs(probs)
+    if counts is not None:
+        counts.rows += len(batch.labels)
+        counts.clipped += scaled
+        counts.nonfinite_features += bad
+        counts.repaired_probs += repaired
+    return Batch(features=features, labels=batch.labels, num_classes=batch.num_classes, source_probs=probs)
+
+
+def clip_batches(batches: Iterable[Batch], clip_norm: float, counts: ClipCounts | None = None) -> Iterator[Batch]:
+    """Clip a stream of batches lazily (memory holds one batch)."""
+    for batch in batches:
+        yield clip_batch(batch, clip_norm, counts)
+
+
+# --------------------------------------------------------------------------- noise
+
+def noise_generator() -> np.random.Generator:
+    """A fresh numpy generator seeded with 256 bits from the OS CSPRNG (``secrets``)."""
+    return np.random.default_rng(int.from_bytes(secrets.token_bytes(SEED_BYTES), "big"))
+
+
+def add_noise(value: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """value + N(0, sigma^2) per coordinate; integer blocks are rounded back to int64."""
+    value = np.asarray(value)
+    noisy = value.astype(np.float64) + rng.normal(0.0, sigma, size=value.shape)
+    if value.dtype.kind in "iu":
+        return np.rint(noisy).astype(np.int64)
+    return noisy
+
+
+# --------------------------------------------------------------------------- payload encoding
+
+def encode_release(blocks: Mapping[str, np.ndarray]) -> bytes:
+    """Deterministic bytes of named float64/int64 arrays: magic, header length, canonical JSON
+    header (key, dtype, shape per block, sorted by key), then little-endian data. No pickle."""
+    entries, chunks = [], []
+    for key in sorted(blocks):
+        array = np.asarray(blocks[key])
+        name = {"f": "float64", "i": "int64"}.get(array.dtype.kind) if array.dtype.itemsize == 8 else None
+        if name is None:
+            raise InvalidInputError(f"block {key!r} has dtype {array.dtype}; releases hold float64 and int64 only")
+        if name == "float64" and not np.isfinite(array).all():
+            raise InvalidInputError(f"block {key!r} holds NaN or Inf")
+        entries.append({"key": key, "dtype": name, "shape": list(array.shape)})
+        chunks.append(np.ascontiguousarray(array, dtype=_DTYPES[name]).tobytes())
+    header = canonical_json({"schema": RELEASE_SCHEMA, "blocks": entries})
+    return RELEASE_MAGIC + struct.pack(">Q", len(header)) + header + b"".join(chunks)
+
+
+def decode_release(data: bytes) -> dict[str, np.ndarray]:
+    """Inverse of :func:`encode_release`; raises :class:`StatisticsError` on anything malformed."""
+    if not data.startswith(RELEASE_MAGIC) or len(data) < len(RELEASE_MAGIC) + 8:
+        raise StatisticsError("not a fedmte release (bad magic)")
+    offset = len(RELEASE_MAGIC)
+    (length,) = struct.unpack(">Q", data[offset:offset + 8])
+    offset += 8
+    if length > len(data) - offset:
+        raise StatisticsError("release header runs past the end of the data")
+    try:
+        header = json.loads(data[offset:offset + length])
+        entries = header["blocks"]
+        if header.get("schema") != RELEASE_SCHEMA or not isinstance(entries, list):
+            raise ValueError("wrong schema")
+    except (ValueError, KeyError, TypeError) as error:
+        raise StatisticsError(f"release header is malformed: {error}") from None
+    offset += length
+    out: dict[str, np.ndarray] = {}
+    for entry in entries:
+        try:
+            key, dtype, shape = str(entry["key"]), _DTYPES[entry["dtype"]], tuple(int(s) for s in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise StatisticsError(f"release block entry {entry!r} is malformed") from None
+        if any(s < 0 for s in shape) or key in out:
+            raise StatisticsError(f"release block {key!r} has a bad shape or is repeated")
+        size = math.prod(shape) * dtype.itemsize
+        if size > len(data) - offset:
+            raise StatisticsError(f"release block {key!r} runs past the end of the data")
+        array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+        out[key] = array.astype(array.dtype.newbyteorder("="))
+        offset += size
+    if offset != len(data):
+        raise StatisticsError(f"{len(data) - offset} unexpected bytes after the last release block")
+    return out
+
+
+def block_name(weights_sha256: str, stat: Stat) -> str:
+    """A released block's name: the model's weights hash and the request key."""
+    return f"{weights_sha256}/{stat.key}"
+
+
+# --------------------------------------------------------------------------- requests
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """One candidate model's part of a request: what it is and which statistics to release."""
+
+    arch_id: str
+    weights_sha256: str
+    feature_dim: int
+    stats: tuple[Stat, ...]
+    num_source_classes: int = 0
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(arch_id=self.arch_id, weights_sha256=self.weights_sha256)
+
+    def unique_stats(self) -> list[Stat]:
+        return list({stat.key: stat for stat in self.stats}.values())
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """A verified request for one release from one data source (who, why, what)."""
+
+    requester: str  # hex SHA-256 of the coordinator's Ed25519 key, checked against the policy
+    recipient: str
+    run_id: str
+    round: int
+    data_source: str
+    dataset_version: str  # hex SHA-256 fingerprint of the exact data read
+    num_classes: int
+    models: tuple[ModelRequest, ...]
+    scorers: tuple[str, ...] = ()
+    purpose: str = ""
+    request_sha256: str | None = None
+
+    @property
+    def dataset(self) -> DatasetRef:
+        return DatasetRef(data_source=self.data_source, version_sha256=self.dataset_version)
+
+
+def request_fingerprint(request: ReleaseRequest, policy_sha256: str) -> str:
+    """What makes two requests the same release: the data, the policy, the models and the
+    statistics (with their views and arguments), not the run, round or requester."""
+    description = {
+        "data_source": request.data_source,
+        "dataset_version": request.dataset_version,
+        "policy_sha256": policy_sha256,
+        "num_classes": request.num_classes,
+        "models": [
+            {"arch_id": m.arch_id, "weights_sha256": m.weights_sha256, "feature_dim": m.feature_dim,
+             "num_source_classes": m.num_source_classes, "stats": sorted(s.key for s in m.unique_stats())}
+            for m in sorted(request.models, key=lambda m: m.weights_sha256)
+        ],
+    }
+    return hashlib.sha256(canonical_json(description)).hexdigest()
+
+
+@dataclass(frozen=True)
+class PlannedBlock:
+    """One block of a release: its shape, sensitivity and noise std (0 without DP)."""
+
+    model: ModelRequest
+    stat: Stat
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sensitivity: float | None
+    sigma: float
+
+    @property
+    def name(self) -> str:
+        return block_name(self.model.weights_sha256, self.stat)
+
+    def audit(self) -> StatBlock:
+        return StatBlock(model_sha256=self.model.weights_sha256, key=self.name, kind=self.stat.kind,
+                         shape=list(self.shape), dtype=str(self.dtype),
+                         sensitivity=None if self.sensitivity is None else dec(self.sensitivity),
+                         noise_std=dec(self.sigma) if self.sensitivity is not None else None)
+
+
+def plan_blocks(request: ReleaseRequest, policy: SitePolicy) -> list[PlannedBlock]:
+    """Shapes, sensitivities and noise for every block of a release; pure, no data read.
+
+    With DP on, sigma_b = z * Delta_b with z = sqrt(B) / mu_per_release over the B blocks
+    with non-zero sensitivity, so sqrt(sum (Delta_b / sigma_b)^2) = mu_per_release.
+    """
+    raw: list[tuple[ModelRequest, Stat, tuple[int, ...], np.dtype, float | None]] = []
+    for model in request.models:
+        for stat in model.unique_stats():
+            shape, dtype = expected_shape(stat, model.feature_dim, request.num_classes, model.num_source_classes)
+            delta = (dp.stat_sensitivity(stat, policy.clip_norm, policy.dp.neighbouring)
+                     if policy.dp.enabled else None)
+            raw.append((model, stat, tuple(shape), np.dtype(dtype), delta))
+    noised = sum(1 for *_, delta in raw if delta)
+    z = dp.noise_multiplier(policy.dp.mu_per_release, noised) if policy.dp.enabled and noised else 0.0
+    return [PlannedBlock(m, s, shape, dtype, delta, z * delta if delta else 0.0) for m, s, shape, dtype, delta in raw]
+
+
+def suppress_small_classes(blocks: dict[str, np.ndarray], planned: Sequence[PlannedBlock],
+                           min_count: float) -> dict[str, list[int]]:
+    """Zero the class rows of classes whose noisy count is below ``min_count``, in place.
+
+    Decided per model from that model's released (noisy) ``class_counts``; a model whose
+    release has no class counts is left as is. Returns {weights_sha256: suppressed classes}.
+    """
+    suppressed: dict[str, list[int]] = {}
+    if min_count <= 0:
+        return suppressed
+    by_model: dict[str, list[PlannedBlock]] = {}
+    for block in planned:
+        by_model.setdefault(block.model.weights_sha256, []).append(block)
+    for sha, model_blocks in by_model.items():
+        counts = next((blocks[b.name] for b in model_blocks if b.stat.kind == "class_counts"), None)
+        if counts is None:
+            continue
+        small = [int(c) for c in np.flatnonzero(counts < min_count)]
+        if not small:
+            continue
+        suppressed[sha] = small
+        for block in model_blocks:
+            if block.stat.kind in CLASS_INDEXED:
+                blocks[block.name] = np.array(blocks[block.name], copy=True)
+                blocks[block.name][small] = 0
+    return suppressed
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a site is ready to send for one request, and what the audit log must say about it."""
+
+    payload: bytes
+    fingerprint: str
+    privacy: PrivacyCharge
+    statistics: list[StatBlock]
+    models: list[ModelRef]
+    dataset: DatasetRef
+    suppressed_classes: dict[str, list[int]] = field(default_factory=dict)
+
+    def blocks(self) -> dict[str, np.ndarray]:
+        return decode_release(self.payload)
+
+
+BatchSource = Callable[[ModelRequest], Iterable[Batch]]
+
+
+class SitePrivacy:
+    """Policy, ledger and audit log together: every release is checked, clipped, noised,
+    charged and recorded here."""
+
+    def __init__(self, policy: SitePolicy, ledger: Ledger, log: AuditLog) -> None:
+        self.policy = policy
+        self.ledger = ledger
+        self.log = log
+        self.policy_sha256 = policy.sha256()
+        self.last_clip_counts = ClipCounts()
+
+    @classmethod
+    def open(cls, policy: SitePolicy, *, audit_dir: Path | str, ledger_dir: Path | str, site_id: str,
+             signing_key: Ed25519PrivateKey, checkpoint_every: int = 100) -> SitePrivacy:
+        """Open the audit log, then the ledger checked against the head the log recorded
+        (so a rolled-back ledger is refused before any request is served)."""
+        log = AuditLog.open(audit_dir, site_id=site_id, signing_key=signing_key, checkpoint_every=checkpoint_every)
+        try:
+            ledger = Ledger.open(ledger_dir, site_id=site_id, expected=log.ledger_head)
+        except BaseException:
+            log.close()
+            raise
+        return cls(policy, ledger, log)
+
+    def close(self) -> None:
+        self.log.close()
+
+    # ------------------------------------------------------------------ checks
+
+    def _refuse(self, request: ReleaseRequest, error: RefusalError) -> None:
+        self.log.refusal(requester=request.requester, run_id=request.run_id, round=request.round,
+                         reason_code=error.reason_code, rule=error.rule, message=str(error),
+                         purpose=request.purpose, request_sha256=request.request_sha256,
+                         data_source=request.data_source, models=[m.ref for m in request.models])
+
+    def check(self, request: ReleaseRequest) -> None:
+        """Raise (and audit) a :class:`PolicyRefusal` naming every rule the request breaks."""
+        found: list[tuple[str, str]] = []
+        try:
+            check_coordinator(self.policy, request.requester)
+        except PolicyRefusal as refusal:
+            found += refusal.violations
+        if not request.models:
+            found.append(("request", "the request names no model"))
+        for model in request.models:
+            for rule, message in violations(
+                self.policy, [s.kind for s in model.stats], request.scorers, model.arch_id, model.feature_dim,
+                transforms={step.op for s in model.stats for step in s.view},
+            ):
+                if (rule, message) not in found:
+                    found.append((rule, message))
+        if found:
+            refusal = PolicyRefusal(found)
+            self._refuse(request, refusal)
+            raise refusal
+
+    # ------------------------------------------------------------------ releasing
+
+    def prepare(self, request: ReleaseRequest, batches_for: BatchSource) -> Release:
+        """Check, compute, clip, noise and charge one release; nothing is sent here.
+
+        ``batches_for(model)`` streams that model's (unclipped) feature batches; it is only
+        called when the release is new and within budget.
+        """
+        self.check(request)
+        planned = plan_blocks(request, self.policy)
+        dp_on = self.policy.dp.enabled
+        fingerprint = request_fingerprint(request, self.policy_sha256)
+        if dp_on:
+            cached = self.ledger.lookup(fingerprint)
+            if cached is not None:
+                payload, receipt = cached
+                return self._release(request, planned, payload, fingerprint, cached=True,
+                                     before=receipt.mu_sq_before, after=receipt.mu_sq_after,
+                                     suppressed=receipt.suppressed_classes)
+            try:
+                self.ledger.check(request.data_source, self.policy.dp.mu_per_release, self.policy.dp.mu_cap)
+            except BudgetExceededError as error:
+                self._refuse(request, error)
+                raise
+        blocks = self._compute(request, planned, batches_for)
+        suppressed: dict[str, list[int]] = {}
+        if dp_on:
+            rng = noise_generator()
+            for block in planned:
+                if block.sigma > 0:
+                    blocks[block.name] = add_noise(blocks[block.name], block.sigma, rng)
+            suppressed = suppress_small_classes(blocks, planned, self.policy.min_noisy_class_count)
+        payload = encode_release(blocks)
+        if not dp_on:
+            spent = self.ledger.spent_mu_sq(request.data_source)
+            return self._release(request, planned, payload, fingerprint, cached=False, before=spent, after=spent,
+                                 suppressed=suppressed)
+        receipt = self.ledger.charge(fingerprint, request.data_source, self.policy.dp.mu_per_release,
+                                     self.policy.dp.mu_cap, payload, suppressed_classes=suppressed)
+        return self._release(request, planned, payload, fingerprint, cached=False, before=receipt.mu_sq_before,
+                             after=receipt.mu_sq_after, suppressed=suppressed)
+
+    def _compute(self, request: ReleaseRequest, planned: Sequence[PlannedBlock],
+                 batches_for: BatchSource) -> dict[str, np.ndarray]:
+        counts = ClipCounts()
+        blocks: dict[str, np.ndarray] = {}
+        for model in request.models:
+            mine = [b for b in planned if b.model is model]
+            sums = accumulate([b.stat for b in mine], clip_batches(batches_for(model), self.policy.clip_norm, counts))
+            for block in mine:
+                value = sums[block.stat.key] if block.stat.key in sums else np.zeros(block.shape, block.dtype)
+                if value.shape != block.shape or value.dtype != block.dtype:
+                    raise StatisticsError(f"{block.stat.kind} for model {model.weights_sha256[:12]} came out "
+                                          f"{value.shape} {value.dtype}, expected {block.shape} {block.dtype}")
+                blocks[block.name] = np.array(value, copy=True)
+        self.last_clip_counts = counts
+        return blocks
+
+    def _release(self, request: ReleaseRequest, planned: Sequence[PlannedBlock], payload: bytes, fingerprint: str,
+                 *, cached: bool, before: float, after: float, suppressed: dict[str, list[int]]) -> Release:
+        settings = self.policy.dp
+        head = self.ledger.head
+        charge = PrivacyCharge(
+            mechanism="gaussian" if settings.enabled else "none",
+            neighbouring=settings.neighbouring,
+            clip_norm=dec(self.policy.clip_norm),
+            mu_release=dec(settings.mu_per_release) if settings.enabled else None,
+            cached=cached,
+            mu_sq_before=dec(before),
+            mu_sq_after=dec(after),
+            mu_cap=dec(settings.mu_cap) if settings.enabled else None,
+            delta=dec(settings.delta),
+            epsilon_spent=dec(dp.gdp_epsilon(math.sqrt(after), settings.delta)),
+            epsilon_budget=dec(settings.epsilon_budget) if settings.enabled else None,
+            ledger_version=head.version,
+            ledger_sha256=head.sha256,
+            policy_sha256=self.policy_sha256,
+            suppressed_classes=suppressed,
+        )
+        return Release(payload=payload, fingerprint=fingerprint, privacy=charge,
+                       statistics=[block.audit() for block in planned], models=[m.ref for m in request.models],
+                       dataset=request.dataset, suppressed_classes=suppressed)
+
+    def disclose(self, request: ReleaseRequest, batches_for: BatchSource, send: Callable[[bytes], object]) -> Release:
+        """prepare, then write the intent, ``send(payload)``, and write the outcome."""
+        release = self.prepare(request, batches_for)
+        with self.log.transmission(
+            release.payload, requester=request.requester, recipient=request.recipient, run_id=request.run_id,
+            round=request.round, purpose=request.purpose, request_sha256=request.request_sha256,
+            models=release.models, dataset=release.dataset, statistics=release.statistics, privacy=release.privacy,
+        ):
+            send(release.payload)
+        return release
