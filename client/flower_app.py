@@ -1,0 +1,78 @@
+"""The Flower ClientApp: adapts ``query.*`` messages to :mod:`fedmte.client.queries`.
+
+Each message's ``RecordDict`` holds a ``ConfigRecord`` "doc" with the payload's JSON
+document, its array layout and, up to ``INLINE_LIMIT`` bytes, the packed arrays; larger
+packed arrays travel as a ``uint8`` array in the ``ArrayRecord`` "arrays". The reply has the
+same shape. The site's
+data file comes from the SuperNode's own ``--node-config data-path``, never from the
+coordinator. Any error becomes an error reply, so the coordinator sees the site's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmte.client.queries import answer
+from fedmte.protocol.errors import InvalidInputError
+from fedmte.protocol.wire import INLINE_LIMIT, QUERIES, Payload
+
+DATA_PATH_KEY = "data-path"
+"""The node-config key naming the site's data file."""
+
+app = ClientApp()
+
+
+def payload_from_record(content: RecordDict) -> Payload:
+    """Read a fedmte payload out of a record (the inverse of :func:`payload_to_record`)."""
+    doc = content.config_records.get("doc")
+    arrays = content.array_records.get("arrays")
+    text = "{}" if doc is None else doc.get("json", "{}")
+    layout = "[]" if doc is None else doc.get("layout", "[]")
+    blob = b"" if doc is None else doc.get("blob", b"")
+    if arrays is not None and "blob" in arrays:
+        blob = arrays["blob"].numpy().tobytes()
+    if not isinstance(text, str) or not isinstance(layout, str) or not isinstance(blob, bytes):
+        raise InvalidInputError("a message's doc record must hold JSON strings 'json' and 'layout' and bytes 'blob'")
+    return Payload.from_wire(text, layout, blob)
+
+
+def payload_to_record(payload: Payload) -> RecordDict:
+    """Wrap a fedmte payload as a record (see :mod:`fedmte.protocol.wire` for the packed form)."""
+    doc, layout, blob = payload.to_wire()
+    config: dict[str, str | bytes] = {"json": doc, "layout": layout}
+    records: dict[str, ConfigRecord | ArrayRecord] = {}
+    if len(blob) <= INLINE_LIMIT:
+        config["blob"] = blob  # one small object instead of an array and its chunks
+    else:
+        records["arrays"] = ArrayRecord({"blob": Array(np.frombuffer(blob, dtype=np.uint8))})
+    records["doc"] = ConfigRecord(config)
+    return RecordDict(records)
+
+
+def _data_path(context: Context) -> Path:
+    value = context.node_config.get(DATA_PATH_KEY)
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(
+            f"this SuperNode has no {DATA_PATH_KEY!r} in its --node-config; start it with "
+            f"--node-config '{DATA_PATH_KEY}=\"/path/to/site.npz\"'"
+        )
+    return Path(value)
+
+
+def _handler(query: str) -> Callable[[Message, Context], Message]:
+    def handle(msg: Message, context: Context) -> Message:
+        reply = answer(query, payload_from_record(msg.content), _data_path(context))
+        return Message(payload_to_record(reply), reply_to=msg)
+
+    handle.__name__ = handle.__qualname__ = f"query_{query}"
+    handle.__doc__ = f"``query.{query}``: answered by fedmte.client.queries.answer."
+    return handle
+
+
+for _query in QUERIES:
+    app.query(_query)(_handler(_query))

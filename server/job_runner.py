@@ -1,0 +1,294 @@
+"""Scoring jobs over Flower: the job file, the ServerApp's driver and the coordinator's launcher.
+
+Two halves meet through Flower's run config:
+
+* :func:`launch` (coordinator, ``fedmte run JOB.toml``) turns a :class:`JobFile` into a
+  :class:`ServerJob`, submits the fedmte Flower app (``fedmte/server/fab``) with
+  ``flwr run <fab> <connection> --run-config <job>``, waits for the report the ServerApp
+  writes, and checks the run's final status with ``flwr ls``.
+* :func:`serve` (inside the ServerApp process that the SuperLink starts) reads the
+  :class:`ServerJob`, runs :func:`fedmte.server.rounds.run_scoring` over a
+  :class:`~fedmte.server.flower_exchange.FlowerExchange` and writes a :class:`JobReport`
+  (scores, rounds, seconds per round trip) as JSON. A failure is written too, with each
+  site's reason, and then re-raised so Flower marks the run failed.
+
+The ServerApp runs on the SuperLink's machine, which is the coordinator's, so the report
+path is a path there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError
+
+FAB_DIR = Path(__file__).resolve().parent / "fab"
+"""The Flower app bundle's source: a pyproject.toml that names fedmte's ServerApp and ClientApp."""
+
+REPORT_SCHEMA = "fedmte.job_report.v1"
+FLWR_CLI_TIMEOUT = 60.0
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerJob(_Strict):
+    """What the ServerApp needs to run one scoring job (travels as the run config's ``job``)."""
+
+    scorers: list[str] | None = None
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    num_classes: int = Field(ge=2)
+    offset: list[float] | None = None
+    min_sites: int = Field(default=1, ge=1)
+    connect_timeout: float = Field(default=60.0, gt=0)
+    round_timeout: float = Field(default=300.0, gt=0)
+    report: str = Field(pattern=r"^/.*\.json$", description="absolute path of the JSON report on the SuperLink's machine")
+
+
+class JobFile(_Strict):
+    """``JOB.toml``: which scorers, over which Flower connection, and where the report goes.
+
+    Relative paths are taken relative to the job file's directory.
+    """
+
+    connection: str = Field(min_length=1, description="a [superlink.NAME] connection in FLWR_HOME/config.toml")
+    flwr_home: Path | None = Field(default=None, description="the directory holding config.toml (default: $FLWR_HOME)")
+    out: Path = Field(description="where the JSON report is written (a .json file)")
+    num_classes: int = Field(ge=2)
+    scorers: list[str] | None = None
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    offset: list[float] | None = None
+    min_sites: int = Field(default=1, ge=1)
+    connect_timeout: float = Field(default=60.0, gt=0)
+    round_timeout: float = Field(default=300.0, gt=0)
+    run_timeout: float = Field(default=1800.0, gt=0)
+
+    @field_validator("out")
+    @classmethod
+    def _json_report(cls, value: Path) -> Path:
+        if value.suffix != ".json":
+            raise ValueError(f"the report is JSON: name a .json file, got {value}")
+        return value
+
+
+class RoundReport(_Strict):
+    name: str
+    seconds: float
+    kinds: list[str] = Field(default_factory=list)
+    bytes_per_site: int = 0
+
+
+class JobReport(_Strict):
+    """The outcome of one job: scores, rounds and their times, or the error and each site's reason."""
+
+    schema_: Literal["fedmte.job_report.v1"] = Field(default=REPORT_SCHEMA, alias="schema")
+    status: Literal["finished", "failed"]
+    run_id: int | None = None
+    sites: int = 0
+    scorers: list[str] = Field(default_factory=list)
+    scores: dict[str, float] = Field(default_factory=dict)
+    planned_rounds: int = 0
+    rounds: list[RoundReport] = Field(default_factory=list, description="the setup round, then each statistics round")
+    seconds_per_round_trip: float | None = Field(default=None, description="mean over the statistics rounds")
+    total_seconds: float = 0.0
+    error: str | None = None
+    failures: dict[str, str] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def load_job_file(path: Path) -> JobFile:
+    """Read and validate ``JOB.toml``; errors name the offending key."""
+    if not path.is_file():
+        raise InvalidInputError(f"job file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidInputError(f"job file {path} is not valid TOML: {error}") from None
+    try:
+        job = JobFile.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors())
+        raise InvalidInputError(f"job file {path}: {problems}") from None
+    base = path.resolve().parent
+    updates: dict[str, Any] = {"out": base / job.out}
+    if job.flwr_home is not None:
+        updates["flwr_home"] = base / job.flwr_home
+    return job.model_copy(update=updates)
+
+
+def write_report(report: JobReport, path: Path) -> None:
+    """Write atomically (temp file, then rename), so a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8")
+    with handle:
+        handle.write(report.model_dump_json(by_alias=True, indent=2))
+    os.replace(handle.name, path)
+
+
+def read_report(path: Path) -> JobReport:
+    try:
+        return JobReport.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValidationError) as error:
+        raise FederationError(f"the job report {path} is unreadable: {error}") from None
+
+
+# --------------------------------------------------------------------------- ServerApp side
+
+def serve(grid: Any, run_config: dict[str, Any], run_id: int) -> JobReport:
+    """Run the job in ``run_config['job']`` over ``grid`` and write its report."""
+    from fedmte.server.flower_exchange import FlowerExchange, tune_pull_backoff
+    from fedmte.server.rounds import run_scoring
+
+    start = time.perf_counter()
+    text = run_config.get("job", "")
+    try:
+        job = ServerJob.model_validate_json(text if isinstance(text, str) else "")
+    except ValidationError as error:
+        raise InvalidInputError(f"the run config's 'job' is not a valid fedmte job: {error}") from None
+    report_path = Path(job.report)
+    try:
+        tune_pull_backoff()
+        exchange = FlowerExchange(
+            grid, min_sites=job.min_sites, connect_timeout=job.connect_timeout, round_timeout=job.round_timeout
+        )
+        outcome = run_scoring(
+            exchange,
+            scorers=job.scorers,
+            num_classes=job.num_classes,
+            options=job.options,
+            offset=None if job.offset is None else np.asarray(job.offset, dtype=np.float64),
+        )
+    except FedmteError as error:
+        failed = JobReport(
+            status="failed", run_id=run_id, error=str(error), total_seconds=time.perf_counter() - start,
+            failures=getattr(error, "failures", {}),
+        )
+        write_report(failed, report_path)
+        raise
+    stats_rounds = outcome.timings[1:]
+    rounds = [RoundReport(name=outcome.timings[0].name, seconds=outcome.timings[0].seconds)]
+    rounds += [
+        RoundReport(name=t.name, seconds=t.seconds, kinds=r.kinds, bytes_per_site=r.nbytes)
+        for t, r in zip(stats_rounds, outcome.result.rounds)
+    ]
+    trips = [t.seconds for t in stats_rounds] or [outcome.timings[0].seconds]
+    report = JobReport(
+        status="finished",
+        run_id=run_id,
+        sites=outcome.sites,
+        scorers=list(outcome.plan.scorers),
+        scores=outcome.result.scores,
+        planned_rounds=outcome.plan.rounds,
+        rounds=rounds,
+        seconds_per_round_trip=sum(trips) / len(trips),
+        total_seconds=time.perf_counter() - start,
+    )
+    write_report(report, report_path)
+    return report
+
+
+# --------------------------------------------------------------------------- coordinator side
+
+def flwr_command() -> str:
+    """The ``flwr`` CLI of the running interpreter's environment."""
+    candidate = Path(sys.executable).parent / "flwr"
+    return str(candidate) if candidate.exists() else "flwr"
+
+
+def flwr_env(flwr_home: Path | None) -> dict[str, str]:
+    """Environment for the ``flwr`` CLI: ``FLWR_HOME`` set, this environment's bin first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def _flwr_json(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    try:
+        done = subprocess.run(
+            [flwr_command(), *args, "--format", "json"], env=env, capture_output=True, text=True,
+            timeout=FLWR_CLI_TIMEOUT, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise FederationError(f"`flwr {' '.join(args)}` did not answer within {FLWR_CLI_TIMEOUT:.0f} s") from None
+    text = done.stdout.strip()
+    start = text.find("{")
+    try:
+        parsed = json.loads(text[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict) or not parsed.get("success", False):
+        detail = (parsed or {}).get("error-message") if isinstance(parsed, dict) else None
+        raise FederationError(
+            f"`flwr {' '.join(args)}` failed (exit {done.returncode}): {detail or (done.stderr or done.stdout).strip()[-800:]}"
+        )
+    return parsed
+
+
+def run_status(connection: str, run_id: int, env: dict[str, str]) -> tuple[str, str]:
+    """``(status, details)`` of a run, as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
+    listing = _flwr_json(["ls", connection, "--run-id", str(run_id)], env)
+    for run in listing.get("runs", []):
+        if str(run.get("run-id")) == str(run_id):
+            return str(run.get("status", "")), str(run.get("status-details", "") or "")
+    raise FederationError(f"run {run_id} is not listed by the SuperLink of connection {connection!r}")
+
+
+def server_job(job: JobFile) -> ServerJob:
+    return ServerJob(
+        scorers=job.scorers, options=job.options, num_classes=job.num_classes, offset=job.offset,
+        min_sites=job.min_sites, connect_timeout=job.connect_timeout, round_timeout=job.round_timeout,
+        report=str(Path(job.out).resolve()),
+    )
+
+
+def launch(job: JobFile, *, fab_dir: Path = FAB_DIR, poll: float = 0.1, status_every: float = 3.0) -> JobReport:
+    """Submit ``job`` with ``flwr run`` and wait for the ServerApp's report.
+
+    Raises :class:`FederationError` when the run fails (with the sites' reasons when the
+    ServerApp could report them) or does not finish within ``job.run_timeout``.
+    """
+    env = flwr_env(job.flwr_home)
+    out = Path(job.out).resolve()
+    out.unlink(missing_ok=True)
+    spec = server_job(job).model_dump_json()
+    with tempfile.TemporaryDirectory(prefix="fedmte-run-") as tmp:
+        overrides = Path(tmp) / "run_config.toml"
+        overrides.write_text(f"job = {json.dumps(spec)}\n", encoding="utf-8")
+        started = _flwr_json(["run", str(fab_dir), job.connection, "--run-config", str(overrides)], env)
+    run_id = int(started["run-id"])
+    deadline = time.monotonic() + job.run_timeout
+    next_status = time.monotonic() + status_every
+    while True:
+        if out.exists():
+            report = read_report(out)
+            if report.run_id == run_id:
+                break
+        if time.monotonic() > next_status:
+            status, details = run_status(job.connection, run_id, env)
+            if status.startswith("finished"):
+                if out.exists() and read_report(out).run_id == run_id:
+                    report = read_report(out)
+                    break
+                raise FederationError(f"run {run_id} ended as {status} without a report: {details}")
+            next_status = time.monotonic() + status_every
+        if time.monotonic() > deadline:
+            raise FederationError(f"run {run_id} did not finish within {job.run_timeout:.0f} s; stop it with `flwr stop {run_id}`")
+        time.sleep(poll)
+    if report.status == "failed":
+        raise FederationError(f"run {run_id} failed: {report.error}", failures=report.failures)
+    return report

@@ -1,0 +1,383 @@
+"""A loopback federation for trying fedmte out and for tests: one SuperLink, N SuperNodes.
+
+:func:`up` lays out a directory::
+
+    DIR/federation.json       state: PIDs, ports, node ids, paths (LocalFederation)
+    DIR/tls/                  ca.crt, server.pem, server.key (fedmte.server.credentials)
+    DIR/flwr/config.toml      the coordinator's Flower connection "local" (FLWR_HOME=DIR/flwr)
+    DIR/superlink/            the SuperLink's FLWR_HOME and log
+    DIR/sites/<name>/         each site's data.npz, node key pair, FLWR_HOME and log
+
+and starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and
+``--disable-runtime-dependency-installation`` (its state in memory: an SQLite file made every
+round trip about twice as slow here); registers each site's public key with
+``flwr supernode register``; then starts one SuperNode per site with
+``--root-certificates``, ``--auth-supernode-private-key``, its own Runtime API port and
+``--node-config 'data-path="DIR/sites/<name>/data.npz"'``. With ``runner="site"`` (the
+default) each site is :mod:`fedmte.client.site_runner`: a SuperNode under
+``--isolation process`` plus the site's own runner, which executes only the fedmte ClientApp
+it installed and refuses a Flower app bundle whose hash is not on its allowlist. With
+``runner="stock"`` each site is a plain ``flower-supernode``, which runs whatever ClientApp
+the bundle names (slower: a new process per message, and 3 s idle polls).
+
+:func:`down` stops everything with SIGINT (SuperNodes ignore SIGTERM), then SIGKILL for
+whatever is still alive after a grace period. Every process is started in its own session,
+and only PIDs recorded in the state file whose command line still names DIR are signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedmte.protocol.errors import FederationError, InvalidInputError
+from fedmte.protocol.inputs import uneven_split
+from fedmte.server.credentials import make_node_key, make_tls
+from fedmte.server.job_runner import flwr_command, flwr_env
+
+STATE_FILE = "federation.json"
+STATE_SCHEMA = "fedmte.local_federation.v1"
+CONNECTION = "local"
+HOST = "127.0.0.1"
+START_TIMEOUT = 90.0
+STOP_GRACE = 10.0
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL = 0.1
+
+Runner = Literal["site", "stock"]
+
+
+class SiteProcess(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    node_id: int
+    pid: int
+    runtime_port: int
+    data: str
+    private_key: str
+    public_key: str
+    flwr_home: str
+    log: str
+
+
+class LocalFederation(BaseModel):
+    """The state file of a running loopback federation."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_: Literal["fedmte.local_federation.v1"] = Field(default=STATE_SCHEMA, alias="schema")
+    directory: str
+    runner: Runner
+    address: str
+    superlink_pid: int
+    superlink_log: str
+    ca_cert: str
+    flwr_home: str = Field(description="FLWR_HOME of the coordinator's flwr CLI (holds config.toml)")
+    connection: str = CONNECTION
+    sites: list[SiteProcess] = Field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        """Environment for ``flwr`` commands against this federation."""
+        return flwr_env(Path(self.flwr_home))
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        return subprocess.Popen(
+            args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+
+
+def _alive(pid: int, marker: str) -> bool:
+    """True if ``pid`` runs (not a zombie) and its command line names ``marker``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X") and marker in cmdline
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FederationError(f"the SuperLink exited with code {process.returncode}; see {log}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise FederationError(f"the SuperLink did not open port {port} within {timeout:.0f} s; see {log}")
+
+
+def _flwr(args: list[str], env: dict[str, str], timeout: float = 60.0) -> dict[str, object]:
+    done = subprocess.run([flwr_command(), *args, "--format", "json"], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    text = done.stdout
+    try:
+        parsed = json.loads(text[text.find("{"):]) if "{" in text else {}
+    except json.JSONDecodeError:
+        parsed = {}
+    if not parsed.get("success"):
+        raise FederationError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}): "
+                              f"{parsed.get('error-message') or (done.stderr or text).strip()[-600:]}")
+    return parsed
+
+
+def register_node(public_key: Path, name: str, env: dict[str, str], attempts: int = 20) -> int:
+    """``flwr supernode register``: add a site's public key to the SuperLink; return its node id."""
+    last: FederationError | None = None
+    for _ in range(attempts):
+        try:
+            return int(_flwr(["supernode", "register", str(public_key), CONNECTION, "--name", name], env)["node-id"])
+        except FederationError as error:  # the Control API may not be up yet
+            last = error
+            time.sleep(0.25)
+    raise FederationError(f"could not register {name}: {last}")
+
+
+def online_nodes(env: dict[str, str]) -> set[int]:
+    """Node ids the SuperLink lists as online."""
+    listing = _flwr(["supernode", "ls", CONNECTION], env)
+    return {int(node["node-id"]) for node in listing.get("nodes", []) if node.get("status") == "online"}
+
+
+def write_connection(flwr_home: Path, address: str, ca_cert: Path) -> None:
+    """The coordinator's ``config.toml`` with one TLS connection, ``local``, as default."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(ca_cert))}\n",
+        encoding="utf-8",
+    )
+
+
+def demo_site_data(sites: int, *, n: int = 600, dim: int = 8, classes: int = 4, source_classes: int = 5,
+                   seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Seeded Gaussian classes with source probabilities, split unevenly over ``sites``."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centres = rng.normal(scale=2.0, size=(classes, dim))
+    features = centres[labels] + rng.normal(size=(n, dim))
+    logits = rng.normal(size=(n, source_classes)) + 2.0 * np.eye(source_classes)[labels % source_classes]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return [{"features": features[r], "labels": labels[r], "source_probs": probs[r]} for r in uneven_split(n, sites)]
+
+
+def _site_arrays(sites: int, data: Sequence[Path]) -> list[dict[str, np.ndarray]]:
+    def read(path: Path) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+
+    if not data:
+        return demo_site_data(sites)
+    if len(data) == sites:
+        return [read(path) for path in data]
+    if len(data) == 1:
+        pooled = read(data[0])
+        if "labels" not in pooled:
+            raise InvalidInputError(f"{data[0]} has no 'labels' array")
+        return [{key: value[rows] for key, value in pooled.items()} for rows in uneven_split(len(pooled["labels"]), sites)]
+    raise InvalidInputError(f"give one data file per site ({sites}) or one pooled file to split, not {len(data)}")
+
+
+def load_state(directory: Path) -> LocalFederation:
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise FederationError(f"no local federation in {directory} (no {STATE_FILE}); start one with `fedmte local up`")
+    return LocalFederation.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def up(
+    directory: Path,
+    sites: int,
+    *,
+    data: Sequence[Path] = (),
+    runner: Runner = "site",
+    allowlist: Sequence[str] = (),
+    timeout: float = START_TIMEOUT,
+) -> LocalFederation:
+    """Start a loopback federation of ``sites`` sites under ``directory`` and return its state.
+
+    ``data``: one ``.npz`` per site, or one pooled ``.npz`` split unevenly, or nothing for a
+    small seeded demo set. ``allowlist``: extra FAB hashes the site runners accept besides
+    the hash of the fedmte bundle they have installed. On any failure, everything started
+    so far is stopped again before the error propagates.
+    """
+    if sites < 1:
+        raise InvalidInputError(f"--sites must be at least 1, got {sites}")
+    directory = directory.resolve()
+    if (directory / STATE_FILE).exists():
+        state = load_state(directory)
+        if _alive(state.superlink_pid, str(directory)) or any(_alive(s.pid, str(directory)) for s in state.sites):
+            raise FederationError(f"a local federation is already running in {directory}; stop it with `fedmte local down`")
+    arrays = _site_arrays(sites, data)
+    directory.mkdir(parents=True, exist_ok=True)
+    tls = make_tls(directory / "tls")
+    port = free_port()
+    address = f"{HOST}:{port}"
+    flwr_home = directory / "flwr"
+    write_connection(flwr_home, address, tls.ca_cert)
+    env = flwr_env(flwr_home)
+    started: list[subprocess.Popen[bytes]] = []
+    link_home = directory / "superlink"
+    link_env = flwr_env(link_home / "flwr-home")
+    link_env[SUPEREXEC_POLL_ENV] = str(SUPEREXEC_POLL)  # start a submitted ServerApp within 0.1 s, not 1 s
+    link_log = link_home / "superlink.log"
+    try:
+        link = _spawn([
+            _bin("flower-superlink"),
+            "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation", "--host", HOST, "--port", str(port),
+        ], link_log, link_env)
+        started.append(link)
+        state = LocalFederation(
+            directory=str(directory), runner=runner, address=address, superlink_pid=link.pid,
+            superlink_log=str(link_log), ca_cert=str(tls.ca_cert), flwr_home=str(flwr_home),
+        )
+        _wait_port(port, link, link_log, timeout)
+        site_procs: list[subprocess.Popen[bytes]] = []
+        for index, site_arrays in enumerate(arrays):
+            name = f"site{index}"
+            home = directory / "sites" / name
+            home.mkdir(parents=True, exist_ok=True)
+            data_path = home / "data.npz"
+            np.savez(data_path, **site_arrays)
+            keys = make_node_key(home, "node_key")
+            node_id = register_node(keys.public_key, name, env)
+            runtime_port = free_port()
+            log = home / "supernode.log"
+            site_env = flwr_env(home / "flwr-home")
+            node_args = [
+                "--root-certificates", str(tls.ca_cert), "--superlink", address,
+                "--auth-supernode-private-key", str(keys.private_key), "--host", HOST, "--port", str(runtime_port),
+                "--node-config", f'data-path="{data_path}"',
+            ]
+            if runner == "site":
+                args = [sys.executable, "-m", "fedmte.client.site_runner", *node_args,
+                        "--decision-log", str(home / "decisions.jsonl")]
+                for fab_hash in allowlist:
+                    args += ["--allow-fab", fab_hash]
+            else:
+                args = [_bin("flower-supernode"), *node_args]
+            process = _spawn(args, log, site_env)
+            started.append(process)
+            site_procs.append(process)
+            state.sites.append(SiteProcess(
+                name=name, node_id=node_id, pid=process.pid, runtime_port=runtime_port, data=str(data_path),
+                private_key=str(keys.private_key), public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"),
+                log=str(log),
+            ))
+        (directory / STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
+        wanted = {site.node_id for site in state.sites}
+        deadline = time.monotonic() + timeout
+        while not wanted <= online_nodes(env):
+            for site, process in zip(state.sites, site_procs):
+                if process.poll() is not None:
+                    raise FederationError(f"{site.name} exited with code {process.returncode}; see {site.log}")
+            if time.monotonic() > deadline:
+                raise FederationError(f"not every site came online within {timeout:.0f} s; see {directory}/sites/*/supernode.log")
+            time.sleep(0.3)
+        return state
+    except BaseException:
+        _stop([p.pid for p in reversed(started)], str(directory))
+        for process in started:
+            process.poll()
+        (directory / STATE_FILE).unlink(missing_ok=True)
+        raise
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(pids: Sequence[int], marker: str, grace: float = STOP_GRACE) -> list[int]:
+    """SIGINT each live pid, wait up to ``grace`` s, then SIGKILL its process group."""
+    live = [pid for pid in pids if _alive(pid, marker)]
+    for pid in live:
+        _signal(pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(pid, marker) for pid in live):
+        _reap(live)
+        time.sleep(0.1)
+    for pid in live:
+        if _alive(pid, marker):
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the process's own session, started by us
+            except ProcessLookupError:
+                pass
+    _reap(live)
+    return live
+
+
+def _reap(pids: Sequence[int]) -> None:
+    """Collect exit statuses of our own children, so they do not linger as zombies."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def down(directory: Path) -> list[int]:
+    """Stop the federation recorded in ``directory``: SuperNodes first, then the SuperLink."""
+    directory = directory.resolve()
+    state = load_state(directory)
+    stopped = _stop([site.pid for site in state.sites], str(directory))
+    stopped += _stop([state.superlink_pid], str(directory))
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def write_example_job(state: LocalFederation, scorers: Sequence[str] = ("hscore", "leep", "gbc")) -> Path:
+    """Write ``DIR/job.toml``: a job against this federation, classes counted from the sites' labels.
+
+    Counting classes from the site files is a convenience of the loopback trial, where the
+    coordinator happens to hold them; a real job states its label names.
+    """
+    num_classes = 2
+    has_probs = True
+    for site in state.sites:
+        with np.load(site.data, allow_pickle=False) as arrays:
+            if arrays["labels"].size:
+                num_classes = max(num_classes, int(arrays["labels"].max()) + 1)
+            has_probs = has_probs and "source_probs" in arrays.files
+    names = [name for name in scorers if has_probs or name != "leep"]
+    path = Path(state.directory) / "job.toml"
+    path.write_text(
+        f"connection = {json.dumps(state.connection)}\nflwr_home = {json.dumps(state.flwr_home)}\n"
+        f'out = "report.json"\nnum_classes = {num_classes}\nscorers = {json.dumps(names)}\n'
+        f"min_sites = {len(state.sites)}\n",
+        encoding="utf-8",
+    )
+    return path
