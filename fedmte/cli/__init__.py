@@ -6,7 +6,9 @@ import typer
 
 from fedmte.cli import audit as audit_commands
 from fedmte.cli import evaluate as evaluate_commands
+from fedmte.cli import features as features_commands
 from fedmte.cli import local as local_commands
+from fedmte.cli import model as model_commands
 from fedmte.cli import run as run_commands
 from fedmte.cli import score as score_commands
 
@@ -27,6 +29,8 @@ def _root() -> None:
 score_commands.register(app)
 evaluate_commands.register(app)
 audit_commands.register(app)
+model_commands.register(app)
+features_commands.register(app)
 local_commands.register(app)
 run_commands.register(app)
 

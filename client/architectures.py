@@ -1,0 +1,407 @@
+"""The site's architecture registry: networks built from code the site installed.
+
+A package names an architecture id and a configuration; the site looks the id up in the
+literal dict :data:`ARCHITECTURES`, validates the configuration with that architecture's
+pydantic model, builds the network with its own code, and copies the package's tensors in
+only if every key, shape and dtype matches exactly (no silent casts, no partial loads).
+The coordinator can choose among these networks and their sizes, never add to them.
+
+Every network's ``forward`` returns a dict of named outputs, so the manifest can say which
+one is the feature (``feature_output``) and which one holds the source head's logits
+(``source_head.output``):
+
+``mlp`` (input: vector)
+    Linear + activation per hidden width. Outputs ``features`` (the last hidden layer) and,
+    with a head, ``logits``.
+``cnn`` (input: image)
+    Conv3x3 [+ BatchNorm] + ReLU + 2x2 max-pool per block, then global average pooling
+    (``pooled``), then optionally Linear + ReLU to ``feature_dim`` (``features``; equal to
+    ``pooled`` without it), then an optional head (``logits``).
+``text_bag`` (input: text token ids, 0 = padding)
+    Mean of token embeddings ignoring padding (``embedding``), then Linear + tanh
+    (``features``), then an optional head (``logits``).
+
+Other families (torchvision, timm, Hugging Face encoders) are not installed on this site;
+their ids are refused with :class:`~fedmte.client.errors.UnknownArchitectureError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from fedmte.client.errors import (
+    ArchitectureConfigError,
+    MissingTensorError,
+    TensorDtypeError,
+    TensorShapeError,
+    UnexpectedTensorError,
+    UnknownArchitectureError,
+)
+from fedmte.client.manifest import ModelManifest, SourceHead
+from fedmte.client.packages import (
+    PackageReport,
+    VerifiedPackage,
+    inspect_package,
+    tensors_to_bytes,
+    verify_package,
+    write_package,
+)
+from fedmte.client.weights import WeightLimits
+from fedmte.protocol.errors import FedmteError
+
+InputKind = Literal["image", "text", "vector"]
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MAX_WIDTH = 65_536
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_source_classes: int = Field(default=0, ge=0, le=1_000_000)
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+class MLPConfig(_Config):
+    input_dim: int = Field(ge=1, le=1_000_000)
+    hidden_dims: tuple[int, ...] = Field(min_length=1, max_length=32)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+
+
+class CNNConfig(_Config):
+    in_channels: Literal[1, 3]
+    channels: tuple[int, ...] = Field(min_length=1, max_length=16)
+    batch_norm: bool = False
+    feature_dim: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
+
+
+class TextBagConfig(_Config):
+    vocab_size: int = Field(ge=2, le=16_777_216)
+    embed_dim: int = Field(ge=1, le=MAX_WIDTH)
+    feature_dim: int = Field(ge=1, le=MAX_WIDTH)
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def _head(width: int, classes: int) -> nn.Module | None:
+    return nn.Linear(width, classes) if classes else None
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = config.input_dim
+        for hidden in config.hidden_dims:
+            layers += [nn.Linear(width, hidden), ACTIVATIONS[config.activation]()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = _head(width, config.num_source_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.body(x)
+        out = {"features": features}
+        if self.head is not None:
+            out["logits"] = self.head(features)
+        return out
+
+
+class CNN(nn.Module):
+    def __init__(self, config: CNNConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = config.in_channels
+        for channels in config.channels:
+            layers.append(nn.Conv2d(width, channels, kernel_size=3, padding=1))
+            if config.batch_norm:
+                layers.append(nn.BatchNorm2d(channels))
+            layers += [nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+            width = channels
+        self.body = nn.Sequential(*layers)
+        self.project = None
+        if config.feature_dim is not None:
+            self.project = nn.Sequential(nn.Linear(width, config.feature_dim), nn.ReLU())
+            width = config.feature_dim
+        self.head = _head(width, config.num_source_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.body(x).mean(dim=(2, 3))
+        features = pooled if self.project is None else self.project(pooled)
+        out = {"pooled": pooled, "features": features}
+        if self.head is not None:
+            out["logits"] = self.head(features)
+        return out
+
+
+class TextBag(nn.Module):
+    def __init__(self, config: TextBagConfig) -> None:
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(config.vocab_size, config.embed_dim, mode="mean", padding_idx=0)
+        self.project = nn.Linear(config.embed_dim, config.feature_dim)
+        self.head = _head(config.feature_dim, config.num_source_classes)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        embedding = self.embedding(tokens)
+        features = torch.tanh(self.project(embedding))
+        out = {"embedding": embedding, "features": features}
+        if self.head is not None:
+            out["logits"] = self.head(features)
+        return out
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registry entry: config model, builder, input kind and the width of each output."""
+
+    config_model: type[_Config]
+    build: Callable[[Any], nn.Module]
+    input_kind: InputKind
+    output_dims: Callable[[Any], dict[str, int]]
+    summary: str
+
+
+def _with_logits(dims: dict[str, int], config: _Config) -> dict[str, int]:
+    if config.num_source_classes:
+        dims["logits"] = config.num_source_classes
+    return dims
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "mlp": Architecture(
+        config_model=MLPConfig,
+        build=MLP,
+        input_kind="vector",
+        output_dims=lambda c: _with_logits({"features": c.hidden_dims[-1]}, c),
+        summary="multilayer perceptron on a feature vector",
+    ),
+    "cnn": Architecture(
+        config_model=CNNConfig,
+        build=CNN,
+        input_kind="image",
+        output_dims=lambda c: _with_logits(
+            {"pooled": c.channels[-1], "features": c.feature_dim or c.channels[-1]}, c
+        ),
+        summary="small convolutional network on images",
+    ),
+    "text_bag": Architecture(
+        config_model=TextBagConfig,
+        build=TextBag,
+        input_kind="text",
+        output_dims=lambda c: _with_logits({"embedding": c.embed_dim, "features": c.feature_dim}, c),
+        summary="embedding bag over byte or hashed-word tokens",
+    ),
+}
+
+
+def lookup(architecture: str) -> Architecture:
+    try:
+        return ARCHITECTURES[architecture]
+    except KeyError:
+        raise UnknownArchitectureError(
+            f"architecture {architecture!r} is not installed at this site; it has: {', '.join(sorted(ARCHITECTURES))}. "
+            "Families such as torchvision, timm or Hugging Face encoders are not part of this site agent"
+        ) from None
+
+
+def _input_matches(manifest: ModelManifest, config: Any) -> None:
+    pre = manifest.preprocessing
+    if isinstance(config, MLPConfig) and pre.dim != config.input_dim:
+        raise ArchitectureConfigError(f"preprocessing gives {pre.dim}-wide vectors but the MLP takes {config.input_dim}")
+    if isinstance(config, CNNConfig) and pre.channels != config.in_channels:
+        raise ArchitectureConfigError(
+            f"preprocessing gives {pre.channels}-channel images but the CNN takes {config.in_channels}"
+        )
+    if isinstance(config, TextBagConfig) and pre.vocab_size != config.vocab_size:
+        raise ArchitectureConfigError(
+            f"preprocessing gives token ids below {pre.vocab_size} but the embedding has {config.vocab_size} rows"
+        )
+
+
+def resolve(manifest: ModelManifest) -> tuple[Architecture, Any, dict[str, int]]:
+    """Validate a manifest against the registry: config, input kind, outputs and head."""
+    arch = lookup(manifest.architecture)
+    try:
+        config = arch.config_model.model_validate(manifest.config)
+    except ValidationError as error:
+        raise ArchitectureConfigError(f"configuration of {manifest.architecture!r} is invalid: {error}") from None
+    if manifest.preprocessing.kind != arch.input_kind:
+        raise ArchitectureConfigError(
+            f"{manifest.architecture!r} takes {arch.input_kind} input but the manifest preprocesses {manifest.preprocessing.kind}"
+        )
+    _input_matches(manifest, config)
+    dims = arch.output_dims(config)
+    if manifest.feature_output not in dims:
+        raise ArchitectureConfigError(
+            f"feature_output {manifest.feature_output!r} is not an output of {manifest.architecture!r}; it has {sorted(dims)}"
+        )
+    head = manifest.source_head
+    if head is not None:
+        if head.output not in dims or head.output == manifest.feature_output:
+            raise ArchitectureConfigError(
+                f"source_head.output {head.output!r} must be a logits output of {manifest.architecture!r} "
+                f"(outputs: {sorted(dims)}; set num_source_classes in the config to add a head)"
+            )
+        if dims[head.output] != head.num_classes:
+            raise ArchitectureConfigError(
+                f"source_head says {head.num_classes} classes but output {head.output!r} has {dims[head.output]}"
+            )
+    return arch, config, dims
+
+
+def build(manifest: ModelManifest) -> nn.Module:
+    """The network a manifest describes, with fresh (random) weights, in eval mode."""
+    arch, config, _ = resolve(manifest)
+    module = arch.build(config).to(TORCH_DTYPES[config.dtype])
+    return module.eval()
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def load_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``module``: keys, shapes and dtypes must match exactly."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
+    if missing:
+        raise MissingTensorError(f"the weights lack {len(missing)} tensor(s) the network has: {missing[:10]}")
+    extra = sorted(tensors.keys() - expected.keys())
+    if extra:
+        raise UnexpectedTensorError(f"the weights have {len(extra)} tensor(s) the network does not: {extra[:10]}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise TensorShapeError(f"tensor {name!r} has shape {list(got.shape)}; the network needs {list(want.shape)}")
+        if got.dtype != want.dtype:
+            raise TensorDtypeError(f"tensor {name!r} is {got.dtype}; the network needs {want.dtype} (no casts are made)")
+    with torch.no_grad():
+        module.load_state_dict(dict(tensors), strict=True)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified package built into a network, ready to run at the site."""
+
+    manifest: ModelManifest
+    module: nn.Module
+    package_id: str
+    key_id: str
+    input_kind: InputKind
+    feature_dim: int
+
+    @property
+    def source_head(self) -> SourceHead | None:
+        return self.manifest.source_head
+
+
+def load_verified(package: VerifiedPackage) -> LoadedModel:
+    """Build the network of a verified package and load its weights strictly."""
+    manifest = package.manifest
+    arch, _, dims = resolve(manifest)
+    module = build(manifest)
+    count = parameter_count(module)
+    if count != manifest.parameter_count:
+        raise ArchitectureConfigError(
+            f"the manifest says {manifest.parameter_count:,} parameters but {manifest.architecture!r} with this "
+            f"configuration has {count:,}"
+        )
+    load_weights(module, package.tensors)
+    module.requires_grad_(False)
+    return LoadedModel(
+        manifest=manifest,
+        module=module,
+        package_id=package.package_id,
+        key_id=package.key_id,
+        input_kind=arch.input_kind,
+        feature_dim=dims[manifest.feature_output],
+    )
+
+
+def load_model(directory: Path | str, trusted_keys: Any, limits: WeightLimits | None = None) -> LoadedModel:
+    """Verify a package directory against pinned keys, then build and load it."""
+    return load_verified(verify_package(directory, trusted_keys, limits))
+
+
+def initial_weights(architecture: str, config: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """A freshly initialised state dict of an architecture (PyTorch's default init, seeded):
+    test and demo weights, made without touching the global random state."""
+    arch = lookup(architecture)
+    try:
+        parsed = arch.config_model.model_validate(dict(config))
+    except ValidationError as error:
+        raise ArchitectureConfigError(f"configuration of {architecture!r} is invalid: {error}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = arch.build(parsed).to(TORCH_DTYPES[parsed.dtype])
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def pack_model(
+    directory: Path | str,
+    *,
+    name: str,
+    architecture: str,
+    config: Mapping[str, Any],
+    preprocessing: Mapping[str, Any] | BaseModel,
+    license: str,
+    tensors: Mapping[str, torch.Tensor],
+    key: Any,
+    feature_output: str = "features",
+    source_head: Mapping[str, Any] | SourceHead | None = None,
+    version: str = "1",
+    description: str = "",
+) -> ModelManifest:
+    """Write a signed package whose weights are known to load into the named architecture.
+
+    The weights are serialised once, hashed, described in the manifest (with the parameter
+    count the site's own builder gives), loaded strictly into a freshly built network as a
+    check, and only then written and signed with ``key``.
+    """
+    data = tensors_to_bytes(tensors)
+    if isinstance(preprocessing, BaseModel):
+        preprocessing = preprocessing.model_dump(mode="json")
+    if isinstance(source_head, BaseModel):
+        source_head = source_head.model_dump(mode="json")
+    try:
+        manifest = ModelManifest(
+            name=name,
+            version=version,
+            architecture=architecture,
+            config=dict(config),
+            preprocessing=preprocessing,
+            feature_output=feature_output,
+            source_head=source_head,
+            license=license,
+            parameter_count=0,
+            weights_sha256=hashlib.sha256(data).hexdigest(),
+            weights_bytes=len(data),
+            description=description,
+        )
+    except ValidationError as error:
+        raise ArchitectureConfigError(f"the manifest fields are invalid: {error}") from None
+    module = build(manifest)
+    manifest = manifest.model_copy(update={"parameter_count": parameter_count(module)})
+    load_weights(module, {k: v.detach().cpu() for k, v in tensors.items()})
+    write_package(directory, manifest, data, key)
+    return manifest
+
+
+def inspect_model(directory: Path | str, trusted_keys: Any = (), limits: WeightLimits | None = None) -> PackageReport:
+    """What a package claims, whether it verifies, and whether this site can build it."""
+    report = inspect_package(directory, trusted_keys, limits)
+    if not report.verified or report.manifest is None:
+        return report
+    try:
+        load_model(directory, trusted_keys, limits)
+    except FedmteError as error:
+        return replace(report, verified=False,
+                       verdict=f"signature verified, but the site cannot build it: {type(error).__name__}: {error}")
+    return replace(report, verdict=f"verified; builds as this site's {report.manifest.architecture!r} network")
