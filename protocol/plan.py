@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedmte.protocol.catalogue import expected_shape
-from fedmte.protocol.errors import InvalidInputError, NotFederableError, UnknownScorerError
+from fedmte.protocol.errors import InvalidInputError, NotFederableError, ScorerDomainError, UnknownScorerError
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
 from fedmte.protocol.scorers.base import Context, Program
@@ -52,6 +52,7 @@ class RoundRecord:
 class ScoringResult:
     scores: dict[str, float]
     rounds: list[RoundRecord]
+    failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def bytes_sent_per_site(self) -> int:
@@ -121,13 +122,107 @@ def _expected(stats: Sequence[Stat], ctx: Context) -> dict[str, tuple[tuple[int,
     return {s.key: expected_shape(s, ctx.dim, ctx.num_classes, ctx.num_source_classes) for s in stats}
 
 
-def _round(stats: Sequence[Stat], ctx: Context, aggregate: Aggregate, log: list[RoundRecord]) -> Statistics:
-    unique = list({s.key: s for s in stats}.values())
-    expected = _expected(unique, ctx)
-    sums = aggregate(unique)
-    sums.check_shapes(expected)
-    log.append(RoundRecord(kinds=sorted({s.kind for s in unique}), nbytes=sums.nbytes))
-    return sums
+class PlanRun:
+    """One model's plan as a state machine, so a driver can batch many models per round.
+
+    ``pending()`` gives the next round's unique requests (``None`` once every scorer has
+    finished); ``feed(sums)`` hands back their sums over all sites. With
+    ``record_failures=True`` a scorer whose data leave it undefined
+    (:class:`~fedmte.protocol.errors.ScorerDomainError`) is recorded in ``failures`` and
+    the others go on; otherwise the error propagates.
+    """
+
+    def __init__(
+        self,
+        plan: ScoringPlan,
+        *,
+        dim: int,
+        num_classes: int,
+        num_source_classes: int = 0,
+        offset: np.ndarray | None = None,
+        record_failures: bool = False,
+    ) -> None:
+        self.plan = plan
+        self.dim, self.num_classes, self.num_source_classes = dim, num_classes, num_source_classes
+        self.record_failures = record_failures
+        self.scores: dict[str, float] = {}
+        self.failures: dict[str, str] = {}
+        self.log: list[RoundRecord] = []
+        self._programs: dict[str, tuple[Program, dict[str, Stat]]] = {}
+        self._rounds_used = 0
+        self._probe: tuple[Stat, Stat] | None = None
+        if offset is None and plan.centring_round:
+            self._probe = (Stat.of("count"), Stat.of("sum"))
+            self.ctx = Context(num_classes, dim, num_source_classes, np.zeros(dim))
+        else:
+            self._start(np.zeros(dim) if offset is None else offset)
+
+    def _start(self, offset: np.ndarray) -> None:
+        offset = np.asarray(offset, dtype=np.float64)
+        if offset.shape != (self.dim,):
+            raise InvalidInputError(f"the offset must have shape ({self.dim},), got {offset.shape}")
+        self.ctx = Context(self.num_classes, self.dim, self.num_source_classes, offset)
+        for name in self.plan.scorers:
+            program = SCORERS[name].program(self.ctx, **self.plan.options.get(name, {}))
+            self._advance(name, program, None)
+
+    def pending(self) -> list[Stat] | None:
+        """The next round's unique requests, or ``None`` when the plan is done."""
+        if self._probe is not None:
+            return list(self._probe)
+        if not self._programs:
+            return None
+        return list({s.key: s for _, reqs in self._programs.values() for s in reqs.values()}.values())
+
+    def expected(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of every pending sum, to validate what comes back."""
+        stats = self.pending() or []
+        return {s.key: expected_shape(s, self.dim, self.num_classes, self.num_source_classes) for s in stats}
+
+    def feed(self, sums: Statistics) -> None:
+        """Hand back the sums over all sites of exactly the pending requests."""
+        requests = self.pending()
+        if requests is None:
+            raise RuntimeError("the plan is already done")
+        sums.check_shapes(self.expected())
+        self.log.append(RoundRecord(kinds=sorted({s.kind for s in requests}), nbytes=sums.nbytes))
+        if self._probe is not None:
+            count, total = self._probe
+            self._probe = None
+            self._start(sums[total.key] / max(int(sums[count.key]), 1))
+            return
+        self._rounds_used += 1
+        for name, (program, reqs) in list(self._programs.items()):
+            if self._rounds_used > SCORERS[name].rounds:
+                raise RuntimeError(f"{name} asked for more than its declared {SCORERS[name].rounds} rounds")
+            self._advance(name, program, {local: sums[s.key] for local, s in reqs.items()})
+
+    def result(self) -> ScoringResult:
+        if self.pending() is not None:
+            raise RuntimeError("the plan has not finished")
+        return ScoringResult(
+            scores={name: self.scores[name] for name in self.plan.scorers if name in self.scores},
+            rounds=self.log,
+            failures=dict(self.failures),
+        )
+
+    def _advance(self, name: str, program: Program, sums: dict[str, np.ndarray] | None) -> None:
+        try:
+            requests = next(program) if sums is None else program.send(sums)
+        except StopIteration as done:
+            self._programs.pop(name, None)
+            value = float(done.value)
+            if not np.isfinite(value):
+                raise RuntimeError(f"{name} produced a non-finite score {value}; this is a bug") from None
+            self.scores[name] = value
+            return
+        except ScorerDomainError as error:
+            if not self.record_failures:
+                raise
+            self._programs.pop(name, None)
+            self.failures[name] = str(error)
+            return
+        self._programs[name] = (program, requests)
 
 
 def execute(
@@ -140,50 +235,22 @@ def execute(
     offset: np.ndarray | None = None,
 ) -> ScoringResult:
     """Run ``plan`` to the end and return the scores and the per-round traffic."""
-    log: list[RoundRecord] = []
-    if offset is None:
-        offset = np.zeros(dim)
-        if plan.centring_round:
-            probe = Context(num_classes, dim, num_source_classes, offset)
-            n, total = Stat.of("count"), Stat.of("sum")
-            sums = _round([n, total], probe, aggregate, log)
-            offset = sums[total.key] / max(int(sums[n.key]), 1)
-    offset = np.asarray(offset, dtype=np.float64)
-    if offset.shape != (dim,):
-        raise InvalidInputError(f"the offset must have shape ({dim},), got {offset.shape}")
-    ctx = Context(num_classes=num_classes, dim=dim, num_source_classes=num_source_classes, offset=offset)
-
-    scores: dict[str, float] = {}
-    pending: dict[str, tuple[Program, dict[str, Stat]]] = {}
-    for name in plan.scorers:
-        program = SCORERS[name].program(ctx, **plan.options.get(name, {}))
-        _advance(name, program, None, pending, scores)
-    rounds_used = 0
-    while pending:
-        rounds_used += 1
-        for name in pending:
-            if rounds_used > SCORERS[name].rounds:
-                raise RuntimeError(f"{name} asked for more than its declared {SCORERS[name].rounds} rounds")
-        sums = _round([s for _, reqs in pending.values() for s in reqs.values()], ctx, aggregate, log)
-        for name, (program, reqs) in list(pending.items()):
-            _advance(name, program, {local: sums[s.key] for local, s in reqs.items()}, pending, scores)
-    return ScoringResult(scores={name: scores[name] for name in plan.scorers}, rounds=log)
+    run = PlanRun(plan, dim=dim, num_classes=num_classes, num_source_classes=num_source_classes, offset=offset)
+    while (requests := run.pending()) is not None:
+        run.feed(aggregate(requests))
+    return run.result()
 
 
-def _advance(
-    name: str,
-    program: Program,
-    sums: dict[str, np.ndarray] | None,
-    pending: dict[str, tuple[Program, dict[str, Stat]]],
-    scores: dict[str, float],
-) -> None:
-    try:
-        requests = next(program) if sums is None else program.send(sums)
-    except StopIteration as done:
-        pending.pop(name, None)
-        value = float(done.value)
-        if not np.isfinite(value):
-            raise RuntimeError(f"{name} produced a non-finite score {value}; this is a bug") from None
-        scores[name] = value
-        return
-    pending[name] = (program, requests)
+def execute_many(
+    runs: Mapping[str, PlanRun],
+    aggregate_many: Callable[[Mapping[str, Sequence[Stat]]], Mapping[str, Statistics]],
+) -> dict[str, ScoringResult]:
+    """Drive several models' plans in lockstep: one ``aggregate_many`` call per round
+    carries every unfinished model's requests, so rounds do not grow with the models."""
+    while True:
+        pending = {model: reqs for model, run in runs.items() if (reqs := run.pending()) is not None}
+        if not pending:
+            return {model: run.result() for model, run in runs.items()}
+        sums = aggregate_many(pending)
+        for model in pending:
+            runs[model].feed(sums[model])

@@ -69,3 +69,47 @@ def test_rounds_do_not_depend_on_the_scorers_order() -> None:
     assert forward.bytes_sent_per_site == backward.bytes_sent_per_site
     for name in names:
         assert forward.scores[name] == backward.scores[name]
+
+
+def test_many_models_share_rounds_and_each_equals_its_own_run() -> None:
+    from fedmte.protocol.inputs import check_inputs
+    from fedmte.protocol.local import InMemorySite
+    from fedmte.protocol.plan import PlanRun, execute_many
+
+    other = make("plan-b", n=80, d=9, classes=3, seed=32)
+    models = {"a": DATA.features, "b": other.features[:, :9] * 3.0 + 1.0}
+    names = ["hscore", "leep", "sfda", "logme"]
+    plan = make_plan(names, has_features=True, has_source_probs=True)
+    sites = {m: InMemorySite(check_inputs(f, DATA.labels, DATA.source_probs), np.arange(80)) for m, f in models.items()}
+    runs = {m: PlanRun(plan, dim=f.shape[1], num_classes=3, num_source_classes=DATA.source_probs.shape[1]) for m, f in models.items()}
+    calls = []
+
+    def aggregate_many(pending):
+        calls.append(sorted(pending))
+        return {m: sites[m].compute(reqs) for m, reqs in pending.items()}
+
+    results = execute_many(runs, aggregate_many)
+    assert len(calls) == plan.rounds  # two models, the rounds of one
+    assert all(c == ["a", "b"] for c in calls)
+    for model, features in models.items():
+        alone = fedmte.score(features, DATA.labels, source_probs=DATA.source_probs, scorers=names)
+        for name in names:
+            assert results[model].scores[name] == pytest.approx(alone[name], rel=1e-12)
+
+
+def test_a_scorer_that_is_undefined_is_recorded_and_the_rest_go_on() -> None:
+    from fedmte.protocol.inputs import check_inputs
+    from fedmte.protocol.local import InMemorySite
+    from fedmte.protocol.plan import PlanRun
+
+    labels = DATA.labels.copy()
+    labels[labels == 1] = 0  # class 1 of 3 has no rows: sfda is undefined, hscore is not
+    inputs = check_inputs(DATA.features, labels, num_classes=3)
+    site = InMemorySite(inputs, np.arange(len(labels)))
+    plan = make_plan(["sfda", "hscore"], has_features=True, has_source_probs=False)
+    run = PlanRun(plan, dim=inputs.dim, num_classes=3, record_failures=True)
+    while (requests := run.pending()) is not None:
+        run.feed(site.compute(requests))
+    result = run.result()
+    assert "hscore" in result.scores and "sfda" not in result.scores
+    assert "classes [1] have none" in result.failures["sfda"]
