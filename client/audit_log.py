@@ -34,7 +34,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedmte.client.durable import atomic_write
 from fedmte.protocol import audit_format as fmt
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import (
@@ -143,26 +143,8 @@ def _parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text)  # the record schema has already fixed the "...ssssssZ" form
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------- replay
@@ -575,7 +557,7 @@ class AuditLog:
                     raise VerificationError(f"{stored} is not this signing key's public key; this log belongs to "
                                             "another key (key rotation is not supported: start a new log)")
             else:
-                _atomic_write(stored, public_key_pem(public))
+                atomic_write(stored, public_key_pem(public))
             replay, bad_seq, reason = _scan(directory, public, check_payloads=True)
             if reason is not None:
                 raise VerificationError(f"{directory} does not verify at record {bad_seq}: {reason}; "
@@ -646,7 +628,7 @@ class AuditLog:
             if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
                 raise VerificationError(f"{path} exists with other content: the payload store was tampered with")
             return sha
-        _atomic_write(path, payload)
+        atomic_write(path, payload)
         return sha
 
     def intent(
@@ -732,7 +714,7 @@ class AuditLog:
         self._append(CheckpointBody(tree_size=checkpoint.tree_size, root=checkpoint.root, ledger=ledger,
                                     key_hint=hint.hex(), signature=base64.b64encode(signature).decode()), ts=ts)
         text = fmt.note(checkpoint, hint, signature)
-        _atomic_write(self.directory / CHECKPOINTS_DIR / f"{checkpoint.tree_size}.txt", text.encode())
+        atomic_write(self.directory / CHECKPOINTS_DIR / f"{checkpoint.tree_size}.txt", text.encode())
         return text
 
     def close(self) -> None:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints, ValidationError
 
+from fedmte.client.durable import atomic_write
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import GENESIS, Decimal, Hex64, LedgerHead, canonical_json, dec
 from fedmte.protocol.errors import BudgetExceededError, InvalidInputError, VerificationError
@@ -98,27 +97,8 @@ class Receipt:
     suppressed_classes: dict[str, list[int]]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename with fsyncs, so a crash leaves the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Ledger:
@@ -272,7 +252,7 @@ class Ledger:
         blob = self.directory / RELEASES_DIR / f"{payload_sha}.bin"
         if not blob.exists():
             blob.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(blob, payload)
+            atomic_write(blob, payload)
         state = self._file.state
         before = self.spent_mu_sq(data_source)
         after = dp.compose_sq(before, mu_release)
@@ -296,4 +276,4 @@ class Ledger:
         )
 
     def _save(self) -> None:
-        _atomic_write(self.directory / LEDGER_FILE, canonical_json(self._file.model_dump(mode="json", by_alias=True)))
+        atomic_write(self.directory / LEDGER_FILE, canonical_json(self._file.model_dump(mode="json", by_alias=True)))

@@ -19,7 +19,7 @@ from fedmte.protocol.audit_format import AbortRecord, IntentRecord, OutcomeRecor
 from fedmte.protocol.errors import VerificationError
 
 console = Console()
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # messages stay on one line, whatever the width
 
 audit_app = typer.Typer(name="audit", help="Read, verify and export a site's audit log.", no_args_is_help=True)
 
@@ -89,7 +89,7 @@ def show(directory: DirArg) -> None:
     console.print(table)
     result = verify(directory)
     style = "green" if result.ok else "bold red"
-    console.print(f"[{style}]{result.summary()}[/]", highlight=False)
+    console.print(f"[{style}]{result.summary()}[/]", highlight=False, soft_wrap=True)
 
 
 @friendly_errors
@@ -116,7 +116,7 @@ def verify_command(
         data["ok"] = ok
         typer.echo(json.dumps(data, indent=2))
     else:
-        (console if result.ok else stderr).print(result.summary(), highlight=False)
+        (console if result.ok else stderr).print(result.summary(), highlight=False, soft_wrap=True)
         if ledger_problem:
             stderr.print(f"TAMPERED ledger: {ledger_problem}", highlight=False)
         for warning in result.warnings:

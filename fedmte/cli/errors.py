@@ -14,7 +14,7 @@ from fedmte.protocol.errors import FedmteError
 P = ParamSpec("P")
 R = TypeVar("R")
 
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # messages stay on one line, whatever the width
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:

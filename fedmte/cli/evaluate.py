@@ -16,7 +16,7 @@ from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.evaluation import RankingMetrics, evaluate_rankings, parse_scores, parse_truth
 
 console = Console()
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # messages stay on one line, whatever the width
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
