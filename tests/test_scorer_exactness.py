@@ -48,3 +48,18 @@ def test_gbc_diagonal_option_matches_reference() -> None:
     got = fedmte.score(data.features, data.labels, scorers=["gbc"], sites=2, options={"gbc": {"gaussian_type": "diagonal"}})["gbc"]
     assert close(got, want, RELATIVE)
     assert not close(got, REFERENCES["gbc"](data.features, data.labels), 1e-3), "diagonal must differ from spherical"
+
+
+def test_logme_ignores_dead_feature_columns_whatever_the_split() -> None:
+    """Dead ReLU units give exactly-zero columns: null directions of F^T F whose rounding
+    noise must not enter the score (it would change with the site split). The reference
+    keeps them as noise with negligible weight, which equals dropping the dead columns."""
+    data = DATASETS["basic"]
+    features = np.maximum(data.features, 0.0)
+    dead = [1, 4, 7]
+    features[:, dead] = 0.0
+    live = [j for j in range(features.shape[1]) if j not in dead]
+    scores = [fedmte.score(features, data.labels, scorers=["logme"], sites=k)["logme"] for k in (1, 2, 3, 7)]
+    assert max(scores) - min(scores) <= 1e-10 * abs(scores[0])
+    assert close(scores[0], REFERENCES["logme"](features.copy(), data.labels.copy()), RELATIVE)
+    assert close(scores[0], REFERENCES["logme"](features[:, live].copy(), data.labels.copy()), RELATIVE)

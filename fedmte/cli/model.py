@@ -118,7 +118,8 @@ def inspect(
         }, indent=2))
     else:
         title = "verified" if report.verified else "NOT verified: what the manifest claims"
-        table = Table(title=f"{package} ({title})", show_header=False)
+        console.print(f"{package}: {title}", soft_wrap=True, highlight=False)  # one line, whatever the width
+        table = Table(show_header=False)
         if report.manifest is not None:
             m = report.manifest
             rows = [

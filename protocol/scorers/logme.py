@@ -14,7 +14,6 @@ import numpy as np
 from fedmte.protocol.scorers.base import Context, Program, ScorerSpec
 from fedmte.protocol.scorers.moments import Moments, moment_requests
 
-SINGULAR_CUTOFF = 1e-10  # the reference's rank threshold on singular values when n > d
 EPSILON = 1e-5
 MAX_PASSES = 11
 TOLERANCE = 1e-3
@@ -23,16 +22,17 @@ TOLERANCE = 1e-3
 def spectrum(gram: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Squared singular values ``sigma`` (k,) and right singular vectors (d, k) of F.
 
-    As in the reference: when n <= d all n singular values count (the top n eigenvalues of
-    F^T F); when n > d those whose square root exceeds 1e-10.
+    As in the reference, k = n when n <= d (the top n) and k = d otherwise. Directions at
+    the rounding-noise level of F^T F (eigenvalue below d * eps * lambda_max: dead feature
+    columns, rank deficiency) get sigma = 0 exactly. The reference keeps them as noise
+    (their square roots, ~1e-7, pass its 1e-10 test) with projections ~1e-8, so its value
+    tends to this limit; from sums the noise would change with the site split.
     """
     eigvals, eigvecs = np.linalg.eigh(gram)
     eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
-    eigvals = np.clip(eigvals, 0.0, None)
-    if n <= gram.shape[0]:
-        keep = n
-    else:
-        keep = int(np.sum(np.sqrt(eigvals) > SINGULAR_CUTOFF))
+    noise_floor = gram.shape[0] * np.finfo(np.float64).eps * max(float(eigvals[0]), 0.0)
+    eigvals = np.where(eigvals > noise_floor, eigvals, 0.0)
+    keep = min(n, gram.shape[0])
     return eigvals[:keep], eigvecs[:, :keep]
 
 
@@ -66,8 +66,11 @@ def logme_from_moments(gram: np.ndarray, class_sums: np.ndarray, counts: np.ndar
     n, d = int(counts.sum()), gram.shape[0]
     sigma, vectors = spectrum(gram, n)
     singular = np.sqrt(sigma)
-    # x = U^T y_c with U = F V diag(1/s), so x = diag(1/s) V^T F^T y_c = diag(1/s) V^T s_c.
-    projected = (class_sums @ vectors) / singular
+    # x = U^T y_c with U = F V diag(1/s), so x = diag(1/s) V^T F^T y_c = diag(1/s) V^T s_c;
+    # null directions (s = 0) carry no signal: x = 0 there.
+    projected = np.zeros((len(class_sums), len(sigma)))
+    live = singular > 0
+    projected[:, live] = (class_sums @ vectors[:, live]) / singular[live]
     return float(np.mean([class_evidence(sigma, projected[c], float(counts[c]), n, d) for c in range(len(counts))]))
 
 
