@@ -325,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     shim = tune_supernode()
     allowlist = frozenset({installed_fab_hash(), *args.allow_fab})
     from fedmte.client.flower_app import app as site_app  # imported now, not during the first round
+    from fedmte.client.site_agent import close_agents, keep_agents_open
+
+    keep_agents_open()  # one process answers every message: keep models and the audit log open
 
     runner = SiteRunner(f"{args.host}:{args.port}", allowlist, decision_log=args.decision_log,
                         on_activity=shim.mark_active, client_app=site_app)
@@ -336,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         flower_supernode()
     finally:
         runner.stop()
+        close_agents()
 
 
 if __name__ == "__main__":

@@ -113,6 +113,10 @@ class SumSpec(BaseModel):
     schema_: Literal["fedmte.sum_spec.v1"] = Field(default=SUM_SPEC_SCHEMA, alias="schema")
     blocks: tuple[BlockSpec, ...] = Field(min_length=1, max_length=4096)
     limbs: int = Field(default=DEFAULT_LIMBS, ge=1, le=MAX_LIMBS)
+    context: str = Field(default="", max_length=128, pattern=r"^[0-9a-f]*$")
+    """An opaque public digest the phase is bound to (hex), e.g. the digest of the signed
+    request the sites answered: it enters :meth:`digest`, hence every mask, so sites that
+    saw different requests produce masks that do not cancel and the sum does not decode."""
 
     @model_validator(mode="after")
     def _unique(self) -> SumSpec:
@@ -124,7 +128,8 @@ class SumSpec(BaseModel):
         return self
 
     @classmethod
-    def for_statistics(cls, example: Statistics, bounds: Mapping[str, float], *, limbs: int = DEFAULT_LIMBS) -> SumSpec:
+    def for_statistics(cls, example: Statistics, bounds: Mapping[str, float], *, limbs: int = DEFAULT_LIMBS,
+                       context: str = "") -> SumSpec:
         """The spec of statistics shaped like ``example``, with one public bound per key."""
         missing = sorted(set(example) ^ set(bounds))
         if missing:
@@ -135,6 +140,7 @@ class SumSpec(BaseModel):
                 for key, value in example.items()
             ),
             limbs=limbs,
+            context=context,
         )
 
     def digest(self) -> bytes:

@@ -128,8 +128,9 @@ class PlanRun:
     ``pending()`` gives the next round's unique requests (``None`` once every scorer has
     finished); ``feed(sums)`` hands back their sums over all sites. With
     ``record_failures=True`` a scorer whose data leave it undefined
-    (:class:`~fedmte.protocol.errors.ScorerDomainError`) is recorded in ``failures`` and
-    the others go on; otherwise the error propagates.
+    (:class:`~fedmte.protocol.errors.ScorerDomainError`, or a non-finite score, which noisy
+    DP sums can cause) is recorded in ``failures`` and the others go on; otherwise the
+    error propagates.
     """
 
     def __init__(
@@ -213,6 +214,10 @@ class PlanRun:
             self._programs.pop(name, None)
             value = float(done.value)
             if not np.isfinite(value):
+                if self.record_failures:  # e.g. DP noise made a count negative under a log
+                    self.failures[name] = (f"the summed statistics left {name} undefined (score {value}); "
+                                           "with DP noise, a noisy count or joint can leave a scorer's domain")
+                    return
                 raise RuntimeError(f"{name} produced a non-finite score {value}; this is a bug") from None
             self.scores[name] = value
             return

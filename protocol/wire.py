@@ -39,22 +39,39 @@ DESCRIBE = "describe"
 STATS = "stats"
 """One statistics round: a :class:`~fedmte.protocol.messages.RoundRequest` and its arrays."""
 
-QUERIES = (DESCRIBE, STATS)
+# --- secure sum (fedmte.protocol.secure_rounds): coordinator-signed steps of one job ---
+SECURE_ADVERTISE = "secure_advertise"
+"""Setup 1: the signed parameters and bounds; the site replies with its signed public keys."""
+SECURE_SHARE = "secure_share"
+"""Setup 2: every verified advertisement; the site replies with encrypted Shamir shares."""
+SECURE_UPLOAD = "secure_upload"
+"""A phase: an inner statistics request (plus routed shares, once); the site replies masked words."""
+SECURE_REVEAL = "secure_reveal"
+"""Unmask: who is in the sum and who dropped; the site replies its shares for that phase."""
+SECURE_ABORT = "secure_abort"
+"""Below the threshold: the site records the abort in its audit log and forgets the job."""
+SECURE_QUERIES = (SECURE_ADVERTISE, SECURE_SHARE, SECURE_UPLOAD, SECURE_REVEAL, SECURE_ABORT)
+"""The secure-sum queries, answered by :mod:`fedmte.client.secure_site`."""
+# --- end secure sum ---
+
+QUERIES = (DESCRIBE, STATS, *SECURE_QUERIES)
 """Every query a site answers; the ClientApp registers one ``query.<name>`` handler for each."""
 
 INLINE_LIMIT = 1 << 20
 """Packed arrays up to this many bytes travel inside the message's small config record (one
 object); larger ones as a byte array that Flower splits into 5 MB chunks."""
 
-WIRE_DTYPES = {"f8": np.dtype("<f8"), "i8": np.dtype("<i8")}
-"""Layout dtype code -> the little-endian dtype its values are stored in."""
+WIRE_DTYPES = {"f8": np.dtype("<f8"), "i8": np.dtype("<i8"), "u1": np.dtype("u1")}
+"""Layout dtype code -> the little-endian dtype its values are stored in. ``u1`` carries raw
+bytes (a model package's weights in a job's setup message); statistics stay f8/i8."""
 
 
 def _code(name: str, array: np.ndarray) -> str:
     for code, dtype in WIRE_DTYPES.items():
         if array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize:
             return code
-    raise StatisticsError(f"array {name!r} has dtype {array.dtype}; only float64 and int64 travel")
+    raise StatisticsError(f"array {name!r} has dtype {array.dtype}; only float64 and int64 travel "
+                          "(and uint8 bytes)")
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,16 @@ class FlowerExchange:
 
     def exchange(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> dict[int, Payload]:
         """Push one message per node, then poll until every node replied or the round times out."""
+        replies, failures = self.gather(query, payloads, group=group)
+        if failures:
+            detail = "; ".join(f"site {node}: {reason}" for node, reason in sorted(failures.items()))
+            raise FederationError(f"{message_type(query)} round {group} failed at {len(failures)} site(s): {detail}",
+                                  failures=failures)
+        return replies
+
+    def gather(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> tuple[dict[int, Payload], dict[str, str]]:
+        """Like :meth:`exchange`, but return ``(replies, failures)`` instead of raising: the
+        secure sum carries on without sites that dropped out (``failures`` maps node id to reason)."""
         nodes = list(payloads)
         messages = [
             Message(payload_to_record(payloads[node]), dst_node_id=node, message_type=message_type(query), group_id=group)
@@ -170,8 +180,4 @@ class FlowerExchange:
                 break
             time.sleep(wait)
             wait = min(wait * POLL_GROWTH, POLL_INTERVAL_MAX)
-        if failures:
-            detail = "; ".join(f"site {node}: {reason}" for node, reason in sorted(failures.items()))
-            raise FederationError(f"{message_type(query)} round {group} failed at {len(failures)} site(s): {detail}",
-                                  failures=failures)
-        return replies
+        return replies, failures

@@ -4,6 +4,8 @@ Example::
 
     connection = "local"                  # a [superlink.NAME] connection in FLWR_HOME/config.toml
     output = "report"                     # report.json and report.html go here (relative to this file)
+    purpose = "pick a backbone for X"     # why: written into every site's audit records
+    model_store = "models"                # where bare candidate names are looked up (default: none)
     labels = ["cat", "dog", "fox"]        # the target label space: C = len(labels)
     candidates = [
         "models/resnet-small",            # a path (contains "/"): a signed model package folder
@@ -36,6 +38,8 @@ Example::
     delta = 1e-6
 
     [federation]                          # transport settings (defaults shown)
+    coordinator_key = "keys/coordinator.pem"  # the coordinator's Ed25519 key (PKCS#8 PEM): signs each
+                                          # job's setup; sites pin its fingerprint in coordinator_keys
     min_sites = 1
     connect_timeout = 60.0
     round_timeout = 300.0
@@ -220,6 +224,7 @@ class FederationSettings(_Strict):
     """Transport settings, passed through to the Flower job runner."""
 
     flwr_home: Path | None = Field(default=None, description="the folder holding config.toml (default: $FLWR_HOME)")
+    coordinator_key: Path | None = Field(default=None, description="the coordinator's Ed25519 signing key (PEM)")
     min_sites: int = Field(default=1, ge=1)
     connect_timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     round_timeout: float = Field(default=300.0, gt=0, allow_inf_nan=False)
@@ -239,6 +244,8 @@ class JobSpec(_Strict):
     ranking: RankingSettings = Field(default_factory=RankingSettings)
     privacy: PrivacyRequest = Field(default_factory=PrivacyRequest)
     federation: FederationSettings = Field(default_factory=FederationSettings)
+    purpose: str = Field(default="", max_length=1024, description="why the job runs; sites audit it")
+    model_store: Path | None = Field(default=None, description="folder of packages named by bare candidate names")
 
     @field_validator("labels")
     @classmethod
@@ -300,14 +307,19 @@ class JobSpec(_Strict):
         return {name: dict(options) for name, options in self.scorer_options.items() if options}
 
     def resolved(self, base: Path) -> JobSpec:
-        """Relative paths (output, candidate paths, flwr_home) taken relative to ``base``."""
+        """Relative paths (output, candidate paths, model store, flwr_home, coordinator key)
+        taken relative to ``base``."""
         candidates = [
             c if c.path is None else c.model_copy(update={"path": base / c.path}) for c in self.candidates
         ]
         federation = self.federation
-        if federation.flwr_home is not None:
-            federation = federation.model_copy(update={"flwr_home": base / federation.flwr_home})
-        return self.model_copy(update={"output": base / self.output, "candidates": candidates, "federation": federation})
+        for name in ("flwr_home", "coordinator_key"):
+            value = getattr(federation, name)
+            if value is not None:
+                federation = federation.model_copy(update={name: base / value})
+        store = None if self.model_store is None else base / self.model_store
+        return self.model_copy(update={"output": base / self.output, "candidates": candidates, "federation": federation,
+                                       "model_store": store})
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain JSON data (paths as strings) with a schema marker, for the report."""

@@ -1,16 +1,21 @@
-"""Scoring jobs over Flower: the job file, the ServerApp's driver and the coordinator's launcher.
+"""Scoring jobs over Flower: the ServerApp's driver and the coordinator's launcher.
 
-Two halves meet through Flower's run config:
+Two halves meet through Flower's run config (``job``, a JSON document), for two kinds of job:
 
-* :func:`launch` (coordinator, ``fedmte run JOB.toml``) turns a :class:`JobFile` into a
-  :class:`ServerJob`, submits the fedmte Flower app (``fedmte/server/fab``) with
-  ``flwr run <fab> <connection> --run-config <job>``, waits for the report the ServerApp
-  writes, and checks the run's final status with ``flwr ls``.
-* :func:`serve` (inside the ServerApp process that the SuperLink starts) reads the
-  :class:`ServerJob`, runs :func:`fedmte.server.rounds.run_scoring` over a
+* a job with candidate models (``"kind": "models"``): :func:`fedmte.server.coordinator.run_job`
+  (``fedmte run JOB.toml`` with a :class:`~fedmte.server.job.JobSpec`) submits it, and
+  :func:`serve` hands it to :func:`fedmte.server.coordinator.serve_job`; the sites run the
+  candidates themselves (``site-file`` sites, :mod:`fedmte.client.site_agent`);
+* a job over sites that hold precomputed features (``data-path`` sites): :func:`launch` turns
+  a :class:`JobFile` into a :class:`ServerJob`, and :func:`serve` runs
+  :func:`fedmte.server.rounds.run_scoring` over a
   :class:`~fedmte.server.flower_exchange.FlowerExchange` and writes a :class:`JobReport`
-  (scores, rounds, seconds per round trip) as JSON. A failure is written too, with each
-  site's reason, and then re-raised so Flower marks the run failed.
+  (scores, rounds, seconds per round trip) as JSON.
+
+Both submit the fedmte Flower app (``fedmte/server/fab``) with ``flwr run <fab> <connection>
+--run-config <job>`` (:func:`submit_run`) and wait for the status file the ServerApp writes,
+checking the run's status with ``flwr ls`` meanwhile (:func:`wait_for_status`). A failure is
+written too, with each site's reason, and then re-raised so Flower marks the run failed.
 
 The ServerApp runs on the SuperLink's machine, which is the coordinator's, so the report
 path is a path there.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -32,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError
+from fedmte.server.secure_aggregation import SecureAggregator, SecureJobSpec
 
 FAB_DIR = Path(__file__).resolve().parent / "fab"
 """The Flower app bundle's source: a pyproject.toml that names fedmte's ServerApp and ClientApp."""
@@ -55,6 +62,7 @@ class ServerJob(_Strict):
     connect_timeout: float = Field(default=60.0, gt=0)
     round_timeout: float = Field(default=300.0, gt=0)
     report: str = Field(pattern=r"^/.*\.json$", description="absolute path of the JSON report on the SuperLink's machine")
+    secure: SecureJobSpec | None = Field(default=None, description="sum with the secure sum (fedmte.server.secure_aggregation)")
 
 
 class JobFile(_Strict):
@@ -64,6 +72,7 @@ class JobFile(_Strict):
     """
 
     connection: str = Field(min_length=1, description="a [superlink.NAME] connection in FLWR_HOME/config.toml")
+    secure: SecureJobSpec | None = Field(default=None, description="the [secure] table: secure sum on")
     flwr_home: Path | None = Field(default=None, description="the directory holding config.toml (default: $FLWR_HOME)")
     out: Path = Field(description="where the JSON report is written (a .json file)")
     num_classes: int = Field(ge=2)
@@ -105,6 +114,7 @@ class JobReport(_Strict):
     total_seconds: float = 0.0
     error: str | None = None
     failures: dict[str, str] = Field(default_factory=dict)
+    secure: dict[str, Any] | None = Field(default=None, description="secure-sum job: sites, threshold, setup and step times")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -126,6 +136,8 @@ def load_job_file(path: Path) -> JobFile:
     updates: dict[str, Any] = {"out": base / job.out}
     if job.flwr_home is not None:
         updates["flwr_home"] = base / job.flwr_home
+    if job.secure is not None:  # the coordinator's signing key, relative to the job file
+        updates["secure"] = job.secure.model_copy(update={"signing_key": base / job.secure.signing_key})
     return job.model_copy(update=updates)
 
 
@@ -147,6 +159,16 @@ def read_report(path: Path) -> JobReport:
 
 # --------------------------------------------------------------------------- ServerApp side
 
+def _job_kind(text: str) -> str:
+    """``"models"`` for a job with candidate models (:mod:`fedmte.server.coordinator`),
+    ``"features"`` for one over sites that hold precomputed features (:class:`ServerJob`)."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return "features"
+    return "models" if isinstance(doc, dict) and doc.get("kind") == "models" else "features"
+
+
 def serve(grid: Any, run_config: dict[str, Any], run_id: int) -> JobReport:
     """Run the job in ``run_config['job']`` over ``grid`` and write its report."""
     from fedmte.server.flower_exchange import FlowerExchange, tune_pull_backoff
@@ -154,6 +176,11 @@ def serve(grid: Any, run_config: dict[str, Any], run_id: int) -> JobReport:
 
     start = time.perf_counter()
     text = run_config.get("job", "")
+    if isinstance(text, str) and _job_kind(text) == "models":
+        from fedmte.server.coordinator import serve_job
+
+        serve_job(grid, text, run_id)
+        return read_report(Path(json.loads(text)["job"]["output"]) / "run.json")
     try:
         job = ServerJob.model_validate_json(text if isinstance(text, str) else "")
     except ValidationError as error:
@@ -164,12 +191,15 @@ def serve(grid: Any, run_config: dict[str, Any], run_id: int) -> JobReport:
         exchange = FlowerExchange(
             grid, min_sites=job.min_sites, connect_timeout=job.connect_timeout, round_timeout=job.round_timeout
         )
+        aggregator = None if job.secure is None else \
+            SecureAggregator.from_spec(job.secure, job_id=f"run-{run_id}-{secrets.token_hex(4)}")
         outcome = run_scoring(
             exchange,
             scorers=job.scorers,
             num_classes=job.num_classes,
             options=job.options,
             offset=None if job.offset is None else np.asarray(job.offset, dtype=np.float64),
+            aggregator=aggregator,
         )
     except FedmteError as error:
         failed = JobReport(
@@ -195,6 +225,7 @@ def serve(grid: Any, run_config: dict[str, Any], run_id: int) -> JobReport:
         rounds=rounds,
         seconds_per_round_trip=sum(trips) / len(trips),
         total_seconds=time.perf_counter() - start,
+        secure=None if aggregator is None else aggregator.summary(),
     )
     write_report(report, report_path)
     return report
@@ -252,8 +283,43 @@ def server_job(job: JobFile) -> ServerJob:
     return ServerJob(
         scorers=job.scorers, options=job.options, num_classes=job.num_classes, offset=job.offset,
         min_sites=job.min_sites, connect_timeout=job.connect_timeout, round_timeout=job.round_timeout,
-        report=str(Path(job.out).resolve()),
+        report=str(Path(job.out).resolve()), secure=job.secure,
     )
+
+
+def submit_run(job_text: str, connection: str, env: dict[str, str], fab_dir: Path = FAB_DIR) -> int:
+    """``flwr run <fab> <connection> --run-config`` with ``job = <job_text>``; the run id."""
+    with tempfile.TemporaryDirectory(prefix="fedmte-run-") as tmp:
+        overrides = Path(tmp) / "run_config.toml"
+        overrides.write_text(f"job = {json.dumps(job_text)}\n", encoding="utf-8")
+        started = _flwr_json(["run", str(fab_dir), connection, "--run-config", str(overrides)], env)
+    return int(started["run-id"])
+
+
+def wait_for_status(path: Path, run_id: int, connection: str, env: dict[str, str], timeout: float, *,
+                    poll: float = 0.1, status_every: float = 3.0) -> JobReport:
+    """Wait until the ServerApp wrote ``path`` (a :class:`JobReport`) for ``run_id``.
+
+    Every ``status_every`` seconds ``flwr ls`` is asked too, so a run that ended without
+    writing it (killed, or failed before it could) is an error at once, not at the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    next_status = time.monotonic() + status_every
+    while True:
+        if path.exists():
+            report = read_report(path)
+            if report.run_id == run_id:
+                return report
+        if time.monotonic() > next_status:
+            status, details = run_status(connection, run_id, env)
+            if status.startswith("finished"):
+                if path.exists() and read_report(path).run_id == run_id:
+                    return read_report(path)
+                raise FederationError(f"run {run_id} ended as {status} without a report: {details}")
+            next_status = time.monotonic() + status_every
+        if time.monotonic() > deadline:
+            raise FederationError(f"run {run_id} did not finish within {timeout:.0f} s; stop it with `flwr stop {run_id}`")
+        time.sleep(poll)
 
 
 def launch(job: JobFile, *, fab_dir: Path = FAB_DIR, poll: float = 0.1, status_every: float = 3.0) -> JobReport:
@@ -265,30 +331,8 @@ def launch(job: JobFile, *, fab_dir: Path = FAB_DIR, poll: float = 0.1, status_e
     env = flwr_env(job.flwr_home)
     out = Path(job.out).resolve()
     out.unlink(missing_ok=True)
-    spec = server_job(job).model_dump_json()
-    with tempfile.TemporaryDirectory(prefix="fedmte-run-") as tmp:
-        overrides = Path(tmp) / "run_config.toml"
-        overrides.write_text(f"job = {json.dumps(spec)}\n", encoding="utf-8")
-        started = _flwr_json(["run", str(fab_dir), job.connection, "--run-config", str(overrides)], env)
-    run_id = int(started["run-id"])
-    deadline = time.monotonic() + job.run_timeout
-    next_status = time.monotonic() + status_every
-    while True:
-        if out.exists():
-            report = read_report(out)
-            if report.run_id == run_id:
-                break
-        if time.monotonic() > next_status:
-            status, details = run_status(job.connection, run_id, env)
-            if status.startswith("finished"):
-                if out.exists() and read_report(out).run_id == run_id:
-                    report = read_report(out)
-                    break
-                raise FederationError(f"run {run_id} ended as {status} without a report: {details}")
-            next_status = time.monotonic() + status_every
-        if time.monotonic() > deadline:
-            raise FederationError(f"run {run_id} did not finish within {job.run_timeout:.0f} s; stop it with `flwr stop {run_id}`")
-        time.sleep(poll)
+    run_id = submit_run(server_job(job).model_dump_json(), job.connection, env, fab_dir)
+    report = wait_for_status(out, run_id, job.connection, env, job.run_timeout, poll=poll, status_every=status_every)
     if report.status == "failed":
         raise FederationError(f"run {run_id} failed: {report.error}", failures=report.failures)
     return report

@@ -6,14 +6,23 @@
     DIR/tls/                  ca.crt, server.pem, server.key (fedmte.server.credentials)
     DIR/flwr/config.toml      the coordinator's Flower connection "local" (FLWR_HOME=DIR/flwr)
     DIR/superlink/            the SuperLink's FLWR_HOME and log
-    DIR/sites/<name>/         each site's data.npz, node key pair, FLWR_HOME and log
+    DIR/coordinator/          the coordinator's Ed25519 key (signs packages and job setups)
+    DIR/sites/<name>/         each site's site.toml, data.npz, audit key, node key pair,
+                              FLWR_HOME and log (fedmte.server.local_sites.write_site)
 
-and starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and
+Sites come in two kinds. By default each site is a data owner's site: a ``site.toml`` whose
+data are raw ``inputs`` (vectors) and ``labels``, whose policy pins the coordinator's key,
+and whose audit log, ledger and cache live beside it; the SuperNode gets
+``--node-config 'site-file="DIR/sites/<name>/site.toml"'`` and the candidate models of a job
+run at the site (:mod:`fedmte.client.site_agent`). Given ``.npz`` files of precomputed
+``features`` instead, each site answers with those (``data-path``, :mod:`fedmte.client.queries`).
+
+It then starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and
 ``--disable-runtime-dependency-installation`` (its state in memory: an SQLite file made every
 round trip about twice as slow here); registers each site's public key with
 ``flwr supernode register``; then starts one SuperNode per site with
-``--root-certificates``, ``--auth-supernode-private-key``, its own Runtime API port and
-``--node-config 'data-path="DIR/sites/<name>/data.npz"'``. With ``runner="site"`` (the
+``--root-certificates``, ``--auth-supernode-private-key``, its own Runtime API port and its
+``--node-config``. With ``runner="site"`` (the
 default) each site is :mod:`fedmte.client.site_runner`: a SuperNode under
 ``--isolation process`` plus the site's own runner, which executes only the fedmte ClientApp
 it installed and refuses a Flower app bundle whose hash is not on its allowlist. With
@@ -34,9 +43,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +54,7 @@ from fedmte.protocol.errors import FederationError, InvalidInputError
 from fedmte.protocol.inputs import uneven_split
 from fedmte.server.credentials import make_node_key, make_tls
 from fedmte.server.job_runner import flwr_command, flwr_env
+from fedmte.server.local_sites import coordinator_key, demo_site_inputs, example_packages, label_space, write_site
 
 STATE_FILE = "federation.json"
 STATE_SCHEMA = "fedmte.local_federation.v1"
@@ -56,6 +66,11 @@ SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL = 0.1
 
 Runner = Literal["site", "stock"]
+Mode = Literal["sites", "features"]
+EXAMPLE_SCORERS = ("hscore", "gbc", "logme", "nce")
+EXAMPLE_DP_SCORERS = ("hscore", "gbc")
+"""The example job's scorers with DP on: few rows and noisy sums leave LogME's evidence and
+NCE's entropy undefined (they fail in the report); H-score and GBC stay defined."""
 
 
 class SiteProcess(BaseModel):
@@ -65,6 +80,7 @@ class SiteProcess(BaseModel):
     pid: int
     runtime_port: int
     data: str
+    site_file: str | None = None
     private_key: str
     public_key: str
     flwr_home: str
@@ -78,12 +94,16 @@ class LocalFederation(BaseModel):
     schema_: Literal["fedmte.local_federation.v1"] = Field(default=STATE_SCHEMA, alias="schema")
     directory: str
     runner: Runner
+    mode: Mode = "features"
+    dp: bool = Field(default=True, description="sites mode: whether the sites' policies add DP noise")
     address: str
     superlink_pid: int
     superlink_log: str
     ca_cert: str
     flwr_home: str = Field(description="FLWR_HOME of the coordinator's flwr CLI (holds config.toml)")
     connection: str = CONNECTION
+    coordinator_key: str | None = Field(default=None, description="sites mode: the coordinator's signing key")
+    labels: list[str] = Field(default_factory=list, description="sites mode: the label space of the sites' data")
     sites: list[SiteProcess] = Field(default_factory=list)
 
     def env(self) -> dict[str, str]:
@@ -196,7 +216,7 @@ def _site_arrays(sites: int, data: Sequence[Path]) -> list[dict[str, np.ndarray]
             return {key: arrays[key] for key in arrays.files}
 
     if not data:
-        return demo_site_data(sites)
+        return demo_site_inputs(sites, n=3000)
     if len(data) == sites:
         return [read(path) for path in data]
     if len(data) == 1:
@@ -222,13 +242,20 @@ def up(
     runner: Runner = "site",
     allowlist: Sequence[str] = (),
     timeout: float = START_TIMEOUT,
+    dp: bool = True,
+    clip_norm: float | None = None,
+    policies: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> LocalFederation:
     """Start a loopback federation of ``sites`` sites under ``directory`` and return its state.
 
     ``data``: one ``.npz`` per site, or one pooled ``.npz`` split unevenly, or nothing for a
-    small seeded demo set. ``allowlist``: extra FAB hashes the site runners accept besides
-    the hash of the fedmte bundle they have installed. On any failure, everything started
-    so far is stopped again before the error propagates.
+    seeded demo set of vectors. Arrays ``inputs`` and ``labels`` make data owners' sites
+    (``site.toml``, models run at the site); arrays ``features``, ``labels`` and optionally
+    ``source_probs`` make sites of precomputed features. ``dp``, ``clip_norm`` and
+    ``policies`` (site index -> policy keys to override) shape the sites' policies
+    (:func:`fedmte.server.local_sites.write_site`). ``allowlist``: extra FAB hashes the site
+    runners accept besides the hash of the fedmte bundle they have installed. On any failure,
+    everything started so far is stopped again before the error propagates.
     """
     if sites < 1:
         raise InvalidInputError(f"--sites must be at least 1, got {sites}")
@@ -238,7 +265,16 @@ def up(
         if _alive(state.superlink_pid, str(directory)) or any(_alive(s.pid, str(directory)) for s in state.sites):
             raise FederationError(f"a local federation is already running in {directory}; stop it with `fedmte local down`")
     arrays = _site_arrays(sites, data)
+    mode: Mode = "features" if all("features" in a for a in arrays) else "sites"
+    if mode == "sites" and not all("inputs" in a and "labels" in a for a in arrays):
+        raise InvalidInputError("each site's .npz needs 'inputs' and 'labels' (a data owner's site) or "
+                                "'features' and 'labels' (precomputed features)")
     directory.mkdir(parents=True, exist_ok=True)
+    coordinator = key_path = None
+    labels: list[str] = []
+    if mode == "sites":
+        coordinator, key_path = coordinator_key(directory / "coordinator")
+        labels = label_space([a["labels"] for a in arrays])
     tls = make_tls(directory / "tls")
     port = free_port()
     address = f"{HOST}:{port}"
@@ -259,8 +295,9 @@ def up(
         ], link_log, link_env)
         started.append(link)
         state = LocalFederation(
-            directory=str(directory), runner=runner, address=address, superlink_pid=link.pid,
+            directory=str(directory), runner=runner, mode=mode, address=address, superlink_pid=link.pid,
             superlink_log=str(link_log), ca_cert=str(tls.ca_cert), flwr_home=str(flwr_home),
+            coordinator_key=None if key_path is None else str(key_path), labels=labels, dp=dp,
         )
         _wait_port(port, link, link_log, timeout)
         site_procs: list[subprocess.Popen[bytes]] = []
@@ -269,7 +306,14 @@ def up(
             home = directory / "sites" / name
             home.mkdir(parents=True, exist_ok=True)
             data_path = home / "data.npz"
-            np.savez(data_path, **site_arrays)
+            site_file: Path | None = None
+            if coordinator is not None:
+                site_file = write_site(home, name, site_arrays, labels, coordinator=coordinator, dp=dp,
+                                       clip_norm=clip_norm, policy=(policies or {}).get(index))
+                node_config = f'site-file="{site_file}"'  # fedmte.client.site_agent.SITE_FILE_KEY
+            else:
+                np.savez(data_path, **site_arrays)
+                node_config = f'data-path="{data_path}"'
             keys = make_node_key(home, "node_key")
             node_id = register_node(keys.public_key, name, env)
             runtime_port = free_port()
@@ -278,7 +322,7 @@ def up(
             node_args = [
                 "--root-certificates", str(tls.ca_cert), "--superlink", address,
                 "--auth-supernode-private-key", str(keys.private_key), "--host", HOST, "--port", str(runtime_port),
-                "--node-config", f'data-path="{data_path}"',
+                "--node-config", node_config,
             ]
             if runner == "site":
                 args = [sys.executable, "-m", "fedmte.client.site_runner", *node_args,
@@ -292,7 +336,7 @@ def up(
             site_procs.append(process)
             state.sites.append(SiteProcess(
                 name=name, node_id=node_id, pid=process.pid, runtime_port=runtime_port, data=str(data_path),
-                private_key=str(keys.private_key), public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"),
+                site_file=None if site_file is None else str(site_file), private_key=str(keys.private_key), public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"),
                 log=str(log),
             ))
         (directory / STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
@@ -359,12 +403,38 @@ def down(directory: Path) -> list[int]:
     return stopped
 
 
-def write_example_job(state: LocalFederation, scorers: Sequence[str] = ("hscore", "leep", "gbc")) -> Path:
-    """Write ``DIR/job.toml``: a job against this federation, classes counted from the sites' labels.
+def write_example_job(state: LocalFederation, scorers: Sequence[str] | None = None) -> Path:
+    """Write ``DIR/job.toml``: a job against this federation.
 
-    Counting classes from the site files is a convenience of the loopback trial, where the
-    coordinator happens to hold them; a real job states its label names.
+    Sites mode: a :class:`~fedmte.server.job.JobSpec` over example MLP packages signed with
+    the coordinator's key (``DIR/models/``), for ``fedmte run``. Features mode: a
+    :class:`~fedmte.server.job_runner.JobFile` whose classes are counted from the sites'
+    labels, a convenience of the loopback trial, where the coordinator happens to hold them.
     """
+    path = Path(state.directory) / "job.toml"
+    if state.mode == "sites":
+        from fedmte.server.coordinator import load_coordinator_key
+        from fedmte.server.local_sites import toml_text
+
+        with np.load(state.sites[0].data, allow_pickle=False) as arrays:
+            width = int(arrays["inputs"].shape[1])
+        assert state.coordinator_key is not None
+        packages = example_packages(Path(state.directory) / "models", load_coordinator_key(Path(state.coordinator_key)),
+                                    width)
+        document = {
+            "connection": state.connection,
+            "output": "report",
+            "purpose": "try fedmte on a loopback federation",
+            "labels": list(state.labels),
+            "candidates": [f"models/{name}" for name in packages],
+            "scorers": list(scorers or (EXAMPLE_DP_SCORERS if state.dp else EXAMPLE_SCORERS)),
+            "federation": {"flwr_home": state.flwr_home, "coordinator_key": state.coordinator_key,
+                           "min_sites": len(state.sites), "round_timeout": 120.0, "run_timeout": 600.0},
+        }
+        path.write_text("# A scoring job against the loopback federation (fedmte run job.toml).\n" + toml_text(document),
+                        encoding="utf-8")
+        return path
+    scorers = list(scorers or ("hscore", "leep", "gbc"))
     num_classes = 2
     has_probs = True
     for site in state.sites:
@@ -373,7 +443,6 @@ def write_example_job(state: LocalFederation, scorers: Sequence[str] = ("hscore"
                 num_classes = max(num_classes, int(arrays["labels"].max()) + 1)
             has_probs = has_probs and "source_probs" in arrays.files
     names = [name for name in scorers if has_probs or name != "leep"]
-    path = Path(state.directory) / "job.toml"
     path.write_text(
         f"connection = {json.dumps(state.connection)}\nflwr_home = {json.dumps(state.flwr_home)}\n"
         f'out = "report.json"\nnum_classes = {num_classes}\nscorers = {json.dumps(names)}\n'

@@ -49,7 +49,10 @@ class Exchange(Protocol):
 
 
 class Aggregator(Protocol):
-    """Turns one round's request into the sum of the sites' statistics."""
+    """Turns one round's request into the sum of the sites' statistics.
+
+    An aggregator may also have ``begin_job(exchange, rounds)``, called once with the plan's
+    round count before the first round (the secure sum agrees its keys there)."""
 
     def sum_round(self, exchange: Exchange, request: RoundRequest, arrays: Mapping[str, np.ndarray]) -> Statistics:
         ...
@@ -170,7 +173,11 @@ def run_scoring(
         public_offset=offset is not None,
         options=options,
     )
-    aggregate = FederatedAggregate(exchange, aggregator or PlainSum(), num_classes)
+    aggregator = aggregator or PlainSum()
+    begin_job = getattr(aggregator, "begin_job", None)
+    if begin_job is not None:  # the secure sum agrees keys for every round of the plan up front
+        begin_job(exchange, plan.rounds)
+    aggregate = FederatedAggregate(exchange, aggregator, num_classes)
     result = execute(
         plan,
         aggregate,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedmte.cli import audit as audit_commands
+from fedmte.cli import demo as demo_commands
 from fedmte.cli import evaluate as evaluate_commands
 from fedmte.cli import features as features_commands
 from fedmte.cli import local as local_commands
@@ -33,6 +34,7 @@ model_commands.register(app)
 features_commands.register(app)
 local_commands.register(app)
 run_commands.register(app)
+demo_commands.register(app)
 
 
 def main() -> None:

@@ -24,8 +24,12 @@ def up(
     sites: Annotated[int, typer.Option("--sites", min=1, help="number of SuperNodes (sites) to start")] = 3,
     directory: Annotated[Path, typer.Option("--dir", help="where certificates, keys, data, logs and state go")] = DEFAULT_DIR,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", help="an .npz (features, labels, source_probs) per site, or one to split unevenly; "
-        "default: a small seeded demo set")] = None,
+        "--data", help="an .npz per site, or one to split unevenly: 'inputs' and 'labels' make data owners' sites "
+        "(site.toml; candidate models run at the site), 'features', 'labels' and 'source_probs' make sites of "
+        "precomputed features; default: a seeded demo set of vectors")] = None,
+    dp: Annotated[bool, typer.Option(
+        "--dp/--no-dp", help="the sites' policies add Gaussian DP noise to every release (default), or release "
+        "exact sums (a clip norm no row reaches)")] = True,
     stock: Annotated[bool, typer.Option(
         "--stock", help="plain flower-supernode sites that run whatever ClientApp a bundle names "
         "(default: fedmte site runners that refuse bundles not on their allowlist)")] = False,
@@ -34,12 +38,15 @@ def up(
 ) -> None:
     """Start one SuperLink and N SuperNodes on 127.0.0.1, then print how to run a job."""
     state = federation_up(directory, sites, data=data or (), runner="stock" if stock else "site",
-                          allowlist=allow_fab or ())
+                          allowlist=allow_fab or (), dp=dp)
     job = write_example_job(state)
     typer.echo(f"SuperLink {state.address} (TLS, node authentication), {len(state.sites)} site(s) online, "
                   f"runner: {state.runner}")
     for site in state.sites:
-        typer.echo(f"  {site.name}: node {site.node_id}, data {site.data}")
+        typer.echo(f"  {site.name}: node {site.node_id}, " + (f"site file {site.site_file}" if site.site_file else
+                                                             f"features {site.data}"))
+    if state.mode == "sites":
+        typer.echo(f"Coordinator key {state.coordinator_key} (pinned by every site; DP {'on' if dp else 'off'})")
     typer.echo(f"Flower connection {state.connection!r} in FLWR_HOME={state.flwr_home}")
     typer.echo(f"Try: fedmte run {job}\nStop: fedmte local down --dir {directory}")
 

@@ -1,0 +1,609 @@
+"""The site's side of the secure sum over the network: signed requests in, masked words out.
+
+A site taking part in secure jobs holds a small file of its own, ``secure.toml`` (found via
+the SuperNode's ``--node-config 'secure-config="..."'``, else next to the site's data file;
+the coordinator can set neither)::
+
+    site_id = "hospital-a"              # this site's name in every job's roster
+    identity_key = "identity.pem"       # Ed25519 PKCS#8 PEM, mode 0600: signs the site's keys
+    audit_dir = "audit"                 # aborts and refused requests are recorded here
+    state_dir = "state"                 # nonces seen, so replays are refused after a restart
+    max_request_age = 600               # seconds a signed request stays acceptable
+    require_secure_sum = true           # refuse plain 'stats' queries: sums leave masked only
+    require_self_masks = false          # refuse jobs in the one-round mode (see secure_sum)
+    min_declared_rows = 1_000_000       # refuse jobs declaring fewer rows per site than this
+    min_declared_feature_norm = 0.0     # ... or a smaller feature norm bound
+    [coordinators]                      # coordinator keys this site accepts requests from
+    main = "ed25519:..."
+    [roster]                            # the peers this site will sum with, and their keys
+    hospital-a = "ed25519:..."
+    hospital-b = "ed25519:..."
+
+:class:`SecureSite` answers the five ``secure_*`` queries (:mod:`fedmte.protocol.wire`).
+Every request must be signed by a pinned coordinator key, fresh, and carry a nonce never seen
+before (:func:`fedmte.protocol.secure_rounds.open_request`); anything else is refused and the
+refusal written to the audit log. A job's parameters must name only sites of the site's own
+roster (:class:`~fedmte.protocol.secure_sum.SiteSecureSum` checks the peers' signed keys
+against it). A phase computes the statistics of the wrapped inner query with the site's
+ordinary handler (any :class:`~fedmte.protocol.statistics.Statistics`, namespaced keys
+included), builds the phase's sum spec itself from the public bounds and the request
+digest, and returns only masked ring words.
+
+Why the site sets floors on the declared bounds
+------------------------------------------------
+A job's public bounds (:class:`~fedmte.protocol.secure_rounds.DeclaredBounds`) come from the
+coordinator, and a site whose rows break them refuses with a
+:class:`~fedmte.protocol.errors.BoundExceededError`. That refusal would tell a coordinator
+that declares ever smaller ``max_rows`` over many jobs the site's row count. So the site
+refuses, at setup and before touching its data, any job that declares less than its own
+floors (``min_declared_rows``, ``min_declared_feature_norm``): with floors above what the
+site holds, whether a job runs depends only on public values. A loose bound costs nothing
+(the ring has 128 bits).
+
+Where the job's state lives
+---------------------------
+The :class:`~fedmte.protocol.secure_sum.SiteSecureSum` of a job (its X25519 private keys,
+self-mask seeds and the shares it holds for its peers) stays in the memory of the process
+that answers the site's messages: fedmte's site runner (:mod:`fedmte.client.site_runner`)
+is one long-lived process, and :func:`answer_secure` keeps one :class:`SecureSite` per
+configuration file in it. Secret keys never touch the disk. A site that restarts mid-job
+loses the job and counts as dropped (the others recover its masks); a stock SuperNode,
+which starts a new process per message, cannot take part, and the first upload says so.
+Only the seen nonces are persisted (``state_dir``), so a restart does not reopen replays.
+Jobs are kept for ``session_ttl`` seconds, at most ``max_sessions`` at once. The file is
+read once per process: edits take effect when the site runner restarts (the plain-statistics
+check reads it on every message, so ``require_secure_sum`` never lags).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from fedmte.client.audit_log import AuditLog, load_signing_key
+from fedmte.client.queries import answer_stats, load_site_data
+from fedmte.protocol.catalogue import expected_shape
+from fedmte.protocol.errors import (
+    FedmteError,
+    InvalidInputError,
+    ProtocolError,
+    RefusalError,
+    ThresholdError,
+    VerificationError,
+)
+from fedmte.protocol.messages import RoundRequest, decode_round
+from fedmte.protocol.secure_rounds import (
+    AbortBody,
+    AdvertiseBody,
+    DeclaredBounds,
+    Envelope,
+    RevealBody,
+    ShareBody,
+    UploadBody,
+    fingerprint,
+    inner_stats,
+    open_request,
+    parse_body,
+    parse_public_key,
+    request_digest,
+    round_sum_spec,
+)
+from fedmte.protocol.secure_sum import (
+    SITE_ID_PATTERN,
+    Advertisement,
+    SecureSumParams,
+    ShareBundle,
+    SiteSecureSum,
+    UnmaskRequest,
+)
+from fedmte.protocol.statistics import Statistics
+from fedmte.protocol.wire import (
+    SECURE_ABORT,
+    SECURE_ADVERTISE,
+    SECURE_REVEAL,
+    SECURE_SHARE,
+    SECURE_UPLOAD,
+    STATS,
+    Payload,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SECURE_CONFIG_KEY = "secure-config"
+"""The node-config key naming the site's ``secure.toml``."""
+SECURE_CONFIG_FILE = "secure.toml"
+"""Where the file is looked for when the node config names none: beside the data file."""
+DATA_PATH_KEY = "data-path"
+SITE_FILE_KEY = "site-file"
+NONCES_FILE = "secure_nonces.txt"
+
+AuditWriter = Callable[[Callable[[AuditLog], None]], None]
+"""Runs a write against the site's open audit log."""
+Seal = Callable[[Payload], Payload]
+"""Masks a plain statistics reply into the upload that leaves the site."""
+Compute = Callable[[str, Payload, Seal], Payload]
+"""``compute(inner_query, payload, seal)``: the site's statistics handler; it computes the plain
+reply, passes it through ``seal`` and returns (and audits) the sealed payload, as
+:meth:`fedmte.client.site_agent.SiteAgent.stats` does with its ``seal`` hook."""
+
+
+class SecureSiteConfig(BaseModel):
+    """``secure.toml``; relative paths are taken from the file's folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    identity_key: Path
+    coordinators: dict[str, str] = Field(min_length=1, description="name -> ed25519:... key")
+    roster: dict[str, str] = Field(min_length=1, description="site id -> ed25519:... identity key")
+    audit_dir: Path | None = None
+    audit_key: Path | None = Field(default=None, description="key signing audit checkpoints (default: identity_key)")
+    state_dir: Path | None = None
+    max_request_age: float = Field(default=600.0, gt=0, le=86_400)
+    require_secure_sum: bool = True
+    require_self_masks: bool = False
+    min_declared_rows: int = Field(default=1_000_000, ge=1, description="refuse jobs declaring fewer max_rows")
+    min_declared_feature_norm: float = Field(default=0.0, ge=0, description="refuse jobs declaring a smaller feature_norm")
+    max_sessions: int = Field(default=8, ge=1, le=1024)
+    session_ttl: float = Field(default=86_400.0, gt=0)
+
+    def pinned_coordinators(self) -> dict[str, Ed25519PublicKey]:
+        """The pinned coordinator keys by fingerprint."""
+        keys = [parse_public_key(text) for text in self.coordinators.values()]
+        return {fingerprint(key): key for key in keys}
+
+    def roster_keys(self) -> dict[str, Ed25519PublicKey]:
+        return {site: parse_public_key(text) for site, text in self.roster.items()}
+
+
+def load_secure_config(path: Path | str) -> SecureSiteConfig:
+    """Read and validate ``secure.toml``; errors name the key."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InvalidInputError(f"cannot read the secure-sum site file {path}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidInputError(f"{path} is not valid TOML: {error}") from None
+    base = path.resolve().parent
+    for key in ("identity_key", "audit_dir", "audit_key", "state_dir"):
+        if isinstance(document.get(key), str):
+            value = Path(document[key]).expanduser()
+            document[key] = value if value.is_absolute() else base / value
+    try:
+        config = SecureSiteConfig.model_validate(document)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors())
+        raise InvalidInputError(f"{path}: {problems}") from None
+    if config.site_id not in config.roster:
+        raise InvalidInputError(f"{path}: the roster must list this site ({config.site_id!r}) with its own key")
+    return config
+
+
+@dataclass
+class _Session:
+    """One job at this site."""
+
+    job_id: str
+    signer: str
+    bounds: DeclaredBounds
+    model_hashes: tuple[str, ...]
+    secure: SiteSecureSum
+    created: float
+    shared: bool = False
+    received: bool = False
+    digests: dict[int, str] = field(default_factory=dict)
+
+
+class SecureSite:
+    """Answers the ``secure_*`` queries of one site (see the module docstring).
+
+    Parameters
+    ----------
+    config : SecureSiteConfig
+        The site's own settings.
+    compute : callable
+        ``compute(inner_query, payload, seal) -> Payload``: computes the plain statistics reply,
+        seals it with ``seal`` (which masks it) and returns the sealed payload (:data:`Compute`).
+    identity_key : Ed25519PrivateKey, optional
+        Defaults to the key file the config names.
+    clock : callable
+        Unix seconds (tests move it).
+    audit : callable, optional
+        ``audit(write)`` calls ``write(log)`` with the site's open :class:`AuditLog` (the site
+        agent's, which holds the log's lock); by default the log in ``config.audit_dir`` is
+        opened for each record.
+    """
+
+    def __init__(self, config: SecureSiteConfig, *, compute: Compute, identity_key: Ed25519PrivateKey | None = None,
+                 clock: Callable[[], float] = time.time, audit: AuditWriter | None = None) -> None:
+        self.config = config
+        self._compute = compute
+        self._audit_writer = audit
+        self._identity = identity_key if identity_key is not None else load_signing_key(config.identity_key)
+        roster = config.roster_keys()
+        if roster[config.site_id].public_bytes_raw() != self._identity.public_key().public_bytes_raw():
+            raise VerificationError(f"the identity key is not the key the roster lists for {config.site_id!r}")
+        self._roster = roster
+        self._pinned = config.pinned_coordinators()
+        self._clock = clock
+        self._sessions: dict[str, _Session] = {}
+        self._nonces: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._load_nonces()
+
+    # ------------------------------------------------------------------ entry point
+
+    def handle(self, query: str, payload: Payload) -> Payload:
+        """Verify one signed request and answer it; raise (and audit) a refusal."""
+        with self._lock:
+            envelope = self._accept(query, payload)
+            body = parse_body(envelope)
+            if query == SECURE_ADVERTISE:
+                try:
+                    return self._advertise(envelope, body)
+                except RefusalError as error:
+                    self._audit_refusal(envelope.signer, envelope.job_id, 0, error.reason_code, error.rule, str(error))
+                    raise
+            session = self._session(envelope)
+            if query == SECURE_SHARE:
+                return self._share(session, body)
+            if query == SECURE_UPLOAD:
+                return self._upload(session, envelope, body, payload.arrays)
+            if query == SECURE_REVEAL:
+                return self._reveal(session, envelope, body)
+            if query == SECURE_ABORT:
+                return self._abort(session, body)
+            raise ProtocolError(f"unknown secure-sum query {query!r}")
+
+    @property
+    def jobs(self) -> tuple[str, ...]:
+        """The jobs this site currently holds state for."""
+        return tuple(self._sessions)
+
+    # ------------------------------------------------------------------ checks
+
+    def _accept(self, query: str, payload: Payload) -> Envelope:
+        """Signature by a pinned key, the right step, fresh, nonce never seen: else refuse and audit."""
+        raw = payload.doc.get("envelope")
+        raw = raw if isinstance(raw, dict) else {}
+        job = str(raw.get("job_id") or "-")[:256]
+        round_ = raw["round"] if isinstance(raw.get("round"), int) and raw["round"] >= 0 else 0
+        signer = str(raw.get("signer") or "unknown")[:64]
+
+        def refuse(code: str, rule: str, error: FedmteError) -> FedmteError:
+            self._audit_refusal(signer, job, round_, code, rule, str(error))
+            return error
+
+        if signer not in self._pinned:
+            raise refuse("secure:unknown_signer", "coordinators", VerificationError(
+                f"request signed by unknown coordinator key {signer[:16]}...; this site pins {len(self._pinned)} "
+                "coordinator key(s) in its secure.toml: the data owner must add the key to accept it"
+            ))
+        try:
+            envelope = open_request(payload, step=query, pinned=self._pinned)
+        except FedmteError as error:
+            raise refuse("secure:bad_request", "signature", error) from None
+        now = self._clock()
+        if abs(now - envelope.issued_at) > self.config.max_request_age:
+            raise refuse("secure:stale", "max_request_age", ProtocolError(
+                f"the request was signed {now - envelope.issued_at:+.0f} s off this site's clock; this site accepts "
+                f"requests within {self.config.max_request_age:.0f} s: a delayed or replayed message"
+            ))
+        self._prune_nonces(now)
+        if envelope.nonce in self._nonces:
+            raise refuse("secure:replay", "nonce", ProtocolError(
+                f"nonce {envelope.nonce} was seen before: a replayed request is refused"
+            ))
+        self._remember_nonce(envelope.nonce, envelope.issued_at)
+        return envelope
+
+    def _session(self, envelope: Envelope) -> _Session:
+        session = self._sessions.get(envelope.job_id)
+        if session is None:
+            raise ProtocolError(
+                f"no secure-sum state for job {envelope.job_id!r} in this process: the job was never set up here, "
+                "was aborted, or the site restarted (it counts as dropped). The secure sum needs fedmte's site "
+                "runner (one process per site); a stock SuperNode starts a new process per message"
+            )
+        if session.signer != envelope.signer:
+            raise VerificationError(f"job {envelope.job_id!r} was set up by another coordinator key")
+        if tuple(envelope.model_hashes) != session.model_hashes:
+            raise ProtocolError(f"the request names other model hashes than job {envelope.job_id!r} was set up with")
+        return session
+
+    # ------------------------------------------------------------------ steps
+
+    def _advertise(self, envelope: Envelope, body: AdvertiseBody) -> Payload:
+        try:
+            params = SecureSumParams.model_validate_json(body.params)
+        except ValidationError as error:
+            raise ProtocolError(f"malformed secure-sum parameters: {error.errors()[0]['msg']}") from None
+        if params.job_id != envelope.job_id:
+            raise ProtocolError(f"the parameters are for job {params.job_id!r}, the request for {envelope.job_id!r}")
+        if params.job_id in self._sessions:
+            raise ProtocolError(f"job {params.job_id!r} was already set up at this site; setup runs once per job")
+        if self.config.require_self_masks and not params.self_masks:
+            raise RefusalError("this site takes part only in jobs with self masks (require_self_masks = true)",
+                               reason_code="secure:self_masks_required", rule="require_self_masks")
+        floors = [("min_declared_rows", "max_rows", body.bounds.max_rows, self.config.min_declared_rows),
+                  ("min_declared_feature_norm", "feature_norm", body.bounds.feature_norm,
+                   self.config.min_declared_feature_norm)]
+        for rule, name, declared, floor in floors:
+            if declared < floor:
+                raise RefusalError(
+                    f"refused by site: the job declares {name} = {declared:g}, below this "
+                    f"site's floor {floor:g}; declare at least the floor (a loose bound costs nothing)",
+                    reason_code="secure:bounds_below_floor", rule=rule,
+                )
+        secure = SiteSecureSum(params, site_id=self.config.site_id, identity_key=self._identity,
+                               known_sites=self._roster)
+        now = self._clock()
+        self._prune_sessions(now)
+        self._sessions[params.job_id] = _Session(params.job_id, envelope.signer, body.bounds,
+                                                 tuple(envelope.model_hashes), secure, now)
+        return Payload(doc={"advertisement": secure.advertise().model_dump_json(by_alias=True)})
+
+    def _share(self, session: _Session, body: ShareBody) -> Payload:
+        if session.shared:
+            raise ProtocolError(f"job {session.job_id!r} already shared its keys")
+        advertisements = [Advertisement.model_validate_json(text) for text in body.advertisements]
+        bundles = session.secure.share(advertisements)
+        session.shared = True
+        return Payload(doc={"bundles": [bundle.model_dump_json(by_alias=True) for bundle in bundles]})
+
+    def _upload(self, session: _Session, envelope: Envelope, body: UploadBody, arrays: Mapping[str, np.ndarray]) -> Payload:
+        phase = body.phase
+        if envelope.round != phase + 1:
+            raise ProtocolError(f"the request's round {envelope.round} is not phase {phase} + 1")
+        if body.bundles is not None:
+            if session.received:
+                raise ProtocolError(f"job {session.job_id!r} already received its share bundles")
+            session.secure.receive_shares([ShareBundle.model_validate_json(text) for text in body.bundles])
+            session.received = True
+        elif not session.received:
+            raise ProtocolError(f"the first upload of job {session.job_id!r} must carry the routed share bundles")
+        digest = request_digest(session.job_id, phase, session.model_hashes, body.inner_query, body.inner_doc, arrays)
+        stats = inner_stats(body.inner_query, body.inner_doc, arrays)
+        sealed: list[Payload] = []
+
+        def seal(reply: Payload) -> Payload:
+            statistics = Statistics.from_arrays(reply.arrays)
+            spec = round_sum_spec(stats, statistics, session.bounds, context=digest)
+            upload = session.secure.mask(statistics, phase=phase, spec=spec)
+            out = Payload(doc={"phase": phase, "spec": spec.model_dump(mode="json", by_alias=True), "inner": reply.doc},
+                          arrays={"words": upload.words.view(np.int64)})
+            sealed.append(out)
+            return out
+
+        answered = self._compute(body.inner_query, Payload(doc=body.inner_doc, arrays=arrays), seal)
+        if len(sealed) != 1 or answered is not sealed[0]:
+            raise ProtocolError("the site's statistics handler did not return the sealed (masked) reply; nothing is sent")
+        session.digests[phase] = digest
+        return answered
+
+    def _reveal(self, session: _Session, envelope: Envelope, body: RevealBody) -> Payload:
+        try:
+            request = UnmaskRequest.model_validate_json(body.unmask)
+        except ValidationError as error:
+            raise ProtocolError(f"malformed unmask request: {error.errors()[0]['msg']}") from None
+        if request.job_id != session.job_id or envelope.round != request.phase + 1:
+            raise ProtocolError("the unmask request is for another job or round than its signed envelope")
+        masked_under = session.digests.get(request.phase)
+        if masked_under is None:
+            raise ProtocolError(f"refusing to reveal: this site did not upload phase {request.phase}")
+        if masked_under != body.request_digest:
+            raise ProtocolError(
+                f"refusing to reveal: this site masked phase {request.phase} for request {masked_under[:16]}..., "
+                f"the unmask request names {body.request_digest[:16]}...: the sites did not all receive the same "
+                "request (model hashes or statistics)"
+            )
+        try:
+            reveal = session.secure.reveal(request)
+        except ThresholdError as error:
+            self._end(session, "secure:below_threshold", str(error))
+            raise
+        return Payload(doc={"reveal": reveal.model_dump_json(by_alias=True)})
+
+    def _abort(self, session: _Session, body: AbortBody) -> Payload:
+        self._end(session, body.reason_code, body.detail)
+        return Payload(doc={"recorded": self.config.audit_dir is not None})
+
+    def _end(self, session: _Session, reason_code: str, detail: str) -> None:
+        """Forget the job (its keys and shares) and record the abort."""
+        self._sessions.pop(session.job_id, None)
+        self._audit(lambda log: log.abort(run_id=session.job_id, reason_code=reason_code, detail=detail))
+
+    # ------------------------------------------------------------------ state
+
+    def _prune_sessions(self, now: float) -> None:
+        for job, session in list(self._sessions.items()):
+            if now - session.created > self.config.session_ttl:
+                del self._sessions[job]
+        while len(self._sessions) >= self.config.max_sessions:
+            oldest = min(self._sessions.values(), key=lambda s: s.created)
+            del self._sessions[oldest.job_id]
+
+    def _nonce_file(self) -> Path | None:
+        return None if self.config.state_dir is None else self.config.state_dir / NONCES_FILE
+
+    def _load_nonces(self) -> None:
+        path = self._nonce_file()
+        if path is None or not path.exists():
+            return
+        for line in path.read_text(encoding="utf-8").splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                try:
+                    self._nonces[parts[0]] = float(parts[1])
+                except ValueError:
+                    continue
+        self._prune_nonces(self._clock())
+
+    def _remember_nonce(self, nonce: str, issued_at: float) -> None:
+        self._nonces[nonce] = issued_at
+        path = self._nonce_file()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(f"{nonce} {issued_at!r}\n")
+
+    def _prune_nonces(self, now: float) -> None:
+        """Nonces older than the freshness window are refused as stale anyway."""
+        horizon = 2 * self.config.max_request_age
+        for nonce, issued in list(self._nonces.items()):
+            if abs(now - issued) > horizon:
+                del self._nonces[nonce]
+
+    # ------------------------------------------------------------------ audit
+
+    def _audit(self, write: Callable[[AuditLog], None]) -> None:
+        if self._audit_writer is not None:
+            self._audit_writer(write)
+            return
+        if self.config.audit_dir is None:
+            return
+        key = load_signing_key(self.config.audit_key) if self.config.audit_key is not None else self._identity
+        log = AuditLog.open(self.config.audit_dir, site_id=self.config.site_id, signing_key=key)
+        try:
+            write(log)
+        finally:
+            log.close()
+
+    def _audit_refusal(self, requester: str, job: str, round_: int, code: str, rule: str, message: str) -> None:
+        self._audit(lambda log: log.refusal(requester=requester, run_id=job, round=round_, reason_code=code,
+                                            rule=rule, message=message, purpose="secure sum"))
+
+
+# --------------------------------------------------------------------------- the site's statistics
+
+def site_statistics(data_path: Path) -> Compute:
+    """The ``compute`` of a site holding an ``.npz`` of features: the ``stats`` answer over its
+    rows, with zero blocks (of the shapes the catalogue states) for a site that holds no rows."""
+
+    def compute(inner_query: str, payload: Payload, seal: Seal) -> Payload:
+        if inner_query != STATS:
+            raise ProtocolError(f"this site computes secure statistics for {STATS!r} only, not {inner_query!r}")
+        data = load_site_data(data_path)
+        reply = answer_stats(data, payload)
+        request = RoundRequest.model_validate(payload.doc)
+        stats = {stat.key: stat for stat in decode_round(request, payload.arrays)}
+        missing = set(stats) - set(reply.arrays)
+        if missing:
+            arrays = dict(reply.arrays)
+            for key in missing:
+                shape, dtype = expected_shape(stats[key], data.dim, request.num_classes, data.num_source_classes)
+                arrays[key] = np.zeros(shape, dtype=dtype)
+            reply = Payload(doc=reply.doc, arrays=arrays)
+        return seal(reply)
+
+    return compute
+
+
+def agent_statistics(site_file: Path) -> Compute:
+    """The ``compute`` of a site run by its site agent (``site-file``): the agent releases the
+    round through its privacy layer and audits the sealed bytes that leave."""
+
+    def compute(inner_query: str, payload: Payload, seal: Seal) -> Payload:
+        from fedmte.client import site_agent
+
+        return site_agent.answer(inner_query, payload, site_file, seal=seal)
+
+    return compute
+
+
+# --------------------------------------------------------------------------- process registry
+
+_SITES: dict[str, SecureSite] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def config_path(node_config: Mapping[str, Any]) -> Path | None:
+    """The site's ``secure.toml``: named by the node config, else beside the site file or the data file."""
+    named = node_config.get(SECURE_CONFIG_KEY)
+    if isinstance(named, str) and named:
+        return Path(named)
+    for key in (SITE_FILE_KEY, DATA_PATH_KEY):
+        value = node_config.get(key)
+        if isinstance(value, str) and value:
+            candidate = Path(value).parent / SECURE_CONFIG_FILE
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _agent_audit(site_file: Path) -> AuditWriter:
+    """Write to the audit log the site agent holds open (one writer per log)."""
+
+    def audit(write: Callable[[AuditLog], None]) -> None:
+        from fedmte.client import site_agent
+
+        agent = site_agent.agent_for(site_file)
+        try:
+            write(agent.privacy.log)
+        finally:
+            if site_agent._AGENTS.get(Path(site_file).resolve()) is not agent:  # not kept open: close it again
+                agent.close()
+
+    return audit
+
+
+def site_for(node_config: Mapping[str, Any]) -> SecureSite:
+    """This process's :class:`SecureSite` for the node's configuration (made on first use).
+
+    A node with a ``site-file`` computes through its site agent and audits to the agent's
+    log; a node with only a ``data-path`` sums its ``.npz`` rows and audits to
+    ``audit_dir`` of its ``secure.toml``.
+    """
+    path = config_path(node_config)
+    if path is None:
+        raise InvalidInputError(
+            f"this site has no secure-sum configuration: set --node-config '{SECURE_CONFIG_KEY}=\"/path/secure.toml\"' "
+            f"or put {SECURE_CONFIG_FILE} beside the site file or the data file"
+        )
+    key = str(path.resolve())
+    with _REGISTRY_LOCK:
+        site = _SITES.get(key)
+        if site is None:
+            site_file, data = node_config.get(SITE_FILE_KEY), node_config.get(DATA_PATH_KEY)
+            config = load_secure_config(path)
+            if isinstance(site_file, str) and site_file:
+                site = SecureSite(config, compute=agent_statistics(Path(site_file)),
+                                  audit=None if config.audit_dir is not None else _agent_audit(Path(site_file)))
+            elif isinstance(data, str) and data:
+                site = SecureSite(config, compute=site_statistics(Path(data)))
+            else:
+                raise InvalidInputError(f"this SuperNode has neither {SITE_FILE_KEY!r} nor {DATA_PATH_KEY!r} in its --node-config")
+            _SITES[key] = site
+        return site
+
+
+def answer_secure(query: str, payload: Payload, node_config: Mapping[str, Any]) -> Payload:
+    """Answer one ``secure_*`` query for the site that ``node_config`` describes."""
+    return site_for(node_config).handle(query, payload)
+
+
+def check_plain_statistics_allowed(node_config: Mapping[str, Any]) -> None:
+    """Refuse a plain ``stats`` query at a site whose secure-sum file requires the secure sum."""
+    path = config_path(node_config)
+    if path is None:
+        return
+    try:
+        required = load_secure_config(path).require_secure_sum
+    except FedmteError:
+        required = True  # a broken secure-sum file never opens the plain path
+    if required:
+        raise RefusalError(
+            "refused by site: this site releases statistics only through the secure sum "
+            "(require_secure_sum = true in its secure.toml); run the job with the secure sum on",
+            reason_code="secure:plain_statistics", rule="require_secure_sum",
+        )

@@ -1,0 +1,594 @@
+"""The site agent of a scoring job: the data owner's site file decides, the coordinator asks.
+
+A site runs one :class:`SiteAgent` per site file (``site.toml``,
+:mod:`fedmte.client.site_config`; Flower: ``--node-config 'site-file="/path/site.toml"'``).
+The site file names the data, the keys the site pins, its policy, its audit log and its
+cache; nothing a coordinator sends can change them. The agent answers the three messages
+of a job (:mod:`fedmte.protocol.job_messages`):
+
+``setup``
+    Checks that the coordinator's key is pinned by the policy (``coordinator_keys``) and
+    that it signed the request, that the policy allows every scorer the job names, then
+    each offered model package: its id is the hash of its manifest, its signature verifies
+    under a key pinned in ``[trust] keys``, the site can build its architecture, the policy
+    allows that architecture and its feature width (``allowed_architectures``,
+    ``max_feature_dim``), and it reads this site's kind of data. A package the site staged
+    earlier (``<cache_dir>/packages/<model id>``) is verified again from disk; a new one is
+    verified from the attached weights (:func:`fedmte.client.packages.verify_package_bytes`)
+    and staged, or answered ``need_weights`` when none came. Every refusal is written to the
+    audit log and named in the reply (rule and reason), so the coordinator sees which rule
+    said no.
+``stats``
+    One round for every model. The request is decoded against the site's catalogue and
+    released through :class:`fedmte.client.privacy.SitePrivacy`: policy check (a refusal
+    names its rule), per-sample clipping, DP noise when the policy turns DP on, the ledger,
+    then the audit intent (payload copy and record, fsynced) before the reply is handed to
+    the SuperNode, and the outcome after. The first time a job needs a model, the model
+    runs once over the site's data (:func:`fedmte.client.extract.extract`), filling the
+    feature cache; every statistic is then read from the cache, after clipping (so the
+    model's output never reaches a statistic unclipped), and later rounds and later jobs
+    never run the model again. The model's measured cost (latency, throughput, peak memory;
+    never a row count) goes back with the first round that used it.
+``finish``
+    Signs an audit checkpoint and returns it (also audited), then forgets the job.
+
+Every byte of every reply is audited: the payload copy is :func:`wire_bytes` of the exact
+reply. The ``seal`` hook of :meth:`SiteAgent.stats` transforms the plain reply before it is
+audited (the secure sum masks it there), so the audit log always holds the bytes that left.
+An error reply after anything other than a refusal (which the privacy layer audits itself)
+is recorded as an ``abort``.
+
+A job's state (the verified setup, the models, which metrics were reported) is kept on disk
+under ``<cache_dir>/jobs/``, so a SuperNode that starts a new process per message (stock
+Flower) answers as well as the site runner, which keeps one agent per site file open across
+messages (:func:`keep_agents_open`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmte.client.architectures import LoadedModel, load_verified, resolve
+from fedmte.client.audit_log import key_fingerprint, load_signing_key
+from fedmte.client.cache import CacheEntry, FeatureCache
+from fedmte.client.data import SiteData, open_site_data
+from fedmte.client.durable import atomic_write
+from fedmte.client.errors import (
+    ArchitectureConfigError,
+    PackageError,
+    SignatureError,
+    SiteConfigError,
+    SiteDataError,
+    UnknownArchitectureError,
+    UnsignedPackageError,
+    UntrustedKeyError,
+)
+from fedmte.client.extract import ExtractionSettings, ModelMetrics, extract
+from fedmte.client.manifest import ModelManifest
+from fedmte.client.packages import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    WEIGHTS_FILE,
+    parse_manifest,
+    parse_public_key,
+    verify_package,
+    verify_package_bytes,
+    verify_signature,
+)
+from fedmte.client.policy import SitePolicy, check_coordinator, parse_policy, violations
+from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy
+from fedmte.client.site_config import SiteConfig, load_site_config
+from fedmte.protocol.audit_format import ModelRef, parse_note
+from fedmte.protocol.catalogue import Batch, softmax
+from fedmte.protocol.errors import FedmteError, PolicyRefusal, ProtocolError, RefusalError
+from fedmte.protocol.job_messages import (
+    FINISH,
+    SETUP,
+    FinishReply,
+    FinishRequest,
+    JobRoundRequest,
+    ModelOffer,
+    ModelStatus,
+    ReleaseCost,
+    RoundReplyDoc,
+    SetupReply,
+    SetupRequest,
+    SiteMetrics,
+    block_key,
+    decode_job_round,
+    parse_setup,
+    wire_bytes,
+)
+from fedmte.protocol.wire import STATS, Payload
+
+SITE_FILE_KEY = "site-file"
+"""The SuperNode node-config key naming the site file."""
+
+AGENT_QUERIES = (SETUP, STATS, FINISH)
+"""The queries a site agent answers (a job's setup, its statistics rounds, its end)."""
+
+PACKAGES_DIR = "packages"
+JOBS_DIR = "jobs"
+MAX_SOURCE_NAME = 200
+Seal = Callable[[Payload], Payload]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AuditSettings(_Strict):
+    """The ``[audit]`` table of the site file (relative paths: from the site file's folder)."""
+
+    dir: Path = Path("audit")
+    signing_key: Path = Field(default=Path("keys/audit.key"), description="the site's Ed25519 PEM key (mode 600)")
+    ledger_dir: Path = Path("ledger")
+    checkpoint_every: int = Field(default=100, ge=1)
+
+
+def parse_audit_settings(table: Mapping[str, Any], base: Path) -> AuditSettings:
+    """Validate ``[audit]`` and resolve its paths against ``base``."""
+    try:
+        settings = AuditSettings.model_validate(dict(table))
+    except ValidationError as error:
+        problems = "; ".join(f"audit.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise SiteConfigError(f"the site file is invalid: {problems}") from None
+    resolved = {name: (value if value.is_absolute() else base / value)
+                for name, value in (("dir", settings.dir), ("signing_key", settings.signing_key),
+                                    ("ledger_dir", settings.ledger_dir))}
+    return settings.model_copy(update=resolved)
+
+
+class SessionModel(_Strict):
+    label: str
+    architecture: str
+    weights_sha256: str
+    feature_dim: int
+    num_source_classes: int
+
+
+class JobSession(BaseModel):
+    """A verified job as this site accepted it (``<cache_dir>/jobs/<run id>.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    requester: str = Field(description="hex sha256 of the coordinator's key (pinned by the policy)")
+    coordinator: str = Field(description="the name the policy pins that key under")
+    purpose: str
+    labels: list[str]
+    scorers: list[str]
+    setup_sha256: str
+    dataset: str = Field(description="fingerprint of the data as the setup found them")
+    models: dict[str, SessionModel] = Field(default_factory=dict)
+    reported: list[str] = Field(default_factory=list, description="models whose metrics went out")
+
+
+def _rule_of(error: Exception) -> str:
+    """The site rule a package problem falls under, for the refusal the coordinator sees."""
+    if isinstance(error, (UntrustedKeyError, UnsignedPackageError)):
+        return "trust.keys"
+    if isinstance(error, SignatureError):
+        return "package.signature"
+    if isinstance(error, (UnknownArchitectureError, ArchitectureConfigError)):
+        return "architecture"
+    if isinstance(error, SiteDataError):
+        return "data.input_kind"
+    return "package"
+
+
+class SiteAgent:
+    """Everything one site file configures, answering the messages of scoring jobs."""
+
+    def __init__(self, site_file: Path | str) -> None:
+        self.site_file = Path(site_file).resolve()
+        self.config: SiteConfig = load_site_config(self.site_file)
+        self.policy: SitePolicy = parse_policy(self.config.policy)
+        self.audit = parse_audit_settings(self.config.audit, self.site_file.parent)
+        self.name = self.config.site.name
+        self.privacy = SitePrivacy.open(
+            self.policy, audit_dir=self.audit.dir, ledger_dir=self.audit.ledger_dir, site_id=self.name,
+            signing_key=load_signing_key(self.audit.signing_key), checkpoint_every=self.audit.checkpoint_every,
+        )
+        self.cache = FeatureCache(self.config.site.cache_dir)
+        self.settings = ExtractionSettings.from_compute(self.config.compute, progress=False)
+        self.lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+        self._metrics: dict[tuple[str, str], ModelMetrics] = {}
+        self._entries: dict[tuple[str, str], CacheEntry] = {}
+        self._maps: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self._data: dict[tuple[str, ...], tuple[SiteData, str]] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def data_source(self) -> str:
+        """The name the ledger keeps this data source's budget under."""
+        source = f"{self.config.data.kind}:{self.config.data.path}"
+        if len(source) > MAX_SOURCE_NAME:
+            source = f"{self.config.data.kind}:sha256:{hashlib.sha256(str(self.config.data.path).encode()).hexdigest()}"
+        return source
+
+    def close(self) -> None:
+        self.privacy.close()
+
+    def _site_data(self, labels: list[str], *, fresh: bool = False) -> tuple[SiteData, str]:
+        """The site's data in the job's label space and its fingerprint (reopened when
+        ``fresh``: at every setup, so a job always reads the data as they are now)."""
+        key = tuple(labels)
+        if fresh or key not in self._data:
+            data = open_site_data(self.config.data, labels)
+            self._data[key] = (data, data.fingerprint())
+        return self._data[key]
+
+    def _job_path(self, run_id: str) -> Path:
+        if not run_id.replace("-", "").isalnum():
+            raise ProtocolError(f"run id {run_id!r} is not alphanumeric")
+        return self.config.site.cache_dir / JOBS_DIR / f"{run_id}.json"
+
+    def _save(self, session: JobSession) -> None:
+        path = self._job_path(session.run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, session.model_dump_json(indent=1).encode())
+
+    def _session(self, run_id: str) -> JobSession:
+        path = self._job_path(run_id)
+        if not path.is_file():
+            raise ProtocolError(f"run {run_id} has no accepted setup at this site; the coordinator must send setup first")
+        return JobSession.model_validate_json(path.read_text(encoding="utf-8"))
+
+    def _send(self, reply: Payload, *, requester: str, recipient: str, run_id: str, round: int, purpose: str,
+              request_sha256: str | None, **fields: Any) -> Payload:
+        """Audit ``reply``'s exact bytes (intent fsynced first), then hand it over (outcome)."""
+        with self.privacy.log.transmission(
+            wire_bytes(reply), requester=requester, recipient=recipient, run_id=run_id, round=round,
+            purpose=purpose, request_sha256=request_sha256, **fields,
+        ):
+            pass  # handed to the SuperNode, which delivers it to the coordinator's SuperLink
+        return reply
+
+    # ------------------------------------------------------------------ dispatch
+
+    def answer(self, query: str, payload: Payload, *, run_id: str | int | None = None, seal: Seal | None = None) -> Payload:
+        """Answer one message; ``run_id`` is the transport's run (checked against the request)."""
+        expected = None if run_id is None else str(run_id)
+        with self.lock:
+            try:
+                if query == SETUP:
+                    return self.setup(payload, expected)
+                if query == STATS:
+                    return self.stats(payload, expected, seal=seal)
+                if query == FINISH:
+                    return self.finish(payload, expected)
+                raise ProtocolError(f"unknown query {query!r}; a site agent answers {SETUP}, {STATS} and {FINISH}")
+            except RefusalError:
+                raise  # the privacy layer or the setup audited it as a refusal
+            except Exception as error:
+                detail = f"{type(error).__name__}: {error}"
+                run = expected or str(payload.doc.get("run_id") or "-")
+                try:
+                    self.privacy.log.abort(run_id=run[:64], reason_code=f"error:{type(error).__name__}"[:64], detail=detail)
+                except FedmteError:
+                    pass  # a broken log already refuses everything; the original error matters more
+                raise
+
+    # ------------------------------------------------------------------ setup
+
+    def _verify_coordinator(self, signed_request: SetupRequest, signature: bytes) -> tuple[str, str]:
+        """(fingerprint, pinned name) of the coordinator key that signed the request."""
+        public = parse_public_key(signed_request.coordinator_key)
+        fingerprint = key_fingerprint(public)
+        name = check_coordinator(self.policy, fingerprint)
+        try:
+            public.verify(signature, signed_request.signing_bytes())
+        except InvalidSignature:
+            raise PolicyRefusal([("coordinator_keys", "the setup request's signature does not verify under the "
+                                                      "pinned coordinator key it names")]) from None
+        return fingerprint, name
+
+    def setup(self, payload: Payload, expected_run: str | None) -> Payload:
+        signed, weights = parse_setup(payload)
+        request = signed.request
+        if expected_run is not None and request.run_id != expected_run:
+            raise ProtocolError(f"the setup request is for run {request.run_id}, this message belongs to run {expected_run}")
+        setup_sha = hashlib.sha256(request.signing_bytes()).hexdigest()
+        claimed = key_fingerprint(parse_public_key(request.coordinator_key))
+        try:
+            requester, coordinator = self._verify_coordinator(request, signed.signature_bytes())
+            denied = sorted(set(request.scorers) - self.policy.allowed_scorers)
+            if denied:
+                raise PolicyRefusal([("allowed_scorers", f"scorer(s) {denied} are not allowed here; allowed: "
+                                                         f"{sorted(self.policy.allowed_scorers) or 'none'}")])
+        except PolicyRefusal as refusal:
+            self.privacy.log.refusal(requester=claimed, run_id=request.run_id, round=0, reason_code=refusal.reason_code,
+                                     rule=refusal.rule, message=str(refusal), purpose=request.purpose,
+                                     request_sha256=setup_sha, data_source=self.data_source)
+            raise
+        path = self._job_path(request.run_id)
+        data, fingerprint = self._site_data(request.labels, fresh=not path.is_file())
+        session = self._session(request.run_id) if path.is_file() else JobSession(
+            run_id=request.run_id, requester=requester, coordinator=coordinator, purpose=request.purpose,
+            labels=list(request.labels), scorers=list(request.scorers), setup_sha256=setup_sha, dataset=fingerprint)
+        if (session.labels, session.scorers, session.requester) != (list(request.labels), list(request.scorers), requester):
+            raise ProtocolError(f"run {request.run_id} was set up with other labels, scorers or coordinator")
+        statuses: dict[str, ModelStatus] = {}
+        refs: list[ModelRef] = []
+        for offer in request.models:
+            status, manifest = self._offer(offer, weights.get(offer.model_id), data, request, requester, setup_sha)
+            statuses[offer.model_id] = status
+            if manifest is not None:
+                refs.append(ModelRef(arch_id=manifest.architecture, weights_sha256=manifest.weights_sha256))
+                if status.status == "ready":
+                    session.models[offer.model_id] = SessionModel(
+                        label=offer.label, architecture=manifest.architecture, weights_sha256=manifest.weights_sha256,
+                        feature_dim=int(status.feature_dim or 0), num_source_classes=int(status.num_source_classes or 0))
+        weights_seen = [m.weights_sha256 for m in session.models.values()]
+        if len(set(weights_seen)) != len(weights_seen):
+            raise ProtocolError("two offered models have the same weights; offer each model once")
+        self._save(session)
+        reply = Payload(doc=SetupReply(site=self.name, models=statuses, dp=self.policy.dp.enabled)
+                        .model_dump(mode="json", by_alias=True))
+        return self._send(reply, requester=requester, recipient=f"coordinator:{coordinator}", run_id=request.run_id,
+                          round=0, purpose=request.purpose, request_sha256=setup_sha, models=refs)
+
+    def _offer(self, offer: ModelOffer, weights: bytes | None, data: SiteData, request: SetupRequest,
+               requester: str, setup_sha: str) -> tuple[ModelStatus, ModelManifest | None]:
+        """Verify one offered package against the site's pins, registry, policy and data."""
+        manifest: ModelManifest | None = None
+        try:
+            manifest_bytes = offer.manifest.encode("utf-8")
+            if hashlib.sha256(manifest_bytes).hexdigest() != offer.model_id:
+                raise PackageError(f"model id {offer.model_id[:16]}... is not the sha256 of the manifest offered with it")
+            signature = offer.signature.encode("utf-8")
+            verify_signature(manifest_bytes, signature, self.config.trust.keys)
+            manifest = parse_manifest(manifest_bytes)
+            _, _, dims = resolve(manifest)
+            dim = int(dims[manifest.feature_output])
+            classes = manifest.source_head.num_classes if manifest.source_head is not None else 0
+            found = violations(self.policy, [], [], manifest.architecture, dim)
+            if found:
+                raise PolicyRefusal(found)
+            data.check_compatible(manifest.preprocessing)
+            if offer.model_id not in self._models:
+                staged = self.config.site.cache_dir / PACKAGES_DIR / offer.model_id
+                if staged.is_dir():
+                    package = verify_package(staged, self.config.trust.keys, self.config.limits)
+                elif weights is not None:
+                    package = verify_package_bytes(manifest_bytes, bytearray(weights), signature, self.config.trust.keys,
+                                                   self.config.limits)
+                    self._stage(offer.model_id, manifest_bytes, weights, signature)
+                else:
+                    return ModelStatus(status="need_weights", feature_dim=dim, num_source_classes=classes), manifest
+                loaded = load_verified(package)
+                if loaded.package_id != offer.model_id:
+                    raise PackageError("the staged package is not the offered model")
+                self._models[offer.model_id] = loaded
+            return ModelStatus(status="ready", feature_dim=dim, num_source_classes=classes), manifest
+        except RefusalError as refusal:
+            rule, reason_code, message = refusal.rule, refusal.reason_code, str(refusal)
+        except FedmteError as error:
+            rule = _rule_of(error)
+            reason_code, message = f"package:{type(error).__name__}", f"{type(error).__name__}: {error}"
+        models = [] if manifest is None else [ModelRef(arch_id=manifest.architecture, weights_sha256=manifest.weights_sha256)]
+        self.privacy.log.refusal(requester=requester, run_id=request.run_id, round=0, reason_code=reason_code[:64],
+                                 rule=rule, message=message, purpose=request.purpose, request_sha256=setup_sha,
+                                 data_source=self.data_source, models=models)
+        return ModelStatus(status="refused", rule=rule, reason=message[:4096]), manifest
+
+    def _stage(self, model_id: str, manifest: bytes, weights: bytes, signature: bytes) -> None:
+        """Write a verified package into the cache (temporary folder, then rename)."""
+        root = self.config.site.cache_dir / PACKAGES_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+        try:
+            (tmp / MANIFEST_FILE).write_bytes(manifest)
+            (tmp / WEIGHTS_FILE).write_bytes(weights)
+            (tmp / SIGNATURE_FILE).write_bytes(signature)
+            os.rename(tmp, root / model_id)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (root / model_id).is_dir():
+                raise
+
+    # ------------------------------------------------------------------ rounds
+
+    def _features(self, model_id: str, data: SiteData, fingerprint: str) -> CacheEntry:
+        """The model's cached features of this data, running the model once if needed."""
+        known = self._entries.get((model_id, fingerprint))
+        if known is not None:
+            if known.path.is_dir():
+                return known
+            self._maps.pop(known.path, None)  # the entry was deleted: never read its old maps
+        model = self._models.get(model_id)
+        if model is None:
+            staged = self.config.site.cache_dir / PACKAGES_DIR / model_id
+            model = load_verified(verify_package(staged, self.config.trust.keys, self.config.limits))
+            self._models[model_id] = model
+        entry = self.cache.get(model.package_id, fingerprint)
+        if entry is None:
+            result = extract(model, data, (), cache=self.cache, settings=self.settings, dataset=fingerprint)
+            self._metrics[(model_id, fingerprint)] = result.metrics
+            entry = result.entry
+            assert entry is not None
+        self._entries[(model_id, fingerprint)] = entry
+        return entry
+
+    def _batches(self, entry: CacheEntry, num_classes: int) -> Iterator[Batch]:
+        """The cached rows as float64 batches (source probabilities: softmax of the logits).
+        The entry's memory maps are opened once per agent, not once per round."""
+        maps = self._maps.get(entry.path)
+        if maps is None:
+            maps = self._maps[entry.path] = (entry.features(), entry.labels(), entry.logits())
+        features, labels, logits = maps
+        step = self.settings.stats_batch
+        for start in range(0, entry.meta.rows, step):
+            rows = slice(start, start + step)
+            yield Batch(
+                features=np.asarray(features[rows], dtype=np.float64),
+                labels=np.asarray(labels[rows], dtype=np.int64),
+                num_classes=num_classes,
+                source_probs=None if logits is None else softmax(np.asarray(logits[rows], dtype=np.float64)),
+            )
+
+    def _site_metrics(self, model_id: str, fingerprint: str) -> SiteMetrics | None:
+        metrics = self._metrics.get((model_id, fingerprint))
+        if metrics is None:
+            model = self._models.get(model_id)
+            entry = None if model is None else self.cache.get(model.package_id, fingerprint)
+            if entry is None:
+                return None
+            metrics = ModelMetrics.model_validate(entry.meta.metrics)
+        return SiteMetrics(device=metrics.device, latency_ms=metrics.latency_ms, batch_latency_ms=metrics.batch_latency_ms,
+                           throughput=metrics.throughput, peak_rss_bytes=metrics.peak_rss_bytes,
+                           peak_device_bytes=metrics.peak_device_bytes)
+
+    def stats(self, payload: Payload, expected_run: str | None, *, seal: Seal | None = None) -> Payload:
+        """Release one round's statistics for every requested model (see the module docstring)."""
+        request = JobRoundRequest.parse(payload.doc)
+        if expected_run is not None and request.run_id != expected_run:
+            raise ProtocolError(f"the round request is for run {request.run_id}, this message belongs to run {expected_run}")
+        session = self._session(request.run_id)
+        if request.num_classes != len(session.labels):
+            raise ProtocolError(f"the round asks for {request.num_classes} classes; the job has {len(session.labels)} labels")
+        unknown = sorted(set(request.models) - set(session.models))
+        if unknown:
+            raise ProtocolError(f"the round names model(s) {[m[:16] for m in unknown]} this site did not accept at setup")
+        requests = decode_job_round(request, payload.arrays)
+        data, fingerprint = self._site_data(session.labels)
+        if fingerprint != session.dataset:
+            raise ProtocolError("the site's data changed since this job's setup; the job must start again")
+        model_requests: dict[str, ModelRequest] = {}
+        for model_id, stats in requests.items():
+            model = session.models[model_id]
+            model_requests[model_id] = ModelRequest(
+                arch_id=model.architecture, weights_sha256=model.weights_sha256, feature_dim=model.feature_dim,
+                stats=tuple(stats), num_source_classes=model.num_source_classes)
+        model_of = {id(mr): model_id for model_id, mr in model_requests.items()}
+        request_sha = hashlib.sha256(wire_bytes(payload)).hexdigest()
+        release_request = ReleaseRequest(
+            requester=session.requester, recipient=f"coordinator:{session.coordinator}", run_id=request.run_id,
+            round=request.round, data_source=self.data_source, dataset_version=fingerprint,
+            num_classes=request.num_classes, models=tuple(model_requests.values()), scorers=tuple(session.scorers),
+            purpose=session.purpose, request_sha256=request_sha,
+        )
+
+        def batches_for(model: ModelRequest) -> Iterator[Batch]:
+            entry = self._features(model_of[id(model)], data, fingerprint)
+            return self._batches(entry, request.num_classes)
+
+        release = self.privacy.prepare(release_request, batches_for)
+        blocks = release.blocks()
+        arrays: dict[str, np.ndarray] = {}
+        for model_id, model in model_requests.items():
+            for stat in model.unique_stats():
+                arrays[block_key(model_id, stat.key)] = blocks[f"{model.weights_sha256}/{stat.key}"]
+        metrics = {}
+        for model_id in model_requests:
+            if model_id not in session.reported:
+                measured = self._site_metrics(model_id, fingerprint)
+                if measured is not None:
+                    metrics[model_id] = measured
+        charge = release.privacy
+        doc = RoundReplyDoc(
+            round=request.round, metrics=metrics,
+            privacy=ReleaseCost(
+                mechanism=charge.mechanism, cached=charge.cached, mu_sq_before=float(charge.mu_sq_before),
+                mu_sq_after=float(charge.mu_sq_after), delta=None if charge.delta is None else float(charge.delta),
+                epsilon_budget=None if charge.epsilon_budget is None else float(charge.epsilon_budget)),
+        )
+        reply = Payload(doc=doc.model_dump(mode="json", by_alias=True), arrays=arrays)
+        if seal is not None:
+            reply = seal(reply)
+        self._send(reply, requester=session.requester, recipient=release_request.recipient, run_id=request.run_id,
+                   round=request.round, purpose=session.purpose, request_sha256=request_sha, models=release.models,
+                   dataset=release.dataset, statistics=release.statistics, privacy=release.privacy)
+        if metrics:
+            session.reported = sorted(set(session.reported) | set(metrics))
+            self._save(session)
+        return reply
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self, payload: Payload, expected_run: str | None) -> Payload:
+        """Sign a checkpoint, send it, forget the job."""
+        request = FinishRequest.parse(payload.doc)
+        if expected_run is not None and request.run_id != expected_run:
+            raise ProtocolError(f"the finish request is for run {request.run_id}, this message belongs to run {expected_run}")
+        session = self._session(request.run_id)
+        note = self.privacy.log.checkpoint()
+        checkpoint, _ = parse_note(note)
+        reply = Payload(doc=FinishReply(site=self.name, tree_size=checkpoint.tree_size, checkpoint=note)
+                        .model_dump(mode="json", by_alias=True))
+        self._send(reply, requester=session.requester, recipient=f"coordinator:{session.coordinator}",
+                   run_id=request.run_id, round=0, purpose=f"job {request.status}: audit checkpoint",
+                   request_sha256=hashlib.sha256(wire_bytes(payload)).hexdigest())
+        self._job_path(request.run_id).unlink(missing_ok=True)
+        active: set[str] = set()
+        for path in (self.config.site.cache_dir / JOBS_DIR).glob("*.json"):
+            active |= set(JobSession.model_validate_json(path.read_text(encoding="utf-8")).models)
+        for model_id in list(self._models):
+            if model_id not in active:
+                del self._models[model_id]
+        return reply
+
+
+# --------------------------------------------------------------------------- per process
+
+_AGENTS: dict[Path, SiteAgent] = {}
+_AGENTS_LOCK = threading.Lock()
+_KEEP_OPEN = False
+
+
+def keep_agents_open() -> None:
+    """Keep each site file's agent (models, open audit log) across messages: for a process
+    that answers many messages, such as :mod:`fedmte.client.site_runner`. Without it, every
+    message opens the agent and closes it again (a stock SuperNode starts a process per
+    message)."""
+    global _KEEP_OPEN
+    _KEEP_OPEN = True
+
+
+def agent_for(site_file: Path | str) -> SiteAgent:
+    path = Path(site_file).resolve()
+    with _AGENTS_LOCK:
+        agent = _AGENTS.get(path)
+        if agent is None:
+            agent = SiteAgent(path)
+            if _KEEP_OPEN:
+                _AGENTS[path] = agent
+        return agent
+
+
+def answer(query: str, payload: Payload, site_file: Path | str, *, run_id: str | int | None = None,
+           seal: Seal | None = None) -> Payload:
+    """Answer one message with the agent of ``site_file``."""
+    agent = agent_for(site_file)
+    try:
+        return agent.answer(query, payload, run_id=run_id, seal=seal)
+    finally:
+        if not _KEEP_OPEN:
+            agent.close()
+
+
+def close_agents() -> None:
+    """Close every kept agent (sign a final checkpoint of each audit log)."""
+    with _AGENTS_LOCK:
+        for agent in _AGENTS.values():
+            with agent.lock:  # never close a log in the middle of an answer
+                agent.close()
+        _AGENTS.clear()
+
+
+__all__ = ["SITE_FILE_KEY", "AuditSettings", "JobSession", "SiteAgent", "agent_for", "answer", "close_agents",
+           "keep_agents_open", "parse_audit_settings"]

@@ -1,0 +1,309 @@
+"""Messages of a multi-model scoring job: setup, the batched statistics rounds, finish.
+
+A job with candidate models runs over three message types (all Flower ``query.*``):
+
+``setup`` (:data:`SETUP`)
+    The coordinator's signed :class:`SetupRequest`: the run, the job's label names, scorers
+    and purpose, and one :class:`ModelOffer` per candidate (its manifest and signature, and
+    its weights as a ``u1`` array ``weights/<model id>`` when attached). The site verifies
+    and stages each package, or answers ``need_weights`` when it does not hold it yet; the
+    coordinator then repeats the setup with those weights attached (so a site that staged a
+    package earlier never receives its weights twice). The reply, :class:`SetupReply`, says
+    per model whether it is ready (with its feature width and number of source classes), or
+    which rule of the site refused it.
+``stats`` (:data:`fedmte.protocol.wire.STATS`)
+    One statistics round for every model at once: :class:`JobRoundRequest` maps each model
+    id to that model's request specs (:class:`~fedmte.protocol.messages.StatSpec`), with the
+    broadcast arrays shared by content hash. The reply's arrays are namespaced
+    ``<model id>/<request key>`` (:func:`block_key`), so one flat
+    :class:`~fedmte.protocol.statistics.Statistics` carries every model's sums and the
+    round count does not grow with the number of models. Its document
+    (:class:`RoundReplyDoc`) carries the site's measured model costs (first round only) and
+    what the release cost in privacy; no statistics.
+``finish`` (:data:`FINISH`)
+    The job is over: the site signs an audit checkpoint and returns it
+    (:class:`FinishReply`), for the coordinator to keep as a witness copy.
+
+A model's id is the sha256 of its signed manifest bytes (the package id,
+:attr:`fedmte.client.packages.VerifiedPackage.package_id`); the manifest carries the weights'
+sha256, so the id pins the weights too.
+
+:func:`wire_bytes` is the exact byte string of a payload as it travels (document, layout,
+packed arrays, length-prefixed): what a site's audit log stores as the payload copy, and
+what a coordinator can hash to prove what it received. Pure: no I/O, no Flower.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmte.protocol.errors import ProtocolError, StatisticsError
+from fedmte.protocol.messages import RoundRequest, StatSpec, decode_round, encode_round
+from fedmte.protocol.requests import Stat
+from fedmte.protocol.statistics import Statistics
+from fedmte.protocol.wire import Payload
+
+SETUP = "setup"
+FINISH = "finish"
+JOB_QUERIES = (SETUP, FINISH)
+"""The job queries besides ``stats`` (which :data:`fedmte.protocol.wire.QUERIES` already has)."""
+
+SETUP_SCHEMA = "fedmte.job_setup.v1"
+SETUP_REPLY_SCHEMA = "fedmte.job_setup_reply.v1"
+ROUND_SCHEMA = "fedmte.job_round.v1"
+ROUND_REPLY_SCHEMA = "fedmte.job_round_reply.v1"
+FINISH_SCHEMA = "fedmte.job_finish.v1"
+FINISH_REPLY_SCHEMA = "fedmte.job_finish_reply.v1"
+SETUP_SIGNING_DOMAIN = b"fedmte.job_setup.v1"
+WIRE_MAGIC = b"FMTMSG1\n"
+WEIGHTS_PREFIX = "weights/"
+HEX64 = r"^[0-9a-f]{64}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _parse(model: type[BaseModel], doc: Mapping[str, Any], what: str) -> Any:
+    try:
+        return model.model_validate(dict(doc))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top)"
+        raise ProtocolError(f"malformed {what}: {error.error_count()} problem(s), first at {where}: {first['msg']}") from None
+
+
+# --------------------------------------------------------------------------- setup
+
+class ModelOffer(_Strict):
+    """One candidate package as the coordinator offers it (the weights travel as an array)."""
+
+    model_id: str = Field(pattern=HEX64, description="sha256 of the manifest bytes")
+    label: str = Field(min_length=1, max_length=256, description="the job's name for the candidate")
+    manifest: str = Field(min_length=2, max_length=1_048_576, description="manifest.json, canonical UTF-8 text")
+    signature: str = Field(min_length=2, max_length=16_384, description="signature.json text")
+    weights_attached: bool = False
+
+
+class SetupRequest(_Strict):
+    """What the coordinator asks a site to prepare for; signed by the coordinator's key."""
+
+    schema_: Literal["fedmte.job_setup.v1"] = Field(default=SETUP_SCHEMA, alias="schema")
+    run_id: str = Field(min_length=1, max_length=64)
+    purpose: str = Field(default="", max_length=4096)
+    labels: list[str] = Field(min_length=2)
+    scorers: list[str] = Field(min_length=1)
+    coordinator_key: str = Field(description="ed25519:<base64>, the key that signed this request")
+    models: list[ModelOffer] = Field(min_length=1)
+    dp_requested: bool = True
+
+    def signing_bytes(self) -> bytes:
+        """Domain, newline, canonical JSON: what the coordinator's key signs."""
+        body = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return SETUP_SIGNING_DOMAIN + b"\n" + body
+
+
+class SignedSetup(_Strict):
+    """The setup message's document: the request and the coordinator's Ed25519 signature."""
+
+    request: SetupRequest
+    signature: str = Field(min_length=1, max_length=256, description="base64 Ed25519 signature")
+
+    def signature_bytes(self) -> bytes:
+        try:
+            return base64.b64decode(self.signature, validate=True)
+        except binascii.Error:
+            raise ProtocolError("the setup signature is not base64") from None
+
+
+def weights_name(model_id: str) -> str:
+    return f"{WEIGHTS_PREFIX}{model_id}"
+
+
+def setup_payload(signed: SignedSetup, weights: Mapping[str, bytes]) -> Payload:
+    """The setup message: the signed request, and ``weights[model_id]`` as ``u1`` arrays."""
+    attached = {m.model_id for m in signed.request.models if m.weights_attached}
+    if attached != set(weights):
+        raise ProtocolError(f"weights attached for {sorted(weights)} but the offers say {sorted(attached)}")
+    arrays = {weights_name(mid): np.frombuffer(data, dtype=np.uint8) for mid, data in weights.items()}
+    return Payload(doc=signed.model_dump(mode="json", by_alias=True), arrays=arrays)
+
+
+def parse_setup(payload: Payload) -> tuple[SignedSetup, dict[str, bytes]]:
+    """The signed request and the attached weights (checked against the offers)."""
+    signed = _parse(SignedSetup, payload.doc, "setup request")
+    weights: dict[str, bytes] = {}
+    for name, array in payload.arrays.items():
+        if not name.startswith(WEIGHTS_PREFIX) or array.dtype != np.uint8 or array.ndim != 1:
+            raise ProtocolError(f"unexpected array {name!r} ({array.dtype}, {array.shape}) in a setup message")
+        weights[name[len(WEIGHTS_PREFIX):]] = array.tobytes()
+    attached = {m.model_id for m in signed.request.models if m.weights_attached}
+    if attached != set(weights):
+        raise ProtocolError(f"the setup message attaches weights for {sorted(weights)}, its offers say {sorted(attached)}")
+    ids = [m.model_id for m in signed.request.models]
+    if len(set(ids)) != len(ids):
+        raise ProtocolError("the setup request offers the same model twice")
+    return signed, weights
+
+
+class ModelStatus(_Strict):
+    """A site's answer for one offered model."""
+
+    status: Literal["ready", "need_weights", "refused"]
+    feature_dim: int | None = Field(default=None, ge=1)
+    num_source_classes: int | None = Field(default=None, ge=0)
+    rule: str | None = Field(default=None, max_length=200, description="the site rule that refused the model")
+    reason: str | None = Field(default=None, max_length=4096)
+
+
+class SetupReply(_Strict):
+    schema_: Literal["fedmte.job_setup_reply.v1"] = Field(default=SETUP_REPLY_SCHEMA, alias="schema")
+    site: str = Field(min_length=1, max_length=128)
+    models: dict[str, ModelStatus]
+    dp: bool = Field(description="whether the site's policy adds DP noise to its releases")
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any]) -> SetupReply:
+        return _parse(cls, doc, "setup reply")
+
+
+# --------------------------------------------------------------------------- rounds
+
+def block_key(model_id: str, key: str) -> str:
+    """The name of one model's statistic in a multi-model reply."""
+    return f"{model_id}/{key}"
+
+
+class JobRoundRequest(_Strict):
+    """One statistics round of a job: every unfinished model's requests."""
+
+    schema_: Literal["fedmte.job_round.v1"] = Field(default=ROUND_SCHEMA, alias="schema")
+    run_id: str = Field(min_length=1, max_length=64)
+    round: int = Field(ge=1)
+    num_classes: int = Field(ge=2)
+    models: dict[str, list[StatSpec]] = Field(min_length=1)
+
+    def model_request(self, model_id: str) -> RoundRequest:
+        return RoundRequest(round=self.round, num_classes=self.num_classes, stats=self.models[model_id])
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any]) -> JobRoundRequest:
+        return _parse(cls, doc, "job round request")
+
+
+def encode_job_round(
+    requests: Mapping[str, Sequence[Stat]], *, run_id: str, round_index: int, num_classes: int
+) -> tuple[JobRoundRequest, dict[str, np.ndarray]]:
+    """One request for every model, with their argument arrays merged by content hash."""
+    arrays: dict[str, np.ndarray] = {}
+    models: dict[str, list[StatSpec]] = {}
+    for model_id, stats in requests.items():
+        request, model_arrays = encode_round(stats, round_index=round_index, num_classes=num_classes)
+        models[model_id] = list(request.stats)
+        arrays.update(model_arrays)
+    return JobRoundRequest(run_id=run_id, round=round_index, num_classes=num_classes, models=models), arrays
+
+
+def decode_job_round(request: JobRoundRequest, arrays: Mapping[str, np.ndarray]) -> dict[str, list[Stat]]:
+    """Each model's requests, rebuilt and checked against the catalogue."""
+    return {model_id: decode_round(request.model_request(model_id), arrays) for model_id in request.models}
+
+
+def split_statistics(total: Statistics, models: Sequence[str]) -> dict[str, Statistics]:
+    """Split a flat multi-model sum back into one :class:`Statistics` per model."""
+    out: dict[str, dict[str, np.ndarray]] = {model: {} for model in models}
+    for name, value in total.items():
+        model, _, key = name.partition("/")
+        if model not in out or not key:
+            raise StatisticsError(f"a reply holds {name!r}, which belongs to no model of this round")
+        out[model][key] = value
+    return {model: Statistics(blocks) for model, blocks in out.items()}
+
+
+class SiteMetrics(_Strict):
+    """A model's cost on one site's hardware, as the site reports it (no row counts)."""
+
+    device: str | None = None
+    latency_ms: float | None = Field(default=None, ge=0)
+    batch_latency_ms: float | None = Field(default=None, ge=0)
+    throughput: float | None = Field(default=None, ge=0)
+    peak_rss_bytes: int | None = Field(default=None, ge=0)
+    peak_device_bytes: int | None = Field(default=None, ge=0)
+
+
+class ReleaseCost(_Strict):
+    """What one release cost the site's data source, by the site's own ledger (GDP mu^2)."""
+
+    mechanism: Literal["gaussian", "none"]
+    cached: bool = False
+    mu_sq_before: float = Field(ge=0)
+    mu_sq_after: float = Field(ge=0)
+    delta: float | None = None
+    epsilon_budget: float | None = None
+
+
+class RoundReplyDoc(_Strict):
+    schema_: Literal["fedmte.job_round_reply.v1"] = Field(default=ROUND_REPLY_SCHEMA, alias="schema")
+    round: int = Field(ge=1)
+    metrics: dict[str, SiteMetrics] = Field(default_factory=dict, description="models run for the first time this job")
+    privacy: ReleaseCost
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any]) -> RoundReplyDoc:
+        return _parse(cls, doc, "round reply")
+
+
+# --------------------------------------------------------------------------- finish
+
+class FinishRequest(_Strict):
+    schema_: Literal["fedmte.job_finish.v1"] = Field(default=FINISH_SCHEMA, alias="schema")
+    run_id: str = Field(min_length=1, max_length=64)
+    status: Literal["finished", "failed"] = "finished"
+    detail: str = Field(default="", max_length=4096)
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any]) -> FinishRequest:
+        return _parse(cls, doc, "finish request")
+
+
+class FinishReply(_Strict):
+    schema_: Literal["fedmte.job_finish_reply.v1"] = Field(default=FINISH_REPLY_SCHEMA, alias="schema")
+    site: str
+    tree_size: int = Field(ge=0)
+    checkpoint: str = Field(description="the site's signed audit checkpoint note")
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any]) -> FinishReply:
+        return _parse(cls, doc, "finish reply")
+
+
+# --------------------------------------------------------------------------- bytes
+
+def wire_bytes(payload: Payload) -> bytes:
+    """The exact bytes of ``payload`` as they travel: magic, then the document, the array
+    layout and the packed arrays, each but the last prefixed by its 8-byte length."""
+    doc, layout, blob = payload.to_wire()
+    doc_bytes, layout_bytes = doc.encode("utf-8"), layout.encode("utf-8")
+    return (WIRE_MAGIC + len(doc_bytes).to_bytes(8, "big") + doc_bytes
+            + len(layout_bytes).to_bytes(8, "big") + layout_bytes + blob)
+
+
+def payload_sha256(payload: Payload) -> str:
+    return hashlib.sha256(wire_bytes(payload)).hexdigest()
+
+
+__all__ = [
+    "FINISH", "JOB_QUERIES", "SETUP", "FinishReply", "FinishRequest", "JobRoundRequest", "ModelOffer", "ModelStatus",
+    "ReleaseCost", "RoundReplyDoc", "SetupReply", "SetupRequest", "SignedSetup", "SiteMetrics", "block_key",
+    "decode_job_round", "encode_job_round", "parse_setup", "payload_sha256", "setup_payload", "split_statistics",
+    "wire_bytes",
+]

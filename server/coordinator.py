@@ -1,0 +1,650 @@
+"""The coordinator of a multi-model scoring job: packages out, batched rounds, ranked report.
+
+:func:`run_job` is the entry point (``fedmte run JOB.toml``, ``fedmte demo``): it checks the
+job's candidate packages, submits the fedmte Flower app with the job in its run config, and
+waits for the report. Inside the ServerApp, :func:`serve_job` drives the job over the Flower
+grid with :func:`execute_job`, which works over any :class:`~fedmte.server.rounds.Exchange`:
+
+1. **Setup** (``query.setup``, :mod:`fedmte.protocol.job_messages`): a request signed with
+   the coordinator's Ed25519 key names the run, the label space, the scorers and every
+   candidate (manifest and signature, no weights). Each site answers per model: ready,
+   refused (with the rule), or ``need_weights``; only then, and only to the sites that asked,
+   a second setup attaches the weights. So a site that staged a package earlier never
+   receives it again, and the round trip is paid only when something must travel.
+2. **Rounds**: a :class:`~fedmte.protocol.plan.PlanRun` per model that every site accepted,
+   driven in lockstep by :func:`~fedmte.protocol.plan.execute_many`: each round is one
+   ``query.stats`` carrying every unfinished model's requests, summed by the
+   :class:`~fedmte.server.rounds.Aggregator` (plain sum by default; the secure sum plugs in
+   there). The number of round trips is the longest plan's, whatever the number of models.
+   A model refused by any site is left out (the sum needs every site) and its refusal,
+   rule and site are in the report.
+3. **Finish** (``query.finish``): each site signs an audit checkpoint and returns it; the
+   coordinator keeps the notes as witness copies (``OUTPUT/witnesses/<site>.txt``, for
+   ``fedmte audit verify --witness``).
+4. **Report**: :func:`build_job_report` ranks the models (:func:`fedmte.server.ranking.rank_models`,
+   with the job's constraints on the costs the sites measured) and assembles
+   :class:`fedmte.server.report.Report` with each site's disclosures (statistic kinds,
+   shapes and bytes per round, privacy spent by the site's own account).
+
+Every reply the coordinator receives is digested (:func:`fedmte.protocol.job_messages.payload_sha256`)
+and listed in ``OUTPUT/received.jsonl``: a site can compare it with the payload copies of its
+audit log, byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmte.client.manifest import ModelManifest, strict_json_loads
+from fedmte.protocol import dp
+from fedmte.protocol.audit_format import parse_note
+from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError, VerificationError
+from fedmte.protocol.job_messages import (
+    FINISH,
+    SETUP,
+    FinishReply,
+    FinishRequest,
+    ModelOffer,
+    ModelStatus,
+    ReleaseCost,
+    RoundReplyDoc,
+    SetupReply,
+    SetupRequest,
+    SignedSetup,
+    SiteMetrics,
+    encode_job_round,
+    setup_payload,
+    split_statistics,
+    wire_bytes,
+)
+from fedmte.protocol.plan import PlanRun, ScoringResult, execute_many, make_plan
+from fedmte.protocol.requests import Stat
+from fedmte.protocol.scorers import SCORERS
+from fedmte.protocol.statistics import Statistics
+from fedmte.protocol.wire import Payload
+from fedmte.server.job import JobSpec
+from fedmte.server.ranking import ModelMetadata, rank_models
+from fedmte.server.report import (
+    DisclosedStatistic,
+    Report,
+    RoundInfo,
+    SiteDisclosure,
+    SitePrivacy,
+    build_report,
+    read_report,
+    write_report,
+)
+from fedmte.server.rounds import Aggregator, Exchange, PlainSum
+
+MANIFEST_FILE, WEIGHTS_FILE, SIGNATURE_FILE = "manifest.json", "weights.safetensors", "signature.json"
+"""A package folder's files (:mod:`fedmte.client.packages`)."""
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 16 << 10
+RECEIVED_FILE = "received.jsonl"
+STATUS_FILE = "run.json"
+WITNESS_DIR = "witnesses"
+JOB_KIND = "models"
+
+
+# --------------------------------------------------------------------------- candidates
+
+@dataclass(frozen=True)
+class CandidatePackage:
+    """One candidate as the coordinator holds it: the signed package folder's bytes."""
+
+    label: str
+    directory: Path
+    manifest_bytes: bytes
+    signature_bytes: bytes
+    manifest: ModelManifest
+
+    @property
+    def model_id(self) -> str:
+        """sha256 of the manifest bytes: the package id every site computes too."""
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+    def weights(self) -> bytes:
+        data = (self.directory / WEIGHTS_FILE).read_bytes()
+        if len(data) != self.manifest.weights_bytes or hashlib.sha256(data).hexdigest() != self.manifest.weights_sha256:
+            raise VerificationError(f"{self.directory / WEIGHTS_FILE} does not match its manifest; re-pack {self.label}")
+        return data
+
+    def offer(self, *, attach: bool) -> ModelOffer:
+        return ModelOffer(model_id=self.model_id, label=self.label, manifest=self.manifest_bytes.decode("utf-8"),
+                          signature=self.signature_bytes.decode("utf-8"), weights_attached=attach)
+
+
+def _read(path: Path, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise InvalidInputError(f"{path} is missing; a package folder holds {MANIFEST_FILE}, {WEIGHTS_FILE} and "
+                                f"{SIGNATURE_FILE} (fedmte model pack writes them)") from None
+    if size > limit:
+        raise InvalidInputError(f"{path} has {size:,} bytes, more than the {limit:,} a package file may have")
+    return path.read_bytes()
+
+
+def load_candidates(job: JobSpec) -> list[CandidatePackage]:
+    """Read every candidate package the job names (a path, or a name in ``job.model_store``).
+
+    Checks what the coordinator can check alone: the files exist, the manifest is canonical
+    and valid, the weights have the size and hash it states, and no two candidates share
+    weights. The signature is the sites' to verify against the keys they pin.
+    """
+    packages: list[CandidatePackage] = []
+    for candidate in job.candidates:
+        if candidate.path is not None:
+            directory = Path(candidate.path)
+        elif job.model_store is not None:
+            directory = Path(job.model_store) / str(candidate.name)
+        else:
+            raise InvalidInputError(f"candidate {candidate.label!r} is a bare name, but the job sets no model_store; "
+                                    "give its path or set model_store = \"<folder of packages>\"")
+        manifest_bytes = _read(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES)
+        signature_bytes = _read(directory / SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
+        try:
+            manifest = ModelManifest.model_validate(strict_json_loads(manifest_bytes))
+            if manifest.canonical_bytes() != manifest_bytes:
+                raise ValueError("not canonical")
+            signature_bytes.decode("utf-8")
+        except (ValueError, ValidationError) as error:
+            raise InvalidInputError(f"{directory}: the manifest or signature is not a valid fedmte package ({error})") from None
+        size = (directory / WEIGHTS_FILE).stat().st_size if (directory / WEIGHTS_FILE).is_file() else -1
+        if size != manifest.weights_bytes:
+            raise InvalidInputError(f"{directory / WEIGHTS_FILE} has {size} bytes, the manifest says {manifest.weights_bytes}")
+        packages.append(CandidatePackage(candidate.label, directory, manifest_bytes, signature_bytes, manifest))
+    seen: dict[str, str] = {}
+    for package in packages:
+        other = seen.setdefault(package.manifest.weights_sha256, package.label)
+        if other != package.label:
+            raise InvalidInputError(f"candidates {other!r} and {package.label!r} have the same weights; list each model once")
+    return packages
+
+
+# --------------------------------------------------------------------------- keys
+
+def load_coordinator_key(path: Path) -> Ed25519PrivateKey:
+    """The coordinator's Ed25519 signing key (PKCS#8 PEM)."""
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise InvalidInputError(f"cannot read the coordinator key {path}: {error}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InvalidInputError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def public_key_text(key: Ed25519PrivateKey) -> str:
+    """``ed25519:<base64 of the raw public key>`` (how site files write keys)."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + base64.b64encode(raw).decode("ascii")
+
+
+def coordinator_fingerprint(key: Ed25519PrivateKey) -> str:
+    """Hex sha256 of the raw public key: what a site pins in ``[policy.coordinator_keys]``."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def sign_setup(request: SetupRequest, key: Ed25519PrivateKey) -> SignedSetup:
+    return SignedSetup(request=request, signature=base64.b64encode(key.sign(request.signing_bytes())).decode("ascii"))
+
+
+# --------------------------------------------------------------------------- the exchange, recorded
+
+@dataclass(frozen=True)
+class Receipt:
+    """One reply as the coordinator received it: who, for what, its digest and size."""
+
+    node: int
+    query: str
+    group: str
+    sha256: str
+    nbytes: int
+
+
+class RecordingExchange:
+    """An :class:`~fedmte.server.rounds.Exchange` that keeps a receipt and the document of
+    every reply passing through (for the report and for comparison with the sites' audit
+    logs). ``gather`` is passed through when the inner exchange has it (the secure sum)."""
+
+    def __init__(self, inner: Exchange) -> None:
+        self.inner = inner
+        self.receipts: list[Receipt] = []
+        self.docs: dict[tuple[str, str, int], dict[str, Any]] = {}
+
+    @property
+    def nodes(self) -> Sequence[int]:
+        return self.inner.nodes
+
+    def _record(self, query: str, group: str, replies: Mapping[int, Payload]) -> None:
+        for node in sorted(replies):
+            data = wire_bytes(replies[node])
+            self.receipts.append(Receipt(node, query, group, hashlib.sha256(data).hexdigest(), len(data)))
+            self.docs[(query, group, node)] = dict(replies[node].doc)
+
+    def exchange(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> dict[int, Payload]:
+        replies = self.inner.exchange(query, payloads, group=group)
+        self._record(query, group, replies)
+        return replies
+
+    def gather(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> tuple[dict[int, Payload], dict[str, str]]:
+        gather = getattr(self.inner, "gather", None)
+        if gather is None:
+            raise AttributeError("the inner exchange has no gather")
+        replies, failures = gather(query, payloads, group=group)
+        self._record(query, group, replies)
+        return replies, failures
+
+
+# --------------------------------------------------------------------------- the job
+
+@dataclass
+class SiteRecord:
+    """What the coordinator learns about one site during a job."""
+
+    node: int
+    name: str
+    dp: bool = False
+    refusals: list[str] = field(default_factory=list)
+    metrics: dict[str, SiteMetrics] = field(default_factory=dict)
+    releases: list[ReleaseCost] = field(default_factory=list)
+    statistics: list[DisclosedStatistic] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+@dataclass
+class ModelRecord:
+    """One candidate through the job: its plan (if every site accepted it) and results."""
+
+    package: CandidatePackage
+    dim: int = 0
+    num_source_classes: int = 0
+    run: PlanRun | None = None
+    result: ScoringResult | None = None
+    failures: dict[str, str] = field(default_factory=dict)
+    refusals: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobOutcome:
+    run_id: str
+    sites: dict[int, SiteRecord]
+    models: dict[str, ModelRecord]
+    rounds: list[RoundInfo]
+    planned_rounds: int
+    receipts: list[Receipt]
+    secure_sum: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _setup_round(exchange: RecordingExchange, job: JobSpec, packages: Sequence[CandidatePackage], key: Ed25519PrivateKey,
+                 run_id: str, attach: Mapping[int, set[str]] | None, group: str) -> dict[int, SetupReply]:
+    weights: dict[str, bytes] = {}
+    payloads: dict[int, Payload] = {}
+    for node in exchange.nodes:
+        wanted = set() if attach is None else attach.get(node, set())
+        request = SetupRequest(
+            run_id=run_id, purpose=job.purpose, labels=list(job.labels), scorers=list(job.scorers_to_run),
+            coordinator_key=public_key_text(key), models=[p.offer(attach=p.model_id in wanted) for p in packages],
+            dp_requested=job.privacy.dp,
+        )
+        for model_id in wanted:
+            if model_id not in weights:
+                weights[model_id] = next(p for p in packages if p.model_id == model_id).weights()
+        payloads[node] = setup_payload(sign_setup(request, key), {m: weights[m] for m in wanted})
+    replies = exchange.exchange(SETUP, payloads, group=group)
+    parsed: dict[int, SetupReply] = {}
+    for node, reply in replies.items():
+        try:
+            parsed[node] = SetupReply.parse(reply.doc)
+        except FedmteError as error:
+            raise FederationError(f"site {node} sent a malformed setup reply: {error}",
+                                  failures={str(node): "malformed setup reply"}) from None
+        offered = {p.model_id for p in packages}
+        if set(parsed[node].models) != offered:
+            raise FederationError(f"site {node} answered for other models than offered",
+                                  failures={str(node): "setup reply names other models"})
+    return parsed
+
+
+def _site_names(replies: Mapping[int, SetupReply]) -> dict[int, str]:
+    names = {node: reply.site for node, reply in replies.items()}
+    counts = {name: list(names.values()).count(name) for name in names.values()}
+    return {node: name if counts[name] == 1 else f"{name}#{node}" for node, name in names.items()}
+
+
+def _plan_model(record: ModelRecord, job: JobSpec) -> None:
+    """The model's plan over the scorers its outputs allow; the rest fail with a reason."""
+    has_probs = record.num_source_classes > 0
+    usable = []
+    for name in job.scorers_to_run:
+        if SCORERS[name].needs_source_probs and not has_probs:
+            record.failures[name] = "needs source-class probabilities; this model has no source classifier head"
+        else:
+            usable.append(name)
+    if not usable:
+        return
+    options = {name: opts for name, opts in job.options_to_run.items() if name in usable}
+    plan = make_plan(usable, has_features=True, has_source_probs=has_probs, options=options)
+    record.run = PlanRun(plan, dim=record.dim, num_classes=job.num_classes, num_source_classes=record.num_source_classes,
+                         record_failures=True)
+
+
+def execute_job(
+    exchange: Exchange,
+    job: JobSpec,
+    packages: Sequence[CandidatePackage],
+    key: Ed25519PrivateKey,
+    *,
+    run_id: str,
+    aggregator: Aggregator | None = None,
+) -> JobOutcome:
+    """Run the job over ``exchange``: setup, the batched rounds, finish (module docstring).
+
+    Raises :class:`FederationError` (with each failing site's reason) when a round fails,
+    or when no candidate was accepted by every site.
+    """
+    if not exchange.nodes:
+        raise FederationError("no site is connected to the SuperLink; start the SuperNodes first")
+    recorder = RecordingExchange(exchange)
+    aggregator = aggregator or PlainSum()
+    secure = not isinstance(aggregator, PlainSum)
+    rounds: list[RoundInfo] = []
+    start = time.perf_counter()
+    replies = _setup_round(recorder, job, packages, key, run_id, None, "setup")
+    rounds.append(RoundInfo(name="setup", seconds=time.perf_counter() - start))
+    need = {node: {m for m, s in reply.models.items() if s.status == "need_weights"} for node, reply in replies.items()}
+    if any(need.values()):
+        start = time.perf_counter()
+        again = _setup_round(recorder, job, packages, key, run_id, need, "setup-weights")
+        rounds.append(RoundInfo(name="setup (weights)", seconds=time.perf_counter() - start,
+                                bytes_per_site=max(sum(p.manifest.weights_bytes for p in packages if p.model_id in n)
+                                                   for n in need.values())))
+        replies = {node: again[node] for node in replies}
+    names = _site_names(replies)
+    sites = {node: SiteRecord(node=node, name=names[node], dp=reply.dp) for node, reply in replies.items()}
+    models = {p.model_id: ModelRecord(package=p) for p in packages}
+    for model_id, record in models.items():
+        statuses: dict[int, ModelStatus] = {node: reply.models[model_id] for node, reply in replies.items()}
+        for node, status in sorted(statuses.items()):
+            if status.status == "refused":
+                text = f"refused by {names[node]} [{status.rule}]: {status.reason}"
+                record.refusals.append(text)
+                sites[node].refusals.append(f"{record.package.label}: [{status.rule}] {status.reason}")
+            elif status.status != "ready":
+                record.refusals.append(f"{names[node]} did not stage the package ({status.status})")
+        if record.refusals:
+            for name in job.scorers_to_run:
+                record.failures[name] = "; ".join(record.refusals)
+            continue
+        shapes = {(s.feature_dim, s.num_source_classes) for s in statuses.values()}
+        if len(shapes) != 1:
+            raise FederationError(f"the sites disagree on the outputs of {record.package.label}: {sorted(shapes)}")
+        record.dim, record.num_source_classes = (int(v or 0) for v in shapes.pop())
+        _plan_model(record, job)
+    runs = {model_id: r.run for model_id, r in models.items() if r.run is not None}
+    if not runs:
+        reasons = "; ".join(f"{r.package.label}: {', '.join(r.refusals) or 'no scorer applies'}" for r in models.values())
+        raise FederationError(f"no candidate can be scored by every site: {reasons}",
+                              failures={names[n]: "; ".join(s.refusals) for n, s in sites.items() if s.refusals})
+    planned = max(run.plan.rounds for run in runs.values())
+    begin_job = getattr(aggregator, "begin_job", None)
+    if begin_job is not None:  # the secure sum agrees keys for every round up front
+        begin_job(recorder, planned)
+    label = {model_id: r.package.label for model_id, r in models.items()}
+    round_index = 0
+
+    def aggregate_many(pending: Mapping[str, Sequence[Stat]]) -> dict[str, Statistics]:
+        nonlocal round_index
+        round_index += 1
+        request, arrays = encode_job_round(pending, run_id=run_id, round_index=round_index, num_classes=job.num_classes)
+        expected = {model_id: runs[model_id].expected() for model_id in pending}
+        began = time.perf_counter()
+        total = aggregator.sum_round(recorder, request, arrays)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - began
+        sums = split_statistics(total, list(pending))
+        nbytes = 0
+        kinds: set[str] = set()
+        for model_id, shapes in expected.items():
+            for stat_key, (shape, dtype) in shapes.items():
+                size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                nbytes += size
+                kind = stat_key.split(":", 1)[0]
+                kinds.add(kind)
+                for site in sites.values():
+                    site.statistics.append(DisclosedStatistic(
+                        kind=kind, shape=list(shape), nbytes=size, model=label[model_id],
+                        round=round_index, masked=secure, noised=site.dp))
+        for node, site in sites.items():
+            doc = recorder.docs.get(("stats", str(round_index), node))
+            if doc is None:
+                continue
+            reply = RoundReplyDoc.parse(doc)
+            site.releases.append(reply.privacy)
+            for model_id, measured in reply.metrics.items():
+                site.metrics.setdefault(model_id, measured)
+        rounds.append(RoundInfo(name=f"round {round_index}", seconds=seconds, kinds=sorted(kinds), bytes_per_site=nbytes))
+        return sums
+
+    try:
+        results = execute_many(runs, aggregate_many)
+    except BaseException as error:
+        _finish(recorder, run_id, sites, "failed", f"{type(error).__name__}: {error}", rounds)
+        raise
+    for model_id, result in results.items():
+        models[model_id].result = result
+        models[model_id].failures.update(result.failures)
+    notes = _finish(recorder, run_id, sites, "finished", "", rounds)
+    return JobOutcome(run_id=run_id, sites=sites, models=models, rounds=rounds, planned_rounds=planned,
+                      receipts=list(recorder.receipts), secure_sum=secure, notes=notes)
+
+
+def _finish(exchange: RecordingExchange, run_id: str, sites: Mapping[int, SiteRecord], status: Literal["finished", "failed"],
+            detail: str, rounds: list[RoundInfo]) -> list[str]:
+    """Ask every site to close the job with a signed checkpoint; a failure here is a note."""
+    payload = Payload(doc=FinishRequest(run_id=run_id, status=status, detail=detail[:4096]).model_dump(mode="json", by_alias=True))
+    start = time.perf_counter()
+    try:
+        replies = exchange.exchange(FINISH, {node: payload for node in exchange.nodes}, group="finish")
+    except FedmteError as error:
+        return [f"not every site closed the job with an audit checkpoint: {error}"]
+    rounds.append(RoundInfo(name="finish", seconds=time.perf_counter() - start))
+    notes = []
+    for node, reply in replies.items():
+        try:
+            sites[node].checkpoint = FinishReply.parse(reply.doc).checkpoint
+        except FedmteError as error:
+            notes.append(f"site {sites[node].name} sent a malformed finish reply: {error}")
+    return notes
+
+
+# --------------------------------------------------------------------------- the report
+
+def _site_privacy(site: SiteRecord) -> SitePrivacy:
+    """The job's privacy cost at one site, from the costs its releases reported."""
+    if not site.dp or not site.releases:
+        return SitePrivacy(dp=site.dp)
+    delta = next((r.delta for r in site.releases if r.delta is not None), None)
+    budget = next((r.epsilon_budget for r in site.releases if r.epsilon_budget is not None), None)
+    job_mu_sq = sum(max(r.mu_sq_after - r.mu_sq_before, 0.0) for r in site.releases)
+    total_mu_sq = max(r.mu_sq_after for r in site.releases)
+    if delta is None:
+        return SitePrivacy(dp=True, epsilon_budget=budget)
+    return SitePrivacy(dp=True, delta=delta, epsilon_budget=budget,
+                       epsilon_spent=dp.gdp_epsilon(math.sqrt(job_mu_sq), delta),
+                       epsilon_total=dp.gdp_epsilon(math.sqrt(total_mu_sq), delta))
+
+
+def _audit_head(note: str | None) -> str | None:
+    if note is None:
+        return None
+    try:
+        checkpoint, _ = parse_note(note)
+    except FedmteError:
+        return None
+    return f"{checkpoint.tree_size} records, root {checkpoint.root}"
+
+
+def build_job_report(job: JobSpec, outcome: JobOutcome) -> Report:
+    """Rank the models on their federated scores and the sites' measured costs; assemble the report."""
+    scores: dict[str, dict[str, float | None]] = {}
+    failures: dict[str, dict[str, str]] = {}
+    metadata: dict[str, ModelMetadata] = {}
+    for model_id, record in outcome.models.items():
+        name = record.package.label
+        scores[name] = dict(record.result.scores) if record.result is not None else {}
+        if record.failures:
+            failures[name] = dict(record.failures)
+        measured = {site.name: site.metrics[model_id].model_dump() for site in outcome.sites.values()
+                    if model_id in site.metrics}
+        manifest = record.package.manifest
+        metadata[name] = ModelMetadata.from_sites(
+            measured, license=manifest.license, parameter_count=manifest.parameter_count,
+            architecture=manifest.architecture, version=manifest.version, description=manifest.description or None,
+            manifest_sha256=model_id)
+    ranking = rank_models(scores, metadata, scorers=job.scorers, settings=job.ranking, constraints=job.constraints,
+                          failures=failures)
+    disclosures = [
+        SiteDisclosure(name=site.name, statistics=site.statistics, privacy=_site_privacy(site), refusals=site.refusals,
+                       audit_head=_audit_head(site.checkpoint))
+        for site in sorted(outcome.sites.values(), key=lambda s: s.name)
+    ]
+    report = build_report(job, ranking, disclosures, rounds=outcome.rounds)
+    refused = [f"{r.package.label}: {'; '.join(r.refusals)}" for r in outcome.models.values() if r.refusals]
+    notes = [*report.notes, *outcome.notes, *(f"left out of the federation: {text}" for text in refused)]
+    if not outcome.secure_sum:
+        notes.append("statistics were added in the clear (plain sum): the coordinator saw each site's released sums")
+    exact = sorted(site.name for site in outcome.sites.values() if not site.dp)
+    if job.privacy.dp and exact:
+        notes.append(f"the job asked for DP, but the policies of {', '.join(exact)} release exact sums (a site's "
+                     "policy has the last word)")
+    notes.append(f"{len([r for r in outcome.rounds if r.kinds])} statistics round(s) for {len(outcome.models)} "
+                 f"candidate(s); planned {outcome.planned_rounds}")
+    privacy = report.privacy.model_copy(update={"secure_sum": outcome.secure_sum})
+    return report.model_copy(update={"notes": notes, "privacy": privacy})
+
+
+def write_job_outputs(outcome: JobOutcome, directory: Path) -> None:
+    """``received.jsonl`` (a digest of every reply) and each site's checkpoint as a witness."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = {node: site.name for node, site in outcome.sites.items()}
+    lines = [json.dumps({"run_id": outcome.run_id, "node": r.node, "site": names.get(r.node, str(r.node)),
+                         "query": r.query, "group": r.group, "sha256": r.sha256, "bytes": r.nbytes}, sort_keys=True)
+             for r in outcome.receipts]
+    (directory / RECEIVED_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    witnesses = directory / WITNESS_DIR
+    for site in outcome.sites.values():
+        if site.checkpoint is not None:
+            witnesses.mkdir(exist_ok=True)
+            (witnesses / f"{site.name}.txt").write_text(site.checkpoint, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- over Flower
+
+class ModelsServerJob(BaseModel):
+    """What the ServerApp needs for a job with candidate models (the run config's ``job``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["models"] = JOB_KIND
+    job: dict[str, Any] = Field(description="the JobSpec, paths absolute on the coordinator's machine")
+    coordinator_key: str = Field(pattern=r"^/", description="absolute path of the coordinator's signing key")
+
+
+def serve_job(grid: Any, text: str, run_id: int) -> Report:
+    """Inside the ServerApp: run the job in ``text`` (a :class:`ModelsServerJob`) over the grid.
+
+    Writes ``report.json``/``report.html``, ``received.jsonl`` and the witnesses to the job's
+    output folder, and the run's status (``run.json``, a
+    :class:`~fedmte.server.job_runner.JobReport`) last; a failure writes the status with
+    every site's reason and re-raises, so Flower marks the run failed.
+    """
+    from fedmte.server.flower_exchange import FlowerExchange, tune_pull_backoff
+    from fedmte.server.job_runner import JobReport, RoundReport, write_report as write_status
+
+    start = time.perf_counter()
+    spec = ModelsServerJob.model_validate_json(text)
+    job = JobSpec.model_validate(spec.job)
+    output = Path(job.output)
+    status_path = output / STATUS_FILE
+    try:
+        tune_pull_backoff()
+        key = load_coordinator_key(Path(spec.coordinator_key))
+        packages = load_candidates(job)
+        federation = job.federation
+        exchange = FlowerExchange(grid, min_sites=federation.min_sites, connect_timeout=federation.connect_timeout,
+                                  round_timeout=federation.round_timeout)
+        outcome = execute_job(exchange, job, packages, key, run_id=str(run_id))
+        report = build_job_report(job, outcome)
+        write_report(report, output)
+        write_job_outputs(outcome, output)
+    except FedmteError as error:
+        write_status(JobReport(status="failed", run_id=run_id, error=str(error), total_seconds=time.perf_counter() - start,
+                               failures=getattr(error, "failures", {})), status_path)
+        raise
+    trips = [r.seconds for r in outcome.rounds if r.kinds]
+    scores = {f"{m.name}/{s}": v for m in report.models for s, v in m.scores.items()}
+    write_status(JobReport(
+        status="finished", run_id=run_id, sites=len(outcome.sites), scorers=list(job.scorers), scores=scores,
+        planned_rounds=outcome.planned_rounds,
+        rounds=[RoundReport(name=r.name, seconds=r.seconds, kinds=r.kinds, bytes_per_site=r.bytes_per_site)
+                for r in outcome.rounds],
+        seconds_per_round_trip=sum(trips) / len(trips) if trips else None,
+        total_seconds=time.perf_counter() - start,
+    ), status_path)
+    return report
+
+
+def server_job_text(job: JobSpec) -> str:
+    """The run config's ``job`` for :func:`serve_job` (checks the candidates and the key first)."""
+    if job.federation.coordinator_key is None:
+        raise InvalidInputError("the job names no coordinator key; set [federation] coordinator_key to the "
+                                "coordinator's Ed25519 PEM key (the sites pin its fingerprint)")
+    key_path = Path(job.federation.coordinator_key).resolve()
+    load_coordinator_key(key_path)
+    load_candidates(job)
+    resolved = job.model_copy(update={"output": Path(job.output).resolve()})
+    return ModelsServerJob(job=resolved.model_dump(mode="json"), coordinator_key=str(key_path)).model_dump_json()
+
+
+def run_job(job: JobSpec, *, fab_dir: Path | None = None, poll: float = 0.1) -> Report:
+    """Run ``job`` over its Flower connection and return the report (also written to
+    ``job.output``: report.json, report.html, received.jsonl, run.json, witnesses/).
+
+    Raises :class:`FederationError` naming each failing site's reason when the run fails,
+    and :class:`InvalidInputError` for a job that cannot start (missing key or packages).
+    """
+    from fedmte.server.job_runner import FAB_DIR, flwr_env, submit_run, wait_for_status
+
+    text = server_job_text(job)
+    output = Path(job.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    status_path = output / STATUS_FILE
+    status_path.unlink(missing_ok=True)
+    env = flwr_env(job.federation.flwr_home)
+    run_id = submit_run(text, job.connection, env, fab_dir or FAB_DIR)
+    status = wait_for_status(status_path, run_id, job.connection, env, job.federation.run_timeout, poll=poll)
+    if status.status == "failed":
+        raise FederationError(f"run {run_id} failed: {status.error}", failures=status.failures)
+    return read_report(output / "report.json")
+
+
+__all__ = [
+    "CandidatePackage", "JobOutcome", "ModelsServerJob", "RecordingExchange", "build_job_report", "coordinator_fingerprint",
+    "execute_job", "load_candidates", "load_coordinator_key", "public_key_text", "run_job", "serve_job", "sign_setup",
+]

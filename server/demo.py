@@ -1,0 +1,634 @@
+"""``fedmte demo``: the whole mission on one machine, with no input.
+
+:func:`run_demo` lays out ``DIR`` (default ``./fedmte-demo``)::
+
+    DIR/job.toml                 the scoring job (a normal job file: candidates, labels, scorers,
+                                 constraints, ranking, privacy, federation)
+    DIR/models/<name>/           the candidates as signed packages (fedmte.client.zoo)
+    DIR/coordinator/             the coordinator's Ed25519 key: signs the packages and job setups
+    DIR/sites/<name>/site.toml   each site's file: data, pinned keys, compute, policy, audit
+    DIR/sites/<name>/data/       its part of the digits (digits.npz: uint8 pixels, label names)
+    DIR/sites/<name>/audit/      its tamper-evident audit log
+    DIR/sites/<name>/ledger/     its privacy ledger;  keys/ its audit signing key;  cache/ features
+    DIR/federation/              the loopback federation: TLS files, Flower homes, node keys, logs
+    DIR/ground_truth.json        each candidate's linear-probe accuracy on held-out digits
+    DIR/evaluation.json          how well each scorer's ranking matches that ground truth
+    DIR/report.json, report.html the ranking report (fedmte.server.report), with the coordinator's
+                                 received.jsonl, run.json and witnesses/ (each site's checkpoint)
+
+and then: builds (or loads from the cache) the model zoo and signs it; splits the digits'
+target rows into ``sites`` disjoint, label-skewed parts (each class is spread over the sites
+with Dirichlet(``SKEW_ALPHA``) proportions, seeded), each site holding its digits together
+with their eight one-pixel shifts (:data:`SHIFTS`); writes each site's file with the default
+privacy policy (Gaussian DP at epsilon 1 per release and 4 per data source, delta 1e-6;
+``dp=False`` turns DP off, and then sets a clip norm no row reaches, so the released sums
+are exact and the scores equal ``fedmte score`` on the pooled ``fedmte features``); starts a
+loopback Flower federation of those site files (:func:`start_federation`: TLS, node
+authentication, fedmte's site runner), runs the job with the coordinator
+(:func:`run_job`), stops the federation (also on an error or Ctrl-C); writes the report;
+judges the scorers against the ground truth; and verifies every site's audit log and
+ledger, with the coordinator's witness copy of its checkpoint, as ``fedmte audit verify``
+does. ``transport="in-process"`` runs the same coordinator and site agents in this process
+instead, the releases added in the clear.
+
+Re-running in the same ``DIR`` reuses the packages, the keys and the site data files (their
+fingerprint is their content), so the sites' feature caches stay valid and their ledgers
+answer identical requests from their cache at no new privacy cost; a site whose budget is
+spent refuses, and the demo says which rule said no.
+
+Why the shifted copies: under the default policy (epsilon 1 per release) the noise on a
+Gram block is about z C^2 per entry with z = sqrt(blocks) / mu, some 30 for seven models;
+research/PRIVACY.md 4.8 asks for thousands of rows per site for stable rankings, and the
+digits give the three sites 754 together. Nine copies give about 6,800 rows; in trials
+(noisy sums cleaned as :mod:`fedmte.protocol.dp_postprocess` does) the DP rankings then
+agree with the ground truth (Kendall tau about 0.4 to 0.8, against 0.8 to 0.9 for the exact
+sums) instead of not at all. The unit of privacy stays one row, so one written digit is
+protected as a group of nine rows; this is a public data set, and the site files say so.
+
+The job's scorers (:data:`DEMO_SCORERS`) are non-iterative and need only statistics with
+a declared DP sensitivity (LEEP's log-likelihood sum is unbounded, so a DP policy refuses
+it); they finish in :data:`DEMO_ROUNDS` statistics rounds, whatever the number of models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedmte.client.audit_log import AuditVerification, generate_signing_key, key_fingerprint, verify
+from fedmte.client.ledger import Ledger
+from fedmte.client.packages import generate_signing_key as generate_package_key
+from fedmte.client.packages import load_signing_key as load_package_key
+from fedmte.client.packages import public_key_string, save_signing_key
+from fedmte.client.policy import DEFAULT_DELTA, DEFAULT_EPSILON_BUDGET, DEFAULT_EPSILON_PER_RELEASE
+from fedmte.client.site_agent import AuditSettings, parse_audit_settings
+from fedmte.client.site_config import load_site_config
+from fedmte.client.zoo import DIGIT_LABELS, Zoo, build_zoo, load_digits_split, pack_zoo
+from fedmte.protocol.catalogue import Batch, accumulate
+from fedmte.protocol.errors import FederationError, InvalidInputError, VerificationError
+from fedmte.protocol.evaluation import MIN_MODELS, RankingMetrics, evaluate_ranking, parse_scores
+from fedmte.protocol.plan import PlanRun, make_plan
+from fedmte.server.inprocess import run_job_in_process
+from fedmte.server.job import JobSpec, load_job
+from fedmte.server.local_federation import LocalFederation
+from fedmte.server.report import Report, write_report
+
+DEFAULT_OUT = Path("fedmte-demo")
+DEMO_SCORERS: tuple[str, ...] = ("logme", "hscore", "gbc", "transrate", "nce")
+"""Non-iterative scorers whose statistics all have a declared DP sensitivity."""
+DEMO_ROUNDS = 2
+"""Statistics rounds of the demo job: the centring round, then every scorer's one round."""
+SKEW_ALPHA = 0.5
+SPLIT_SEED = 7
+MIN_SITES, MAX_SITES = 3, 12
+MIN_SITE_SHARE = 0.05
+DP_CLIP_NORM = 1.0
+"""Clip norm under DP: below every candidate's typical feature norm, so clipping puts every
+row on the unit sphere, the same for every model (rankings compare directions, not scales)."""
+NO_DP_CLIP_NORM = 1e9
+"""Clip norm with DP off: no feature row comes near it, so the released sums are exact."""
+MAX_FEATURE_DIM = 64
+LICENSE_ALLOWLIST = ("CC-BY-4.0", "Apache-2.0")
+MAX_LATENCY_MS = 50.0
+TOP_K = 3
+SITE_DATA_FILE = "data/digits.npz"
+COORDINATOR_KEY = "coordinator/coordinator.pem"
+FEDERATION_DIR = "federation"
+
+
+class DemoProgress(Protocol):
+    """What the demo reports as it goes: a new stage, or a detail of the current one."""
+
+    def stage(self, title: str) -> None: ...
+
+    def detail(self, text: str) -> None: ...
+
+
+class _Silent:
+    def stage(self, title: str) -> None:
+        pass
+
+    def detail(self, text: str) -> None:
+        pass
+
+
+Transport = Literal["federation", "in-process"]
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path = DEFAULT_OUT
+    sites: int = 3
+    dp: bool = True
+    zoo_cache: Path | None = None
+    transport: Transport = "federation"
+
+
+@dataclass(frozen=True)
+class DemoSetup:
+    """Everything :func:`prepare_demo` wrote, ready for :func:`run_job`."""
+
+    out: Path
+    job_file: Path
+    job: JobSpec
+    site_files: list[Path]
+    models: dict[str, Path]
+    ground_truth: dict[str, float]
+    coordinator_key: Ed25519PrivateKey
+    zoo: Zoo
+
+
+@dataclass(frozen=True)
+class SiteCheck:
+    """``fedmte audit verify`` of one site's log, plus its ledger against the log."""
+
+    site: str
+    audit_dir: Path
+    verification: AuditVerification
+    ledger_problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.verification.ok and self.ledger_problem is None
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    setup: DemoSetup
+    report: Report
+    evaluation: dict[str, RankingMetrics]
+    audits: list[SiteCheck]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def audits_ok(self) -> bool:
+        return all(check.ok for check in self.audits)
+
+
+# --------------------------------------------------------------------------- pieces
+
+def skewed_split(labels: np.ndarray, sites: int, *, alpha: float = SKEW_ALPHA, seed: int = SPLIT_SEED) -> list[np.ndarray]:
+    """Disjoint row sets, one per site, covering every row: each class's rows are dealt to the
+    sites in Dirichlet(alpha) proportions (small alpha: strong label skew). Seeded; a draw
+    that leaves a site with under ``MIN_SITE_SHARE`` of the rows is redrawn."""
+    if sites < 1:
+        raise InvalidInputError(f"need at least one site, got {sites}")
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        parts: list[list[np.ndarray]] = [[] for _ in range(sites)]
+        for label in np.unique(labels):
+            rows = rng.permutation(np.flatnonzero(labels == label))
+            shares = rng.dirichlet(np.full(sites, alpha))
+            cuts = np.rint(np.cumsum(shares)[:-1] * len(rows)).astype(int)
+            for site, chunk in enumerate(np.split(rows, cuts)):
+                parts[site].append(chunk)
+        split = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in split) >= MIN_SITE_SHARE * len(labels):
+            return split
+    raise InvalidInputError(f"could not split {len(labels)} rows over {sites} sites with at least "
+                            f"{MIN_SITE_SHARE:.0%} each; use fewer sites")
+
+
+SHIFTS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+"""The one-pixel shifts (zero fill) each site holds of each of its digits, the unshifted one included."""
+
+
+def shifted_copies(images: np.ndarray) -> np.ndarray:
+    """(n, h, w) -> (n * len(SHIFTS), h, w): every image moved by each shift, zeros shifted in;
+    the copies of image i are rows i * len(SHIFTS) ... (i + 1) * len(SHIFTS) - 1."""
+    n, height, width = images.shape
+    out = np.zeros((n, len(SHIFTS), height, width), dtype=images.dtype)
+    for k, (dy, dx) in enumerate(SHIFTS):
+        src_rows = slice(max(-dy, 0), height - max(dy, 0))
+        dst_rows = slice(max(dy, 0), height - max(-dy, 0))
+        src_cols = slice(max(-dx, 0), width - max(dx, 0))
+        dst_cols = slice(max(dx, 0), width - max(-dx, 0))
+        out[:, k, dst_rows, dst_cols] = images[:, src_rows, src_cols]
+    return out.reshape(n * len(SHIFTS), height, width)
+
+
+def site_names(count: int) -> list[str]:
+    """``site-a``, ``site-b``, ..."""
+    if not MIN_SITES <= count <= MAX_SITES:
+        raise InvalidInputError(
+            f"--sites must be between {MIN_SITES} and {MAX_SITES}, got {count} "
+            "(the secure sum needs at least 3 sites; the digits are too few for more)"
+        )
+    return [f"site-{chr(ord('a') + i)}" for i in range(count)]
+
+
+def policy_needs(scorers: Sequence[str], *, dim: int = 4, source_classes: int = 3, classes: int = 3) -> tuple[list[str], list[str]]:
+    """The statistic kinds and feature transforms ``scorers`` request, traced on toy data.
+
+    A site's policy must allow exactly these for the job to run."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(12) % classes
+    batch = Batch(features=rng.normal(size=(12, dim)) + labels[:, None], labels=labels, num_classes=classes,
+                  source_probs=rng.dirichlet(np.ones(source_classes), 12))
+    plan = make_plan(scorers, has_features=True, has_source_probs=True)
+    run = PlanRun(plan, dim=dim, num_classes=classes, num_source_classes=source_classes, record_failures=True)
+    kinds: set[str] = set()
+    transforms: set[str] = set()
+    while (pending := run.pending()) is not None:
+        kinds.update(stat.kind for stat in pending)
+        transforms.update(step.op for stat in pending for step in stat.view)
+        run.feed(accumulate(list(pending), [batch]))
+    return sorted(kinds), sorted(transforms)
+
+
+def audit_settings(site_file: Path) -> AuditSettings:
+    """The ``[audit]`` table of a site file, its paths resolved as the site agent resolves them."""
+    return parse_audit_settings(load_site_config(site_file).audit, Path(site_file).resolve().parent)
+
+
+def _toml_list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def site_toml(name: str, *, trust_key: str, coordinator_fingerprint: str, dp: bool,
+              scorers: Sequence[str], architectures: Sequence[str]) -> str:
+    """The text of a demo site's ``site.toml``: its data, pinned keys, compute, policy and audit."""
+    kinds, transforms = policy_needs(scorers)
+    clip = DP_CLIP_NORM if dp else NO_DP_CLIP_NORM
+    clip_note = ("rows are scaled to this L2 norm before anything is summed" if dp else
+                 "DP is off: clipping protects nothing, so the norm is out of reach and the sums are exact")
+    return f"""# Site file of the fedmte demo's {name}. The data owner writes this file; no job can change it.
+
+[site]
+name = {json.dumps(name)}
+cache_dir = "cache"                     # the feature cache (stays here)
+
+[data]
+kind = "arrays"
+fingerprint = "content"                 # the data set's identity: its bytes (reruns reuse cache and ledger)
+path = {json.dumps(SITE_DATA_FILE)}        # uint8 8x8 pixels ("inputs") and digit names ("labels"):
+                                        # each digit with its 8 one-pixel shifts (DP protects a row)
+labels = {_toml_list(DIGIT_LABELS)}
+
+[trust]
+keys = [{json.dumps(trust_key)}]        # the demo coordinator's package-signing key
+
+[compute]
+batch_size = 256
+threads = 1
+device = "cpu"
+progress = false
+
+[policy]                                # default deny: only what is named here is allowed
+allowed_scorers = {_toml_list(sorted(scorers))}
+allowed_statistics = {_toml_list(kinds)}
+allowed_transforms = {_toml_list(transforms)}
+allowed_architectures = {_toml_list(sorted(architectures))}
+max_feature_dim = {MAX_FEATURE_DIM}
+clip_norm = {clip:g}                      # {clip_note}
+min_noisy_class_count = 0.0
+
+[policy.coordinator_keys]
+demo-coordinator = {json.dumps(coordinator_fingerprint)}
+
+[policy.dp]                             # the default privacy settings
+enabled = {str(dp).lower()}
+epsilon_per_release = {DEFAULT_EPSILON_PER_RELEASE}
+epsilon_budget = {DEFAULT_EPSILON_BUDGET}
+delta = {DEFAULT_DELTA:g}
+neighbouring = "add_remove"
+
+[audit]
+dir = "audit"                           # the tamper-evident log: fedmte audit verify {name}/audit
+signing_key = "keys/audit.key"          # the site's audit signing key (never leaves the site)
+ledger_dir = "ledger"                   # the privacy budget spent, per data source
+"""
+
+
+def job_toml(models: Sequence[str], *, sites: int, dp: bool) -> str:
+    """The text of the demo's ``job.toml``."""
+    candidates = "\n".join(f"    {{ name = {json.dumps(m)}, path = {json.dumps('models/' + m)} }}," for m in models)
+    return f"""# The fedmte demo's scoring job: which candidates, which label space, how to rank them.
+connection = "local"
+output = "."
+purpose = "fedmte demo: rank candidate models for handwritten digits"
+labels = {_toml_list(DIGIT_LABELS)}
+candidates = [
+{candidates}
+]
+scorers = {_toml_list(DEMO_SCORERS)}
+
+[constraints]                       # business constraints, checked on what the sites measured
+max_latency_ms = {MAX_LATENCY_MS:g}
+licenses = {_toml_list(LICENSE_ALLOWLIST)}
+action = "flag"                     # a violation flags the model: ranked, never recommended
+
+[ranking]
+aggregate = "mean_rank"
+top_k = {TOP_K}
+
+[privacy]
+dp = {str(dp).lower()}
+
+[federation]
+flwr_home = "federation/flwr"       # the loopback federation's Flower connection "local"
+coordinator_key = {json.dumps(COORDINATOR_KEY)}   # signs the packages and each job's setup
+min_sites = {sites}
+round_timeout = 120.0
+run_timeout = 600.0
+"""
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write ``data`` unless the file already holds exactly it (keeps its mtime, hence the
+    data set's fingerprint and the site's feature cache)."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _coordinator_key(out: Path) -> Ed25519PrivateKey:
+    path = out / COORDINATOR_KEY
+    if path.exists():
+        return load_package_key(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = generate_package_key()
+    save_signing_key(key, path)
+    return key
+
+
+def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> DemoSetup:
+    """Build the zoo, sign the packages, write the site files and data, and the job file."""
+    say = progress or _Silent()
+    names = site_names(options.sites)
+    out = options.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    say.stage("Building the model zoo")
+    zoo = build_zoo(options.zoo_cache, progress=lambda name, cached: say.detail(
+        f"{name} {'loaded from the cache' if cached else 'trained'}"))
+
+    say.stage("Signing the candidate packages")
+    key = _coordinator_key(out)
+    manifests = pack_zoo(zoo, out / "models", key)
+    models = {name: out / "models" / name for name in manifests}
+    truth = zoo.index.ground_truth()
+    _write_if_changed(out / "ground_truth.json", (json.dumps(truth, indent=2) + "\n").encode())
+
+    say.stage(f"Writing {len(names)} sites' data and site files")
+    split = load_digits_split()
+    rows = split.target_train
+    parts = skewed_split(split.labels[rows], len(names))
+    trust = public_key_string(key.public_key())
+    fingerprint = key_fingerprint(key.public_key())
+    architectures = sorted({m.architecture for m in manifests.values()})
+    site_files = []
+    for name, part in zip(names, parts):
+        home = out / "sites" / name
+        chosen = rows[part]
+        labels = np.repeat(split.labels[chosen], len(SHIFTS))
+        arrays = {"inputs": shifted_copies(split.images[chosen]), "labels": np.array([DIGIT_LABELS[y] for y in labels])}
+        _write_if_changed(home / SITE_DATA_FILE, _npz_bytes(arrays))
+        site_file = home / "site.toml"
+        _write_if_changed(site_file, site_toml(
+            name, trust_key=trust, coordinator_fingerprint=fingerprint, dp=options.dp, scorers=DEMO_SCORERS,
+            architectures=architectures,
+        ).encode())
+        audit = audit_settings(site_file)
+        if not audit.signing_key.exists():
+            generate_signing_key(audit.signing_key)
+        site_files.append(site_file)
+        counts = np.bincount(split.labels[chosen], minlength=len(DIGIT_LABELS))
+        say.detail(f"{name}: {len(chosen)} digits ({len(labels)} rows with shifts), per digit {counts.tolist()}")
+
+    job_file = out / "job.toml"
+    _write_if_changed(job_file, job_toml(list(models), sites=len(names), dp=options.dp).encode())
+    job = load_job(job_file)
+    return DemoSetup(out=out, job_file=job_file, job=job, site_files=site_files, models=models,
+                     ground_truth=truth, coordinator_key=key, zoo=zoo)
+
+
+def start_federation(directory: Path, site_files: Sequence[Path], *, timeout: float = 90.0) -> LocalFederation:
+    """A loopback federation whose SuperNodes serve the given site files (TLS, node authentication,
+    fedmte's site runner), laid out under ``directory`` as :func:`fedmte.server.local_federation.up`
+    does, so :func:`fedmte.server.local_federation.down` (``fedmte local down --dir``) stops it.
+
+    ``up`` writes its own site files; the demo's sites already have theirs, so this starts
+    the same processes for existing ones. Everything started is stopped again on failure.
+    """
+    from fedmte.client.site_agent import SITE_FILE_KEY
+    from fedmte.server import local_federation as lf
+    from fedmte.server.credentials import make_node_key, make_tls
+    from fedmte.server.job_runner import flwr_env
+
+    directory = directory.resolve()
+    if (directory / lf.STATE_FILE).exists():
+        lf.down(directory)  # a federation left running by an interrupted demo
+    directory.mkdir(parents=True, exist_ok=True)
+    tls = make_tls(directory / "tls")
+    port = lf.free_port()
+    address = f"{lf.HOST}:{port}"
+    flwr_home = directory / "flwr"
+    lf.write_connection(flwr_home, address, tls.ca_cert)
+    env = flwr_env(flwr_home)
+    link_home = directory / "superlink"
+    link_env = flwr_env(link_home / "flwr-home")
+    link_env[lf.SUPEREXEC_POLL_ENV] = str(lf.SUPEREXEC_POLL)
+    link_log = link_home / "superlink.log"
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        link = lf._spawn([
+            lf._bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--host", lf.HOST, "--port", str(port),
+        ], link_log, link_env)
+        started.append(link)
+        state = lf.LocalFederation(
+            directory=str(directory), runner="site", mode="sites", address=address, superlink_pid=link.pid,
+            superlink_log=str(link_log), ca_cert=str(tls.ca_cert), flwr_home=str(flwr_home), labels=list(DIGIT_LABELS),
+        )
+        lf._wait_port(port, link, link_log, timeout)
+        processes = []
+        for site_file in site_files:
+            config = load_site_config(site_file)
+            name = config.site.name
+            home = directory / "nodes" / name
+            keys = make_node_key(home, "node_key")
+            node_id = lf.register_node(keys.public_key, name, env)
+            runtime_port = lf.free_port()
+            log = home / "supernode.log"
+            process = lf._spawn([
+                sys.executable, "-m", "fedmte.client.site_runner", "--root-certificates", str(tls.ca_cert),
+                "--superlink", address, "--auth-supernode-private-key", str(keys.private_key), "--host", lf.HOST,
+                "--port", str(runtime_port), "--node-config", f'{SITE_FILE_KEY}="{Path(site_file).resolve()}"',
+                "--decision-log", str(home / "decisions.jsonl"),
+            ], log, flwr_env(home / "flwr-home"))
+            started.append(process)
+            processes.append(process)
+            state.sites.append(lf.SiteProcess(
+                name=name, node_id=node_id, pid=process.pid, runtime_port=runtime_port, data=str(config.data.path),
+                site_file=str(Path(site_file).resolve()), private_key=str(keys.private_key),
+                public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"), log=str(log),
+            ))
+        (directory / lf.STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
+        wanted = {site.node_id for site in state.sites}
+        deadline = time.monotonic() + timeout
+        while not wanted <= lf.online_nodes(env):
+            for site, process in zip(state.sites, processes):
+                if process.poll() is not None:
+                    raise FederationError(f"{site.name} exited with code {process.returncode}; see {site.log}")
+            if time.monotonic() > deadline:
+                raise FederationError(f"not every site came online within {timeout:.0f} s; see {directory}/nodes/*/supernode.log")
+            time.sleep(0.2)
+        return state
+    except BaseException:
+        lf._stop([process.pid for process in reversed(started)], str(directory))
+        (directory / lf.STATE_FILE).unlink(missing_ok=True)
+        raise
+
+
+def run_job(setup: DemoSetup, transport: Transport = "federation", progress: DemoProgress | None = None) -> Report:
+    """Run the demo's scoring job over its sites and return the report.
+
+    ``federation``: a loopback Flower federation of the demo's site files
+    (:func:`start_federation`) and the coordinator's :func:`fedmte.server.coordinator.run_job`;
+    the federation is stopped afterwards, also on an error or Ctrl-C. ``in-process``: every
+    site-side step in this process, the releases summed in the clear
+    (:func:`fedmte.server.inprocess.run_job_in_process`, the coordinator's job driver over
+    in-process site agents).
+    """
+    say = progress or _Silent()
+    if transport == "in-process":
+        say.detail(f"running the job: {DEMO_ROUNDS} statistics rounds for {len(setup.models)} models")
+        return run_job_in_process(setup.job, setup.site_files)
+    from fedmte.server import local_federation as lf
+    from fedmte.server.coordinator import run_job as coordinator_run_job
+
+    directory = setup.out / FEDERATION_DIR
+    say.detail("starting a SuperLink and one SuperNode per site (TLS, node authentication)")
+    start_federation(directory, setup.site_files)
+    try:
+        say.detail(f"running the job: {DEMO_ROUNDS} statistics rounds for {len(setup.models)} models")
+        return coordinator_run_job(setup.job)
+    finally:
+        say.detail("stopping the federation")
+        lf.down(directory)
+
+
+AGGREGATE_KEY = "ranking"
+"""The name the aggregate ranking goes by in :func:`evaluate_report`'s results."""
+
+
+def evaluate_report(report: Report, truth: dict[str, float]) -> dict[str, RankingMetrics]:
+    """Each scorer's ranking against the ground truth (as ``fedmte evaluate``), over the models it
+    scored (a score that failed leaves its model out of that scorer's evaluation; fewer than
+    ``MIN_MODELS`` scored models: no evaluation), then the aggregate ranking's own, as
+    ``AGGREGATE_KEY`` (a lower mean or median rank is better, so it enters negated)."""
+    scores = parse_scores(json.loads(report.to_json()), "report.json")
+    sign = 1.0 if report.better == "higher" else -1.0
+    scores[AGGREGATE_KEY] = {m.name: sign * m.aggregate for m in report.models if m.aggregate is not None}
+    results: dict[str, RankingMetrics] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tie-heavy scorer warns; its metrics still stand
+        for scorer, values in scores.items():
+            scored = {model: value for model, value in values.items() if model in truth}
+            if len(scored) < MIN_MODELS:
+                continue
+            results[scorer] = evaluate_ranking(scored, {model: truth[model] for model in scored})
+    return results
+
+
+WITNESS_DIR = "witnesses"
+
+
+def verify_sites(site_files: Sequence[Path], witness_dir: Path | None = None) -> list[SiteCheck]:
+    """``fedmte audit verify DIR --ledger LEDGER [--witness NOTE]`` for every site; the witness is
+    the checkpoint the coordinator kept for the site (``witness_dir/<site>.txt``), if any."""
+    checks = []
+    for site_file in site_files:
+        config = load_site_config(site_file)
+        audit = audit_settings(site_file)
+        witness = None if witness_dir is None else witness_dir / f"{config.site.name}.txt"
+        result = verify(audit.dir, witnesses=[witness] if witness is not None and witness.is_file() else [])
+        problem = None
+        if result.ok:
+            try:
+                Ledger.open(audit.ledger_dir, site_id=result.site_id or "", expected=result.ledger_head, create=False)
+            except VerificationError as error:
+                problem = str(error)
+        checks.append(SiteCheck(site=config.site.name, audit_dir=audit.dir, verification=result, ledger_problem=problem))
+    return checks
+
+
+def run_demo(options: DemoOptions, progress: DemoProgress | None = None) -> DemoResult:
+    """Prepare, run the job, write the report, judge the scorers and verify every audit log."""
+    say = progress or _Silent()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+    setup = prepare_demo(options, say)
+    timings["prepare"] = time.perf_counter() - mark
+
+    where = "over a loopback federation" if options.transport == "federation" else "in this process"
+    say.stage(f"Scoring {len(setup.models)} candidates at {len(setup.site_files)} sites {where}")
+    mark = time.perf_counter()
+    report = run_job(setup, options.transport, say)
+    timings["job"] = time.perf_counter() - mark
+
+    say.stage("Writing the report")
+    evaluation = evaluate_report(report, setup.ground_truth)
+    if evaluation:
+        agreement = ", ".join(f"{name} {m.weighted_tau:.2f}" for name, m in evaluation.items() if m.weighted_tau is not None)
+        report = report.model_copy(update={"notes": [*report.notes, (
+            "against the ground truth (ground_truth.json: each candidate's linear-probe accuracy on held-out digits), "
+            f"weighted Kendall tau: {agreement}"
+        )]})
+    write_report(report, setup.out)
+    _write_if_changed(setup.out / "evaluation.json", (json.dumps(
+        {"truth": "ground_truth.json", "scorers": {s: m.model_dump(mode="json") for s, m in evaluation.items()}},
+        indent=2) + "\n").encode())
+
+    say.stage("Verifying every site's audit log")
+    audits = verify_sites(setup.site_files, setup.out / WITNESS_DIR)
+    return DemoResult(setup=setup, report=report, evaluation=evaluation, audits=audits,
+                      seconds=time.perf_counter() - started, timings=timings)
+
+
+__all__ = [
+    "DEMO_SCORERS",
+    "DemoOptions",
+    "DemoProgress",
+    "DemoResult",
+    "DemoSetup",
+    "SiteCheck",
+    "evaluate_report",
+    "job_toml",
+    "policy_needs",
+    "prepare_demo",
+    "run_demo",
+    "run_job",
+    "site_toml",
+    "skewed_split",
+    "verify_sites",
+]
