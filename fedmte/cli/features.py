@@ -28,10 +28,10 @@ def features(
     model: Annotated[Path, typer.Option("--model", metavar="PKG", help="a signed model package directory")],
     site: Annotated[Path, typer.Option("--site", metavar="SITE.toml", help="the site file")],
     out: Annotated[Path, typer.Option("--out", metavar="FEATS.npz", help="where to write the arrays")],
-    labels: Annotated[str | None, typer.Option(help="label space a,b,c (default: [data] labels of the site file)")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="override [compute] batch_size")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="override [compute] threads")] = None,
-    device: Annotated[str | None, typer.Option(help="override [compute] device: auto, cpu or cuda")] = None,
+    labels: Annotated[str | None, typer.Option(help="label space a,b,c (default: \\[data] labels of the site file)")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="override \\[compute] batch_size")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="override \\[compute] threads")] = None,
+    device: Annotated[str | None, typer.Option(help="override \\[compute] device: auto, cpu or cuda")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Extract a model's features of the site's data into FEATS.npz."""

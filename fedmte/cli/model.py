@@ -42,7 +42,7 @@ def _json(text: str, option: str) -> Any:
 def keygen(
     key_file: Annotated[Path, typer.Argument(help="where to write the new Ed25519 signing key (PKCS#8 PEM)")],
 ) -> None:
-    """Make a coordinator signing key; prints the public key that sites pin in [trust] keys."""
+    """Make a coordinator signing key; prints the public key that sites pin in \\[trust] keys."""
     key = generate_signing_key()
     save_signing_key(key, key_file)
     typer.echo(public_key_string(key.public_key()))
@@ -96,7 +96,7 @@ def pack(
 @friendly_errors
 def inspect(
     package: Annotated[Path, typer.Argument(metavar="PKG", help="a package directory")],
-    site: Annotated[Path | None, typer.Option(help="site.toml whose [trust] keys and [limits] to verify with")] = None,
+    site: Annotated[Path | None, typer.Option(help="site.toml whose \\[trust] keys and \\[limits] to verify with")] = None,
     public_key: Annotated[list[str] | None, typer.Option("--public-key", help="a pinned key ed25519:...; repeatable")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
