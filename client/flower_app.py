@@ -16,16 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedmte.flower_records import payload_from_record, payload_to_record
 from fedmte.client import site_agent
 from fedmte.client.queries import answer
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.job_messages import JOB_QUERIES
 from fedmte.client.secure_site import answer_secure, check_plain_statistics_allowed
-from fedmte.protocol.wire import INLINE_LIMIT, QUERIES, SECURE_QUERIES, STATS, Payload
+from fedmte.protocol.wire import QUERIES, SECURE_QUERIES, STATS
 
 DATA_PATH_KEY = "data-path"
 """The node-config key naming the site's data file."""
@@ -33,31 +33,8 @@ DATA_PATH_KEY = "data-path"
 app = ClientApp()
 
 
-def payload_from_record(content: RecordDict) -> Payload:
-    """Read a fedmte payload out of a record (the inverse of :func:`payload_to_record`)."""
-    doc = content.config_records.get("doc")
-    arrays = content.array_records.get("arrays")
-    text = "{}" if doc is None else doc.get("json", "{}")
-    layout = "[]" if doc is None else doc.get("layout", "[]")
-    blob = b"" if doc is None else doc.get("blob", b"")
-    if arrays is not None and "blob" in arrays:
-        blob = arrays["blob"].numpy().tobytes()
-    if not isinstance(text, str) or not isinstance(layout, str) or not isinstance(blob, bytes):
-        raise InvalidInputError("a message's doc record must hold JSON strings 'json' and 'layout' and bytes 'blob'")
-    return Payload.from_wire(text, layout, blob)
 
 
-def payload_to_record(payload: Payload) -> RecordDict:
-    """Wrap a fedmte payload as a record (see :mod:`fedmte.protocol.wire` for the packed form)."""
-    doc, layout, blob = payload.to_wire()
-    config: dict[str, str | bytes] = {"json": doc, "layout": layout}
-    records: dict[str, ConfigRecord | ArrayRecord] = {}
-    if len(blob) <= INLINE_LIMIT:
-        config["blob"] = blob  # one small object instead of an array and its chunks
-    else:
-        records["arrays"] = ArrayRecord({"blob": Array(np.frombuffer(blob, dtype=np.uint8))})
-    records["doc"] = ConfigRecord(config)
-    return RecordDict(records)
 
 
 def _data_path(context: Context) -> Path:

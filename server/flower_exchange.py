@@ -20,12 +20,12 @@ import time
 from collections.abc import Mapping, Sequence
 
 import flwr
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedmte.flower_records import payload_from_record, payload_to_record
 from fedmte.protocol.errors import FederationError, FedmteError
-from fedmte.protocol.wire import INLINE_LIMIT, Payload, message_type
+from fedmte.protocol.wire import Payload, message_type
 
 FLWR_PINNED = "1.42.0"
 """The exact Flower version whose internals :func:`tune_pull_backoff` adjusts."""
@@ -70,31 +70,8 @@ def tune_pull_backoff(initial: float = PULL_INITIAL_BACKOFF, cap: float = PULL_B
     defaults["backoff_cap"] = cap
 
 
-def payload_to_record(payload: Payload) -> RecordDict:
-    """Wrap a fedmte payload as a record (see :mod:`fedmte.protocol.wire` for the packed form)."""
-    doc, layout, blob = payload.to_wire()
-    config: dict[str, str | bytes] = {"json": doc, "layout": layout}
-    records: dict[str, ConfigRecord | ArrayRecord] = {}
-    if len(blob) <= INLINE_LIMIT:
-        config["blob"] = blob  # one small object instead of an array and its chunks
-    else:
-        records["arrays"] = ArrayRecord({"blob": Array(np.frombuffer(blob, dtype=np.uint8))})
-    records["doc"] = ConfigRecord(config)
-    return RecordDict(records)
 
 
-def payload_from_record(content: RecordDict) -> Payload:
-    """The inverse of :func:`payload_to_record`."""
-    doc = content.config_records.get("doc")
-    arrays = content.array_records.get("arrays")
-    text = "{}" if doc is None else doc.get("json", "{}")
-    layout = "[]" if doc is None else doc.get("layout", "[]")
-    blob = b"" if doc is None else doc.get("blob", b"")
-    if arrays is not None and "blob" in arrays:
-        blob = arrays["blob"].numpy().tobytes()
-    if not isinstance(text, str) or not isinstance(layout, str) or not isinstance(blob, bytes):
-        raise FederationError("a message's doc record must hold JSON strings 'json' and 'layout' and bytes 'blob'")
-    return Payload.from_wire(text, layout, blob)
 
 
 class FlowerExchange:
