@@ -37,6 +37,7 @@ import base64
 import hashlib
 import json
 import math
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ from fedmte.protocol.plan import PlanRun, ScoringResult, execute_many, make_plan
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import SCORERS
 from fedmte.protocol.statistics import Statistics
-from fedmte.protocol.wire import Payload
+from fedmte.protocol.wire import SECURE_UPLOAD, Payload
 from fedmte.server.job import JobSpec
 from fedmte.server.ranking import ModelMetadata, rank_models
 from fedmte.server.report import (
@@ -220,7 +221,8 @@ class Receipt:
 class RecordingExchange:
     """An :class:`~fedmte.server.rounds.Exchange` that keeps a receipt and the document of
     every reply passing through (for the report and for comparison with the sites' audit
-    logs). ``gather`` is passed through when the inner exchange has it (the secure sum)."""
+    logs). ``gather`` (the secure sum's partial round trip) is passed through when the inner
+    exchange has it, and otherwise built from ``exchange`` (all replies, or none and every reason)."""
 
     def __init__(self, inner: Exchange) -> None:
         self.inner = inner
@@ -244,9 +246,13 @@ class RecordingExchange:
 
     def gather(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> tuple[dict[int, Payload], dict[str, str]]:
         gather = getattr(self.inner, "gather", None)
-        if gather is None:
-            raise AttributeError("the inner exchange has no gather")
-        replies, failures = gather(query, payloads, group=group)
+        if gather is not None:
+            replies, failures = gather(query, payloads, group=group)
+        else:  # an exchange that fails as a whole: no partial replies, every site's reason
+            try:
+                replies, failures = self.inner.exchange(query, payloads, group=group), {}
+            except FederationError as error:
+                replies, failures = {}, dict(error.failures) or {str(node): str(error) for node in payloads}
         self._record(query, group, replies)
         return replies, failures
 
@@ -432,6 +438,9 @@ def execute_job(
                         round=round_index, masked=secure, noised=site.dp))
         for node, site in sites.items():
             doc = recorder.docs.get(("stats", str(round_index), node))
+            if doc is None:  # the secure sum: the site's round reply travels beside its masked words
+                inner = recorder.docs.get((SECURE_UPLOAD, f"{round_index}-upload", node), {}).get("inner")
+                doc = inner if isinstance(inner, dict) else None
             if doc is None:
                 continue
             reply = RoundReplyDoc.parse(doc)
@@ -450,6 +459,9 @@ def execute_job(
         models[model_id].result = result
         models[model_id].failures.update(result.failures)
     notes = _finish(recorder, run_id, sites, "finished", "", rounds)
+    dropped = getattr(aggregator, "failures", {}) or {}  # the secure sum goes on without a failed site
+    notes += [f"the secure sum left out {site} (its statistics are not in the sums): {reason}"
+              for site, reason in sorted(dropped.items())]
     return JobOutcome(run_id=run_id, sites=sites, models=models, rounds=rounds, planned_rounds=planned,
                       receipts=list(recorder.receipts), secure_sum=secure, notes=notes)
 
@@ -567,7 +579,8 @@ class ModelsServerJob(BaseModel):
 
 
 def serve_job(grid: Any, text: str, run_id: int) -> Report:
-    """Inside the ServerApp: run the job in ``text`` (a :class:`ModelsServerJob`) over the grid.
+    """Inside the ServerApp: run the job in ``text`` (a :class:`ModelsServerJob`) over the grid,
+    with the secure sum when the job has a ``[secure]`` table (:func:`job_aggregator`).
 
     Writes ``report.json``/``report.html``, ``received.jsonl`` and the witnesses to the job's
     output folder, and the run's status (``run.json``, a
@@ -589,7 +602,7 @@ def serve_job(grid: Any, text: str, run_id: int) -> Report:
         federation = job.federation
         exchange = FlowerExchange(grid, min_sites=federation.min_sites, connect_timeout=federation.connect_timeout,
                                   round_timeout=federation.round_timeout)
-        outcome = execute_job(exchange, job, packages, key, run_id=str(run_id))
+        outcome = execute_job(exchange, job, packages, key, run_id=str(run_id), aggregator=job_aggregator(job, str(run_id)))
         report = build_job_report(job, outcome)
         write_report(report, output)
         write_job_outputs(outcome, output)
@@ -610,6 +623,15 @@ def serve_job(grid: Any, text: str, run_id: int) -> Report:
     return report
 
 
+def job_aggregator(job: JobSpec, run_id: str) -> Aggregator | None:
+    """The secure sum when the job has a ``[secure]`` table (None: the plain sum)."""
+    if job.secure is None:
+        return None
+    from fedmte.server.secure_aggregation import SecureAggregator
+
+    return SecureAggregator.from_spec(job.secure, job_id=f"run-{run_id}-{secrets.token_hex(4)}")
+
+
 def server_job_text(job: JobSpec) -> str:
     """The run config's ``job`` for :func:`serve_job` (checks the candidates and the key first)."""
     if job.federation.coordinator_key is None:
@@ -618,7 +640,13 @@ def server_job_text(job: JobSpec) -> str:
     key_path = Path(job.federation.coordinator_key).resolve()
     load_coordinator_key(key_path)
     load_candidates(job)
-    resolved = job.model_copy(update={"output": Path(job.output).resolve()})
+    secure = job.secure
+    if secure is not None:
+        from fedmte.server.secure_aggregation import load_coordinator_key as load_secure_key
+
+        secure = secure.model_copy(update={"signing_key": Path(secure.signing_key).resolve()})
+        load_secure_key(secure.signing_key)
+    resolved = job.model_copy(update={"output": Path(job.output).resolve(), "secure": secure})
     return ModelsServerJob(job=resolved.model_dump(mode="json"), coordinator_key=str(key_path)).model_dump_json()
 
 
@@ -646,5 +674,5 @@ def run_job(job: JobSpec, *, fab_dir: Path | None = None, poll: float = 0.1) -> 
 
 __all__ = [
     "CandidatePackage", "JobOutcome", "ModelsServerJob", "RecordingExchange", "build_job_report", "coordinator_fingerprint",
-    "execute_job", "load_candidates", "load_coordinator_key", "public_key_text", "run_job", "serve_job", "sign_setup",
+    "execute_job", "job_aggregator", "load_candidates", "load_coordinator_key", "public_key_text", "run_job", "serve_job", "sign_setup",
 ]

@@ -22,14 +22,16 @@ with Dirichlet(``SKEW_ALPHA``) proportions, seeded), each site holding its digit
 with their eight one-pixel shifts (:data:`SHIFTS`); writes each site's file with the default
 privacy policy (Gaussian DP at epsilon 1 per release and 4 per data source, delta 1e-6;
 ``dp=False`` turns DP off, and then sets a clip norm no row reaches, so the released sums
-are exact and the scores equal ``fedmte score`` on the pooled ``fedmte features``); starts a
+are exact and the scores equal ``fedmte score`` on the pooled ``fedmte features``); provisions
+the secure sum (an identity key and ``secure.toml`` beside each ``site.toml``, the job's
+``[secure]`` table; :func:`fedmte.server.secure_aggregation.provision`); starts a
 loopback Flower federation of those site files (:func:`start_federation`: TLS, node
 authentication, fedmte's site runner), runs the job with the coordinator
 (:func:`run_job`), stops the federation (also on an error or Ctrl-C); writes the report;
 judges the scorers against the ground truth; and verifies every site's audit log and
 ledger, with the coordinator's witness copy of its checkpoint, as ``fedmte audit verify``
 does. ``transport="in-process"`` runs the same coordinator and site agents in this process
-instead, the releases added in the clear.
+instead, the releases added in the clear (no network, so no secure sum; the report says so).
 
 Re-running in the same ``DIR`` reuses the packages, the keys and the site data files (their
 fingerprint is their content), so the sites' feature caches stay valid and their ledgers
@@ -79,10 +81,13 @@ from fedmte.protocol.catalogue import Batch, accumulate
 from fedmte.protocol.errors import FederationError, InvalidInputError, VerificationError
 from fedmte.protocol.evaluation import MIN_MODELS, RankingMetrics, evaluate_ranking, parse_scores
 from fedmte.protocol.plan import PlanRun, make_plan
+from fedmte.protocol.secure_rounds import DeclaredBounds
+from fedmte.protocol.secure_sum import majority_threshold
 from fedmte.server.inprocess import run_job_in_process
 from fedmte.server.job import JobSpec, load_job
 from fedmte.server.local_federation import LocalFederation
 from fedmte.server.report import Report, write_report
+from fedmte.server.secure_aggregation import SecureJobSpec, provision
 
 DEFAULT_OUT = Path("fedmte-demo")
 DEMO_SCORERS: tuple[str, ...] = ("logme", "hscore", "gbc", "transrate", "nce")
@@ -98,6 +103,12 @@ DP_CLIP_NORM = 1.0
 row on the unit sphere, the same for every model (rankings compare directions, not scales)."""
 NO_DP_CLIP_NORM = 1e9
 """Clip norm with DP off: no feature row comes near it, so the released sums are exact."""
+SECURE_FEATURE_NORM = 1e4
+"""The feature-norm bound the secure sum declares with DP off (with DP on: the clip norm).
+The sites do not clip then, so this is a declaration the candidates' features must meet; a
+site whose rows exceed it refuses the round rather than let a sum wrap."""
+SECURE_KEY = "secure/coordinator.pem"
+"""The secure sum's coordinator key (every site's ``secure.toml`` pins it)."""
 MAX_FEATURE_DIM = 64
 LICENSE_ALLOWLIST = ("CC-BY-4.0", "Apache-2.0")
 MAX_LATENCY_MS = 50.0
@@ -312,8 +323,25 @@ ledger_dir = "ledger"                   # the privacy budget spent, per data sou
 """
 
 
-def job_toml(models: Sequence[str], *, sites: int, dp: bool) -> str:
-    """The text of the demo's ``job.toml``."""
+def secure_toml(spec: SecureJobSpec) -> str:
+    """The job's ``[secure]`` table (signing key relative to the job file)."""
+    roster = "\n".join(f"{name} = {json.dumps(key)}" for name, key in sorted(spec.roster.items()))
+    return f"""
+[secure]                            # sum with the secure sum: the coordinator sees only sums over sites
+signing_key = {json.dumps(SECURE_KEY)}   # pinned in every site's secure.toml
+self_masks = {str(spec.self_masks).lower()}
+
+[secure.roster]                     # each site's identity key (sites/<name>/identity.pem)
+{roster}
+
+[secure.bounds]                     # public bounds every site checks its sums against
+max_rows = {spec.bounds.max_rows}
+feature_norm = {spec.bounds.feature_norm!r}
+"""
+
+
+def job_toml(models: Sequence[str], *, sites: int, dp: bool, secure: SecureJobSpec | None = None) -> str:
+    """The text of the demo's ``job.toml`` (with ``secure``: its ``[secure]`` table)."""
     candidates = "\n".join(f"    {{ name = {json.dumps(m)}, path = {json.dumps('models/' + m)} }}," for m in models)
     return f"""# The fedmte demo's scoring job: which candidates, which label space, how to rank them.
 connection = "local"
@@ -343,7 +371,7 @@ coordinator_key = {json.dumps(COORDINATOR_KEY)}   # signs the packages and each 
 min_sites = {sites}
 round_timeout = 120.0
 run_timeout = 600.0
-"""
+""" + ("" if secure is None else secure_toml(secure))
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -422,8 +450,16 @@ def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> 
         counts = np.bincount(split.labels[chosen], minlength=len(DIGIT_LABELS))
         say.detail(f"{name}: {len(chosen)} digits ({len(labels)} rows with shifts), per digit {counts.tolist()}")
 
+    say.stage("Provisioning the secure sum")
+    total_rows = len(rows) * len(SHIFTS)
+    secure = provision({name: out / "sites" / name for name in names}, out / SECURE_KEY,
+                       bounds=DeclaredBounds(max_rows=total_rows, feature_norm=DP_CLIP_NORM if options.dp else SECURE_FEATURE_NORM),
+                       require_secure_sum=False, audit_dir=None)  # the site agent's audit log records the steps
+    say.detail(f"identity keys and secure.toml beside each site.toml; threshold {secure.threshold or majority_threshold(len(names))} "
+               f"of {len(names)} sites")
+
     job_file = out / "job.toml"
-    _write_if_changed(job_file, job_toml(list(models), sites=len(names), dp=options.dp).encode())
+    _write_if_changed(job_file, job_toml(list(models), sites=len(names), dp=options.dp, secure=secure).encode())
     job = load_job(job_file)
     return DemoSetup(out=out, job_file=job_file, job=job, site_files=site_files, models=models,
                      ground_truth=truth, coordinator_key=key, zoo=zoo)

@@ -49,6 +49,23 @@ Every table refuses unknown keys, so a typo is an error rather than a silent def
 every error names the file and the offending key, e.g. ``job.toml: scorers[2]: unknown
 scorer 'logmee' (did you mean 'logme'?); choose from logme, hscore, ...``.
 
+An optional ``[secure]`` table (:class:`~fedmte.server.secure_aggregation.SecureJobSpec`)
+turns the secure sum on; it needs at least three sites, each holding a ``secure.toml``
+that pins ``signing_key``::
+
+    [secure]
+    signing_key = "secure/coordinator.pem"    # relative to the job file
+    threshold = 2                         # default: a strict majority of the roster
+    [secure.roster]                       # site id -> its identity key, exchanged out of band
+    site0 = "ed25519:..."                 # (one line per site)
+    [secure.bounds]                       # public bounds: the most rows at one site, a feature-norm bound
+    max_rows = 100000
+    feature_norm = 10.0
+
+Without it the coordinator adds the sites' released sums in the clear (plain sum), and the
+report says so; with it :class:`~fedmte.server.secure_aggregation.SecureAggregator` sums
+every round and the coordinator sees only the sum over the sites.
+
 NCTI (:mod:`fedmte.protocol.scorers.ncti`) is a cross-model score: the paper's value of one
 model depends on the terms (seli, ncc, vc) of every candidate. A job that names ``ncti``
 therefore also runs ``ncti_seli``, ``ncti_ncc`` and ``ncti_vc`` (:attr:`JobSpec.scorers_to_run`);
@@ -78,6 +95,7 @@ from pydantic import (
 
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
+from fedmte.server.secure_aggregation import SecureJobSpec
 
 JOB_SCHEMA = "fedmte.job.v1"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # as a model manifest's name
@@ -246,6 +264,7 @@ class JobSpec(_Strict):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     purpose: str = Field(default="", max_length=1024, description="why the job runs; sites audit it")
     model_store: Path | None = Field(default=None, description="folder of packages named by bare candidate names")
+    secure: SecureJobSpec | None = Field(default=None, description="the [secure] table: secure sum on; none: plain sum")
 
     @field_validator("labels")
     @classmethod
@@ -307,8 +326,8 @@ class JobSpec(_Strict):
         return {name: dict(options) for name, options in self.scorer_options.items() if options}
 
     def resolved(self, base: Path) -> JobSpec:
-        """Relative paths (output, candidate paths, model store, flwr_home, coordinator key)
-        taken relative to ``base``."""
+        """Relative paths (output, candidate paths, model store, flwr_home, coordinator key,
+        the secure sum's signing key) taken relative to ``base``."""
         candidates = [
             c if c.path is None else c.model_copy(update={"path": base / c.path}) for c in self.candidates
         ]
@@ -318,8 +337,10 @@ class JobSpec(_Strict):
             if value is not None:
                 federation = federation.model_copy(update={name: base / value})
         store = None if self.model_store is None else base / self.model_store
+        secure = None if self.secure is None else self.secure.model_copy(
+            update={"signing_key": base / self.secure.signing_key})
         return self.model_copy(update={"output": base / self.output, "candidates": candidates, "federation": federation,
-                                       "model_store": store})
+                                       "model_store": store, "secure": secure})
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain JSON data (paths as strings) with a schema marker, for the report."""

@@ -8,13 +8,18 @@
     DIR/superlink/            the SuperLink's FLWR_HOME and log
     DIR/coordinator/          the coordinator's Ed25519 key (signs packages and job setups)
     DIR/sites/<name>/         each site's site.toml, data.npz, audit key, node key pair,
-                              FLWR_HOME and log (fedmte.server.local_sites.write_site)
+                              FLWR_HOME and log (fedmte.server.local_sites.write_site);
+                              with 3 or more sites also identity.pem and secure.toml
+    DIR/secure/               the secure sum's coordinator key (pinned in every secure.toml)
 
 Sites come in two kinds. By default each site is a data owner's site: a ``site.toml`` whose
 data are raw ``inputs`` (vectors) and ``labels``, whose policy pins the coordinator's key,
 and whose audit log, ledger and cache live beside it; the SuperNode gets
 ``--node-config 'site-file="DIR/sites/<name>/site.toml"'`` and the candidate models of a job
-run at the site (:mod:`fedmte.client.site_agent`). Given ``.npz`` files of precomputed
+run at the site (:mod:`fedmte.client.site_agent`). With three or more such sites, each also
+gets a ``secure.toml`` (:func:`fedmte.server.secure_aggregation.provision`; plain jobs stay
+allowed) and the example job (:func:`write_example_job`) carries the ``[secure]`` table, so
+its rounds go through the secure sum. Given ``.npz`` files of precomputed
 ``features`` instead, each site answers with those (``data-path``, :mod:`fedmte.client.queries`).
 
 It then starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and
@@ -52,9 +57,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedmte.protocol.errors import FederationError, InvalidInputError
 from fedmte.protocol.inputs import uneven_split
+from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.server.credentials import make_node_key, make_tls
 from fedmte.server.job_runner import flwr_command, flwr_env
-from fedmte.server.local_sites import coordinator_key, demo_site_inputs, example_packages, label_space, write_site
+from fedmte.server.local_sites import (
+    DP_CLIP_NORM,
+    coordinator_key,
+    demo_site_inputs,
+    example_packages,
+    label_space,
+    write_site,
+)
+from fedmte.server.secure_aggregation import SecureJobSpec, provision
 
 STATE_FILE = "federation.json"
 STATE_SCHEMA = "fedmte.local_federation.v1"
@@ -71,6 +85,12 @@ EXAMPLE_SCORERS = ("hscore", "gbc", "logme", "nce")
 EXAMPLE_DP_SCORERS = ("hscore", "gbc")
 """The example job's scorers with DP on: few rows and noisy sums leave LogME's evidence and
 NCE's entropy undefined (they fail in the report); H-score and GBC stay defined."""
+SECURE_MIN_SITES = 3
+"""The secure sum needs a roster of at least three sites (a strict majority unmasks)."""
+SECURE_FEATURE_NORM = 1e3
+"""The feature-norm bound the secure sum declares when the sites do not clip (DP off): far
+above the example models' feature norms; a site whose features exceed it refuses the round
+(a typed bound error), so a sum is never decoded from a wrapped value."""
 
 
 class SiteProcess(BaseModel):
@@ -105,6 +125,7 @@ class LocalFederation(BaseModel):
     coordinator_key: str | None = Field(default=None, description="sites mode: the coordinator's signing key")
     labels: list[str] = Field(default_factory=list, description="sites mode: the label space of the sites' data")
     sites: list[SiteProcess] = Field(default_factory=list)
+    secure: SecureJobSpec | None = Field(default=None, description="sites mode, >= 3 sites: the example job's [secure] table")
 
     def env(self) -> dict[str, str]:
         """Environment for ``flwr`` commands against this federation."""
@@ -275,6 +296,14 @@ def up(
     if mode == "sites":
         coordinator, key_path = coordinator_key(directory / "coordinator")
         labels = label_space([a["labels"] for a in arrays])
+    secure: SecureJobSpec | None = None
+    if mode == "sites" and sites >= SECURE_MIN_SITES:  # secure.toml beside each site.toml (plain jobs still allowed)
+        norm = clip_norm if clip_norm is not None else (DP_CLIP_NORM if dp else SECURE_FEATURE_NORM)
+        rows = sum(len(a["labels"]) for a in arrays)
+        secure = provision({f"site{k}": directory / "sites" / f"site{k}" for k in range(sites)},
+                           directory / "secure" / "coordinator.pem",
+                           bounds=DeclaredBounds(max_rows=max(rows, 1000), feature_norm=float(norm)),
+                           require_secure_sum=False, audit_dir=None)
     tls = make_tls(directory / "tls")
     port = free_port()
     address = f"{HOST}:{port}"
@@ -297,7 +326,7 @@ def up(
         state = LocalFederation(
             directory=str(directory), runner=runner, mode=mode, address=address, superlink_pid=link.pid,
             superlink_log=str(link_log), ca_cert=str(tls.ca_cert), flwr_home=str(flwr_home),
-            coordinator_key=None if key_path is None else str(key_path), labels=labels, dp=dp,
+            coordinator_key=None if key_path is None else str(key_path), labels=labels, dp=dp, secure=secure,
         )
         _wait_port(port, link, link_log, timeout)
         site_procs: list[subprocess.Popen[bytes]] = []
@@ -431,6 +460,8 @@ def write_example_job(state: LocalFederation, scorers: Sequence[str] | None = No
             "federation": {"flwr_home": state.flwr_home, "coordinator_key": state.coordinator_key,
                            "min_sites": len(state.sites), "round_timeout": 120.0, "run_timeout": 600.0},
         }
+        if state.secure is not None:  # the sites hold secure.toml: sum with the secure sum
+            document["secure"] = state.secure.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
         path.write_text("# A scoring job against the loopback federation (fedmte run job.toml).\n" + toml_text(document),
                         encoding="utf-8")
         return path

@@ -472,7 +472,8 @@ def _sites_section(report: Report) -> str:
             total = f"; {_num(p.epsilon_total)} so far{budget}" if p.epsilon_total is not None else budget
             privacy = f"DP on: ε = {_num(p.epsilon_spent)} spent by this job (δ = {_num(p.delta)}){total}"
         else:
-            privacy = "DP off: exact statistics (still masked by the secure sum)"
+            privacy = ("DP off: exact statistics (still masked by the secure sum)" if report.privacy.secure_sum else
+                       "DP off: exact statistics, added in the clear (plain sum): the coordinator saw this site's sums")
         rows = "".join(
             f"<tr><td class=\"num\">{_e(_num(s.round))}</td><td>{_e(s.model or '—')}</td><td><code>{_e(s.kind)}</code></td>"
             f"<td>{_e('×'.join(str(d) for d in s.shape) or 'scalar')}</td><td class=\"num\">{s.nbytes:,}</td>"

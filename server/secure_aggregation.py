@@ -473,7 +473,7 @@ def write_private_key(path: Path) -> Ed25519PrivateKey:
 
 def provision(site_dirs: Mapping[str, Path], coordinator_key: Path, *, bounds: DeclaredBounds,
               require_secure_sum: bool = True, self_masks: bool = True, threshold: int | None = None,
-              model_hashes: Sequence[str] = ()) -> SecureJobSpec:
+              model_hashes: Sequence[str] = (), audit_dir: str | None = "audit") -> SecureJobSpec:
     """Keys and site files for a trial federation: a coordinator key, and in each site's folder
     an identity key, ``secure.toml`` (pinning the coordinator key and every site's identity
     key, auditing to ``audit/``, with ``bounds`` as its floors) and nothing else. Returns the
@@ -481,6 +481,8 @@ def provision(site_dirs: Mapping[str, Path], coordinator_key: Path, *, bounds: D
 
     In a real deployment each data owner makes its own identity key and writes its own
     roster from keys exchanged out of band; this helper plays every party on one machine.
+    ``audit_dir=None`` leaves the audit to the site agent's log (a site with a ``site.toml``,
+    whose log already lives in ``audit/``: one writer per log).
     """
     from fedmte.protocol.secure_rounds import public_key_text
 
@@ -490,7 +492,8 @@ def provision(site_dirs: Mapping[str, Path], coordinator_key: Path, *, bounds: D
     roster_toml = "".join(f"{_toml_key(site)} = {_toml_str(text)}\n" for site, text in sorted(roster.items()))
     for site, folder in site_dirs.items():
         (Path(folder) / "secure.toml").write_text(
-            f"site_id = {_toml_str(site)}\nidentity_key = \"identity.pem\"\naudit_dir = \"audit\"\n"
+            f"site_id = {_toml_str(site)}\nidentity_key = \"identity.pem\"\n"
+            + ("" if audit_dir is None else f"audit_dir = {_toml_str(audit_dir)}\n") +
             f"state_dir = \"state\"\nrequire_secure_sum = {str(require_secure_sum).lower()}\n"
             f"min_declared_rows = {bounds.max_rows}\nmin_declared_feature_norm = {bounds.feature_norm!r}\n\n"
             f"[coordinators]\ncoordinator = {_toml_str(public_key_text(coordinator.public_key()))}\n\n"

@@ -205,6 +205,7 @@ def test_demo_in_process_with_dp(zoo_cache: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Recommended (top 3):" in result.output and "fedmte audit verify" in result.output
     data = _check_outputs(out, dp=True)
+    assert data["privacy"]["secure_sum"] is False  # in one process: added in the clear, and the report says so
     assert all(s["privacy"]["dp"] and s["privacy"]["epsilon_spent"] > 0 for s in data["sites"])
     assert data["privacy"]["epsilon_spent_max"] <= 4.0  # the default budget per data source
 
@@ -255,6 +256,9 @@ def test_demo_over_a_federation_equals_pooled_scores_without_dp(zoo_cache: Path,
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--zoo-cache", str(zoo_cache), "--dp", "off"])
     assert result.exit_code == 0, result.output
     data = _check_outputs(out, dp=False)
+    assert data["privacy"]["secure_sum"] is True  # the demo's job carries [secure]; the sites hold secure.toml
+    assert all(s["masked"] for site in data["sites"] for s in site["statistics"])
+    assert len(list((out / "sites").glob("*/secure.toml"))) == 3
     assert not (out / "federation" / "federation.json").exists()  # stopped
     assert len(list((out / "federation" / "nodes").glob("*/decisions.jsonl"))) == 3  # each site runner's FAB checks
     assert (out / "witnesses").is_dir() and len(list((out / "witnesses").glob("*.txt"))) == 3

@@ -200,3 +200,26 @@ def test_fedmte_audit_verify_passes_at_every_site_with_the_coordinators_witness(
         assert result.exit_code == 0, result.output
         decisions = [json.loads(line) for line in (home / "decisions.jsonl").read_text().splitlines()]
         assert all(d["accepted"] for d in decisions if d["run_id"] == status(output).run_id)
+
+
+def test_a_secure_job_equals_pooled_scores_and_says_the_secure_sum_was_on(
+    federation: LocalFederation, packages: dict[str, Path], main_job: tuple[Report, Path, float], tmp_path: Path
+) -> None:
+    # `fedmte local up` put secure.toml beside each site.toml; its example job carries [secure]
+    assert federation.secure is not None and sorted(federation.secure.roster) == ["site0", "site1", "site2"]
+    assert all((Path(s.site_file or "").parent / "secure.toml").is_file() for s in federation.sites)
+    names = ["tanh-head", "gelu-head"]
+    scorers = ["hscore", "leep", "gbc", "logme"]
+    job = make_job(federation, packages, tmp_path / "secure", names, scorers=scorers)
+    report = run_job(job.model_copy(update={"secure": federation.secure}))
+    assert report.privacy.secure_sum
+    assert all(s.masked for site in report.sites for s in site.statistics)
+    assert not any("plain sum" in note for note in report.notes)
+    received = {json.loads(line)["query"] for line in (tmp_path / "secure" / "received.jsonl").read_text().splitlines()}
+    assert "stats" not in received and {"secure_advertise", "secure_share", "secure_upload", "secure_reveal"} <= received
+    site_files = [Path(s.site_file) for s in federation.sites if s.site_file]
+    by_name = {m.name: m for m in report.models}
+    for name in names:
+        pooled = pooled_reference(site_files, packages[name], scorers, tmp_path)
+        for scorer in scorers:
+            assert by_name[name].scores[scorer] == pytest.approx(pooled[scorer], rel=1e-6), (name, scorer)

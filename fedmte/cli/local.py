@@ -10,6 +10,7 @@ import typer
 from fedmte.cli.errors import friendly_errors
 from fedmte.server.local_federation import down as federation_down
 from fedmte.server.local_federation import up as federation_up
+from fedmte.protocol.secure_sum import majority_threshold
 from fedmte.server.local_federation import write_example_job
 
 local_app = typer.Typer(help="Start and stop a loopback Flower federation with TLS and node authentication.",
@@ -47,6 +48,9 @@ def up(
                                                              f"features {site.data}"))
     if state.mode == "sites":
         typer.echo(f"Coordinator key {state.coordinator_key} (pinned by every site; DP {'on' if dp else 'off'})")
+    if state.secure is not None:
+        typer.echo(f"Secure sum on for the example job: secure.toml beside each site.toml, threshold "
+                   f"{state.secure.threshold or majority_threshold(len(state.secure.roster))} of {len(state.secure.roster)}")
     typer.echo(f"Flower connection {state.connection!r} in FLWR_HOME={state.flwr_home}")
     typer.echo(f"Try: fedmte run {job}\nStop: fedmte local down --dir {directory}")
 
