@@ -63,3 +63,24 @@ def test_logme_ignores_dead_feature_columns_whatever_the_split() -> None:
     assert max(scores) - min(scores) <= 1e-10 * abs(scores[0])
     assert close(scores[0], REFERENCES["logme"](features.copy(), data.labels.copy()), RELATIVE)
     assert close(scores[0], REFERENCES["logme"](features[:, live].copy(), data.labels.copy()), RELATIVE)
+
+
+def test_dp_noised_counts_stay_in_the_scorers_domain() -> None:
+    """DP noise can make a released count negative; NCE and LogME must not turn that into NaN,
+    and their exact-data values must not move."""
+    from fedmte.protocol.scorers.logme import logme_from_moments
+    from fedmte.protocol.scorers.source_label import nce_from_counts
+
+    joint = np.array([[5.0, 0.0, 2.0], [1.0, 4.0, 0.0]])
+    noisy = joint.copy()
+    noisy[0, 1] = -2.0  # noise on an empty cell
+    assert nce_from_counts(noisy) == nce_from_counts(joint)
+    data = DATASETS["basic"]
+    f, y = data.features, data.labels
+    counts = np.bincount(y).astype(float)
+    class_sums = np.stack([f[y == c].sum(axis=0) for c in range(len(counts))])
+    exact = logme_from_moments(f.T @ f, class_sums, counts)
+    assert close(exact, REFERENCES["logme"](f.copy(), y.copy()), RELATIVE)
+    counts_noisy = counts.copy()
+    counts_noisy[0] = 1.0  # far below ||U^T y_0||^2: the residual would go negative
+    assert np.isfinite(logme_from_moments(f.T @ f, class_sums, counts_noisy))

@@ -39,7 +39,8 @@ def spectrum(gram: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 def class_evidence(sigma: np.ndarray, x: np.ndarray, y_norm2: float, n: int, d: int) -> float:
     """Maximised evidence per sample for one target column, given x = U^T y."""
     x2 = x * x
-    residual_x2 = y_norm2 - x2.sum()
+    # ||y||^2 - ||U^T y||^2 >= 0 for exact sums; DP noise on the counts can push it below.
+    residual_x2 = max(y_norm2 - x2.sum(), 0.0)
     alpha, beta = 1.0, 1.0
     for _ in range(MAX_PASSES):
         t = alpha / beta

@@ -18,6 +18,7 @@ from fedmte.protocol.scorers.base import Context, Program, ScorerSpec
 
 def nce_from_counts(joint_counts: np.ndarray) -> float:
     """-H(Y | Z) from the C x Cs counts of (target class, argmax source class)."""
+    joint_counts = np.maximum(joint_counts, 0.0)  # exact counts are >= 0; DP-noised ones may not be
     joint = joint_counts / joint_counts.sum()
     p_z = joint.sum(axis=0)
     valid = p_z != 0
