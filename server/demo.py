@@ -78,7 +78,7 @@ from fedmte.client.site_agent import AuditSettings, parse_audit_settings
 from fedmte.client.site_config import load_site_config
 from fedmte.client.zoo import DIGIT_LABELS, Zoo, build_zoo, load_digits_split, pack_zoo
 from fedmte.protocol.catalogue import Batch, accumulate
-from fedmte.protocol.errors import FederationError, InvalidInputError, VerificationError
+from fedmte.protocol.errors import InvalidInputError, VerificationError
 from fedmte.protocol.evaluation import MIN_MODELS, RankingMetrics, evaluate_ranking, parse_scores
 from fedmte.protocol.plan import PlanRun, make_plan
 from fedmte.protocol.secure_rounds import DeclaredBounds
@@ -528,15 +528,7 @@ def start_federation(directory: Path, site_files: Sequence[Path], *, timeout: fl
                 public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"), log=str(log),
             ))
         (directory / lf.STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
-        wanted = {site.node_id for site in state.sites}
-        deadline = time.monotonic() + timeout
-        while not wanted <= lf.online_nodes(env):
-            for site, process in zip(state.sites, processes):
-                if process.poll() is not None:
-                    raise FederationError(f"{site.name} exited with code {process.returncode}; see {site.log}")
-            if time.monotonic() > deadline:
-                raise FederationError(f"not every site came online within {timeout:.0f} s; see {directory}/nodes/*/supernode.log")
-            time.sleep(0.2)
+        lf.wait_until_online(state, processes, env, timeout, logs=f"{directory}/nodes/*/supernode.log")
         return state
     except BaseException:
         lf._stop([process.pid for process in reversed(started)], str(directory))

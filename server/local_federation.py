@@ -208,6 +208,21 @@ def online_nodes(env: dict[str, str]) -> set[int]:
     return {int(node["node-id"]) for node in listing.get("nodes", []) if node.get("status") == "online"}
 
 
+def wait_until_online(state: LocalFederation, processes: Sequence[subprocess.Popen[bytes]], env: dict[str, str],
+                      timeout: float, *, logs: str) -> None:
+    """Block until every site of ``state`` is online at the SuperLink; a site process that
+    exits, or a timeout, raises :class:`FederationError` pointing at ``logs``."""
+    wanted = {site.node_id for site in state.sites}
+    deadline = time.monotonic() + timeout
+    while not wanted <= online_nodes(env):
+        for site, process in zip(state.sites, processes):
+            if process.poll() is not None:
+                raise FederationError(f"{site.name} exited with code {process.returncode}; see {site.log}")
+        if time.monotonic() > deadline:
+            raise FederationError(f"not every site came online within {timeout:.0f} s; see {logs}")
+        time.sleep(0.2)
+
+
 def write_connection(flwr_home: Path, address: str, ca_cert: Path) -> None:
     """The coordinator's ``config.toml`` with one TLS connection, ``local``, as default."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -369,15 +384,7 @@ def up(
                 log=str(log),
             ))
         (directory / STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
-        wanted = {site.node_id for site in state.sites}
-        deadline = time.monotonic() + timeout
-        while not wanted <= online_nodes(env):
-            for site, process in zip(state.sites, site_procs):
-                if process.poll() is not None:
-                    raise FederationError(f"{site.name} exited with code {process.returncode}; see {site.log}")
-            if time.monotonic() > deadline:
-                raise FederationError(f"not every site came online within {timeout:.0f} s; see {directory}/sites/*/supernode.log")
-            time.sleep(0.3)
+        wait_until_online(state, site_procs, env, timeout, logs=f"{directory}/sites/*/supernode.log")
         return state
     except BaseException:
         _stop([p.pid for p in reversed(started)], str(directory))
