@@ -21,8 +21,13 @@ one is the feature (``feature_output``) and which one holds the source head's lo
     Mean of token embeddings ignoring padding (``embedding``), then Linear + tanh
     (``features``), then an optional head (``logits``).
 
-Other families (torchvision, timm, Hugging Face encoders) are not installed on this site;
-their ids are refused with :class:`~fedmte.client.errors.UnknownArchitectureError`.
+Optional families live in :mod:`fedmte.client.architectures_extras`, each built by a library
+the site installs with a pip extra, with pretrained downloads off and no remote code:
+``hf_text_encoder`` / ``hf_image_encoder`` (Hugging Face ``transformers`` encoders from a
+``config.json``; ``fedmte[hf]``), ``torchvision`` (``fedmte[torchvision]``) and ``timm``
+(``fedmte[timm]``). Where the library does not import, their ids are refused with
+:class:`~fedmte.client.errors.OptionalDependencyError` naming the extra; any other id with
+:class:`~fedmte.client.errors.UnknownArchitectureError`.
 """
 
 from __future__ import annotations
@@ -159,13 +164,18 @@ class TextBag(nn.Module):
 
 @dataclass(frozen=True)
 class Architecture:
-    """A registry entry: config model, builder, input kind and the width of each output."""
+    """A registry entry: config model, builder, input kind and the width of each output.
+
+    ``check_input`` refuses preprocessing the network cannot take (beyond the input kind);
+    ``requires`` is (module, pip extra) for a family built by an optional library."""
 
     config_model: type[_Config]
     build: Callable[[Any], nn.Module]
     input_kind: InputKind
     output_dims: Callable[[Any], dict[str, int]]
     summary: str
+    check_input: Callable[[Any, Any], None] | None = None
+    requires: tuple[str, str] | None = None
 
 
 def _with_logits(dims: dict[str, int], config: _Config) -> dict[str, int]:
@@ -202,13 +212,19 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 
 def lookup(architecture: str) -> Architecture:
-    try:
-        return ARCHITECTURES[architecture]
-    except KeyError:
+    """The registry entry of an id; an optional family only if its library imports."""
+    # the optional families import this module, hence the import here rather than at the top
+    from fedmte.client.architectures_extras import EXTRA_ARCHITECTURES, import_optional
+
+    arch = ARCHITECTURES.get(architecture) or EXTRA_ARCHITECTURES.get(architecture)
+    if arch is None:
         raise UnknownArchitectureError(
-            f"architecture {architecture!r} is not installed at this site; it has: {', '.join(sorted(ARCHITECTURES))}. "
-            "Families such as torchvision, timm or Hugging Face encoders are not part of this site agent"
-        ) from None
+            f"architecture {architecture!r} is not installed at this site; it has: {', '.join(sorted(ARCHITECTURES))} "
+            f"(and, with their pip extras, {', '.join(sorted(EXTRA_ARCHITECTURES))})"
+        )
+    if arch.requires is not None:
+        import_optional(*arch.requires, architecture=architecture)
+    return arch
 
 
 def _input_matches(manifest: ModelManifest, config: Any) -> None:
@@ -237,6 +253,8 @@ def resolve(manifest: ModelManifest) -> tuple[Architecture, Any, dict[str, int]]
             f"{manifest.architecture!r} takes {arch.input_kind} input but the manifest preprocesses {manifest.preprocessing.kind}"
         )
     _input_matches(manifest, config)
+    if arch.check_input is not None:
+        arch.check_input(config, manifest.preprocessing)
     dims = arch.output_dims(config)
     if manifest.feature_output not in dims:
         raise ArchitectureConfigError(

@@ -51,6 +51,11 @@ class UnknownArchitectureError(FedmteError, ValueError):
     """An architecture id that is not in the site's installed registry."""
 
 
+class OptionalDependencyError(UnknownArchitectureError):
+    """An architecture family (Hugging Face encoders, torchvision, timm) whose library this
+    site cannot import; the message names the pip extra that installs it."""
+
+
 class ArchitectureConfigError(FedmteError, ValueError):
     """An architecture configuration, feature output or head that the architecture
     cannot build, or a manifest that disagrees with what it builds."""

@@ -17,6 +17,10 @@ the site. This runner closes that door. ``python -m fedmte.client.site_runner
   coordinator sees the refusal. An accepted message goes to the site's own
   :data:`fedmte.client.flower_app.app` object, never to the FAB's ``clientapp`` reference.
 
+For dropout drills, ``--drill-crash-on MESSAGE_TYPE`` ends the whole process (SuperNode
+included), unanswered, when a message of that type arrives: a real crash at a chosen point
+of a job, so a federation's recovery can be rehearsed and tested.
+
 It also shortens Flower's waits (see FLOWER.md): the SuperNode's 3 s idle sleep becomes
 ``IDLE_POLL`` and its 0.5 s reply wait ``REPLY_POLL`` (module ``time`` of
 ``flwr.supernode.start_client_internal`` is replaced by a capped shim), and object pulls
@@ -35,6 +39,7 @@ import hmac
 import importlib
 import importlib.resources
 import json
+import os
 import sys
 import threading
 import time
@@ -75,6 +80,8 @@ TASK_POLL_MAX = 0.5
 after a task, growing by ``IDLE_GROWTH`` per empty poll to ``TASK_POLL_MAX``."""
 PULL_INITIAL_BACKOFF = 0.02
 PULL_BACKOFF_CAP = 0.5
+DRILL_EXIT_CODE = 75
+"""Exit status of a site process ended by ``--drill-crash-on``."""
 HEARTBEAT_EVERY = 15.0
 """Seconds between task heartbeats while a message is being answered (Flower expects one per 30 s)."""
 
@@ -186,6 +193,7 @@ class SiteRunner:
     poll: float = TASK_POLL
     on_activity: Any = None
     client_app: Any = None
+    crash_on: frozenset[str] = frozenset()
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _client(self, token: str | None) -> Any:
@@ -263,6 +271,8 @@ class SiteRunner:
             else:
                 reason = ""
             decision = Decision(time.time(), run.run_id, actual, message_type, accepted=not reason, reason=reason)
+            if message_type in self.crash_on:
+                self._crash(decision)
             if reason:
                 reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message)
                 push_message(client, reply, context)
@@ -290,6 +300,14 @@ class SiteRunner:
             done.set()
             client.close()
 
+    def _crash(self, decision: Decision) -> None:
+        """Dropout drill: record the crash, then end the whole site process at once, unanswered."""
+        decision.accepted = False
+        decision.reason = f"drill: the site crashed on receiving {decision.message_type} (--drill-crash-on)"
+        self._record(decision)
+        print(f"fedmte site runner: {decision.reason}", file=sys.stderr, flush=True)
+        os._exit(DRILL_EXIT_CODE)
+
     def _record(self, decision: Decision) -> None:
         if self.decision_log is not None:
             self.decision_log.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +325,9 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="another FAB hash to accept besides the installed fedmte bundle's")
     parser.add_argument("--decision-log", type=Path, default=None,
                         help="append one JSON line per accepted or refused task to this file")
+    parser.add_argument("--drill-crash-on", action="append", default=[], metavar="MESSAGE_TYPE",
+                        help="dropout drill: when a message of this type (e.g. query.secure_upload) arrives, "
+                        "end the whole site process at once without answering it")
     parser.add_argument("--host", default="127.0.0.1", help="host of the SuperNode's Runtime API")
     parser.add_argument("--port", type=int, default=9094, help="port of the SuperNode's Runtime API")
     args, rest = parser.parse_known_args(list(argv))
@@ -330,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     keep_agents_open()  # one process answers every message: keep models and the audit log open
 
     runner = SiteRunner(f"{args.host}:{args.port}", allowlist, decision_log=args.decision_log,
-                        on_activity=shim.mark_active, client_app=site_app)
+                        on_activity=shim.mark_active, client_app=site_app, crash_on=frozenset(args.drill_crash_on))
     threading.Thread(target=runner.run_forever, daemon=True, name="fedmte-site-runner").start()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

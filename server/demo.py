@@ -56,8 +56,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -466,74 +464,11 @@ def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> 
 
 
 def start_federation(directory: Path, site_files: Sequence[Path], *, timeout: float = 90.0) -> LocalFederation:
-    """A loopback federation whose SuperNodes serve the given site files (TLS, node authentication,
-    fedmte's site runner), laid out under ``directory`` as :func:`fedmte.server.local_federation.up`
-    does, so :func:`fedmte.server.local_federation.down` (``fedmte local down --dir``) stops it.
+    """A loopback federation whose site runners serve the demo's site files (TLS, node
+    authentication), stopped by :func:`fedmte.server.local_federation.down`."""
+    from fedmte.server.local_federation import serve_site_files
 
-    ``up`` writes its own site files; the demo's sites already have theirs, so this starts
-    the same processes for existing ones. Everything started is stopped again on failure.
-    """
-    from fedmte.client.site_agent import SITE_FILE_KEY
-    from fedmte.server import local_federation as lf
-    from fedmte.server.credentials import make_node_key, make_tls
-    from fedmte.server.job_runner import flwr_env
-
-    directory = directory.resolve()
-    if (directory / lf.STATE_FILE).exists():
-        lf.down(directory)  # a federation left running by an interrupted demo
-    directory.mkdir(parents=True, exist_ok=True)
-    tls = make_tls(directory / "tls")
-    port = lf.free_port()
-    address = f"{lf.HOST}:{port}"
-    flwr_home = directory / "flwr"
-    lf.write_connection(flwr_home, address, tls.ca_cert)
-    env = flwr_env(flwr_home)
-    link_home = directory / "superlink"
-    link_env = flwr_env(link_home / "flwr-home")
-    link_env[lf.SUPEREXEC_POLL_ENV] = str(lf.SUPEREXEC_POLL)
-    link_log = link_home / "superlink.log"
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        link = lf._spawn([
-            lf._bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-            "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", lf.HOST, "--port", str(port),
-        ], link_log, link_env)
-        started.append(link)
-        state = lf.LocalFederation(
-            directory=str(directory), runner="site", mode="sites", address=address, superlink_pid=link.pid,
-            superlink_log=str(link_log), ca_cert=str(tls.ca_cert), flwr_home=str(flwr_home), labels=list(DIGIT_LABELS),
-        )
-        lf._wait_port(port, link, link_log, timeout)
-        processes = []
-        for site_file in site_files:
-            config = load_site_config(site_file)
-            name = config.site.name
-            home = directory / "nodes" / name
-            keys = make_node_key(home, "node_key")
-            node_id = lf.register_node(keys.public_key, name, env)
-            runtime_port = lf.free_port()
-            log = home / "supernode.log"
-            process = lf._spawn([
-                sys.executable, "-m", "fedmte.client.site_runner", "--root-certificates", str(tls.ca_cert),
-                "--superlink", address, "--auth-supernode-private-key", str(keys.private_key), "--host", lf.HOST,
-                "--port", str(runtime_port), "--node-config", f'{SITE_FILE_KEY}="{Path(site_file).resolve()}"',
-                "--decision-log", str(home / "decisions.jsonl"),
-            ], log, flwr_env(home / "flwr-home"))
-            started.append(process)
-            processes.append(process)
-            state.sites.append(lf.SiteProcess(
-                name=name, node_id=node_id, pid=process.pid, runtime_port=runtime_port, data=str(config.data.path),
-                site_file=str(Path(site_file).resolve()), private_key=str(keys.private_key),
-                public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"), log=str(log),
-            ))
-        (directory / lf.STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
-        lf.wait_until_online(state, processes, env, timeout, logs=f"{directory}/nodes/*/supernode.log")
-        return state
-    except BaseException:
-        lf._stop([process.pid for process in reversed(started)], str(directory))
-        (directory / lf.STATE_FILE).unlink(missing_ok=True)
-        raise
+    return serve_site_files(directory, site_files, labels=DIGIT_LABELS, timeout=timeout)
 
 
 def run_job(setup: DemoSetup, transport: Transport = "federation", progress: DemoProgress | None = None) -> Report:

@@ -17,8 +17,12 @@ Both submit the fedmte Flower app (``fedmte/server/fab``) with ``flwr run <fab> 
 checking the run's status with ``flwr ls`` meanwhile (:func:`wait_for_status`). A failure is
 written too, with each site's reason, and then re-raised so Flower marks the run failed.
 
+A features job can instead probe the sites (``fedmte probe JOB.toml``, :func:`launch` with
+``probe=True``): :mod:`fedmte.server.site_probe` over the same exchange, with each site's
+answer to each forged request in the report's ``probes``.
+
 The ServerApp runs on the SuperLink's machine, which is the coordinator's, so the report
-path is a path there.
+and transcript paths are paths there.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError
-from fedmte.server.secure_aggregation import SecureAggregator, SecureJobSpec
+from fedmte.server.secure_aggregation import SecureAggregator, SecureJobSpec, write_transcript
+from fedmte.server.site_probe import ProbeResult, probe_sites
 
 FAB_DIR = Path(__file__).resolve().parent / "fab"
 """The Flower app bundle's source: a pyproject.toml that names fedmte's ServerApp and ClientApp."""
@@ -63,6 +68,9 @@ class ServerJob(_Strict):
     round_timeout: float = Field(default=300.0, gt=0)
     report: str = Field(pattern=r"^/.*\.json$", description="absolute path of the JSON report on the SuperLink's machine")
     secure: SecureJobSpec | None = Field(default=None, description="sum with the secure sum (fedmte.server.secure_aggregation)")
+    transcript: str | None = Field(default=None, pattern=r"^/.*\.npz$",
+                                   description="secure jobs: write every masked upload the coordinator received here")
+    probe: bool = Field(default=False, description="probe the sites (fedmte.server.site_probe) instead of scoring")
 
 
 class JobFile(_Strict):
@@ -83,12 +91,22 @@ class JobFile(_Strict):
     connect_timeout: float = Field(default=60.0, gt=0)
     round_timeout: float = Field(default=300.0, gt=0)
     run_timeout: float = Field(default=1800.0, gt=0)
+    transcript: Path | None = Field(
+        default=None, description="secure jobs: an .npz on the coordinator's machine recording every masked "
+        "upload it received (for auditors: the coordinator holds only masked words)")
 
     @field_validator("out")
     @classmethod
     def _json_report(cls, value: Path) -> Path:
         if value.suffix != ".json":
             raise ValueError(f"the report is JSON: name a .json file, got {value}")
+        return value
+
+    @field_validator("transcript")
+    @classmethod
+    def _npz_transcript(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix != ".npz":
+            raise ValueError(f"the transcript is an .npz archive: name a .npz file, got {value}")
         return value
 
 
@@ -115,6 +133,7 @@ class JobReport(_Strict):
     error: str | None = None
     failures: dict[str, str] = Field(default_factory=dict)
     secure: dict[str, Any] | None = Field(default=None, description="secure-sum job: sites, threshold, setup and step times")
+    probes: list[ProbeResult] | None = Field(default=None, description="a probe run: what each site did with each probe")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -136,6 +155,8 @@ def load_job_file(path: Path) -> JobFile:
     updates: dict[str, Any] = {"out": base / job.out}
     if job.flwr_home is not None:
         updates["flwr_home"] = base / job.flwr_home
+    if job.transcript is not None:
+        updates["transcript"] = base / job.transcript
     if job.secure is not None:  # the coordinator's signing key, relative to the job file
         updates["secure"] = job.secure.model_copy(update={"signing_key": base / job.secure.signing_key})
     return job.model_copy(update=updates)
@@ -186,13 +207,17 @@ def serve(grid: Any, run_config: dict[str, Any], run_id: int) -> JobReport:
     except ValidationError as error:
         raise InvalidInputError(f"the run config's 'job' is not a valid fedmte job: {error}") from None
     report_path = Path(job.report)
+    aggregator = None
     try:
         tune_pull_backoff()
         exchange = FlowerExchange(
             grid, min_sites=job.min_sites, connect_timeout=job.connect_timeout, round_timeout=job.round_timeout
         )
-        aggregator = None if job.secure is None else \
-            SecureAggregator.from_spec(job.secure, job_id=f"run-{run_id}-{secrets.token_hex(4)}")
+        if job.probe:
+            return _serve_probe(exchange, job, run_id, start)
+        if job.secure is not None:
+            aggregator = SecureAggregator.from_spec(job.secure, job_id=f"run-{run_id}-{secrets.token_hex(4)}")
+            aggregator.keep_uploads = job.transcript is not None
         outcome = run_scoring(
             exchange,
             scorers=job.scorers,
@@ -205,9 +230,13 @@ def serve(grid: Any, run_config: dict[str, Any], run_id: int) -> JobReport:
         failed = JobReport(
             status="failed", run_id=run_id, error=str(error), total_seconds=time.perf_counter() - start,
             failures=getattr(error, "failures", {}),
+            secure=None if aggregator is None else aggregator.summary(),
         )
         write_report(failed, report_path)
         raise
+    finally:
+        if aggregator is not None and job.transcript is not None:
+            write_transcript(aggregator, Path(job.transcript))
     stats_rounds = outcome.timings[1:]
     rounds = [RoundReport(name=outcome.timings[0].name, seconds=outcome.timings[0].seconds)]
     rounds += [
@@ -228,6 +257,19 @@ def serve(grid: Any, run_config: dict[str, Any], run_id: int) -> JobReport:
         secure=None if aggregator is None else aggregator.summary(),
     )
     write_report(report, report_path)
+    return report
+
+
+def _serve_probe(exchange: Any, job: ServerJob, run_id: int, start: float) -> JobReport:
+    if job.secure is None:
+        raise InvalidInputError("probing the sites needs the job's [secure] table (its key, roster and bounds)")
+    probe = probe_sites(exchange, job.secure, job_id=f"probe-{run_id}-{secrets.token_hex(4)}")
+    report = JobReport(
+        status="finished" if probe.passed else "failed", run_id=run_id, sites=len(exchange.nodes),
+        total_seconds=time.perf_counter() - start, probes=probe.results, failures=probe.failures(),
+        error=None if probe.passed else "some sites did not refuse every forged request (see failures)",
+    )
+    write_report(report, Path(job.report))
     return report
 
 
@@ -279,11 +321,12 @@ def run_status(connection: str, run_id: int, env: dict[str, str]) -> tuple[str, 
     raise FederationError(f"run {run_id} is not listed by the SuperLink of connection {connection!r}")
 
 
-def server_job(job: JobFile) -> ServerJob:
+def server_job(job: JobFile, *, probe: bool = False) -> ServerJob:
     return ServerJob(
         scorers=job.scorers, options=job.options, num_classes=job.num_classes, offset=job.offset,
         min_sites=job.min_sites, connect_timeout=job.connect_timeout, round_timeout=job.round_timeout,
-        report=str(Path(job.out).resolve()), secure=job.secure,
+        report=str(Path(job.out).resolve()), secure=job.secure, probe=probe,
+        transcript=None if job.transcript is None else str(Path(job.transcript).resolve()),
     )
 
 
@@ -322,16 +365,21 @@ def wait_for_status(path: Path, run_id: int, connection: str, env: dict[str, str
         time.sleep(poll)
 
 
-def launch(job: JobFile, *, fab_dir: Path = FAB_DIR, poll: float = 0.1, status_every: float = 3.0) -> JobReport:
+def launch(job: JobFile, *, fab_dir: Path = FAB_DIR, poll: float = 0.1, status_every: float = 3.0,
+           probe: bool = False) -> JobReport:
     """Submit ``job`` with ``flwr run`` and wait for the ServerApp's report.
 
-    Raises :class:`FederationError` when the run fails (with the sites' reasons when the
-    ServerApp could report them) or does not finish within ``job.run_timeout``.
+    ``probe``: instead of scoring, probe the sites with forged requests
+    (:mod:`fedmte.server.site_probe`; needs ``job.secure``). Raises :class:`FederationError`
+    when the run fails (with the sites' reasons when the ServerApp could report them), when a
+    site did not refuse a probe, or when the run does not finish within ``job.run_timeout``.
     """
+    if probe and job.secure is None:
+        raise InvalidInputError("probing the sites needs the job's [secure] table (its key, roster and bounds)")
     env = flwr_env(job.flwr_home)
     out = Path(job.out).resolve()
     out.unlink(missing_ok=True)
-    run_id = submit_run(server_job(job).model_dump_json(), job.connection, env, fab_dir)
+    run_id = submit_run(server_job(job, probe=probe).model_dump_json(), job.connection, env, fab_dir)
     report = wait_for_status(out, run_id, job.connection, env, job.run_timeout, poll=poll, status_every=status_every)
     if report.status == "failed":
         raise FederationError(f"run {run_id} failed: {report.error}", failures=report.failures)

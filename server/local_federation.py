@@ -105,6 +105,7 @@ class SiteProcess(BaseModel):
     public_key: str
     flwr_home: str
     log: str
+    command: list[str] = Field(default_factory=list, description="the site process's command line (restart_site reuses it)")
 
 
 class LocalFederation(BaseModel):
@@ -281,6 +282,7 @@ def up(
     dp: bool = True,
     clip_norm: float | None = None,
     policies: Mapping[int, Mapping[str, Any]] | None = None,
+    site_args: Mapping[int, Sequence[str]] | None = None,
 ) -> LocalFederation:
     """Start a loopback federation of ``sites`` sites under ``directory`` and return its state.
 
@@ -290,7 +292,9 @@ def up(
     ``source_probs`` make sites of precomputed features. ``dp``, ``clip_norm`` and
     ``policies`` (site index -> policy keys to override) shape the sites' policies
     (:func:`fedmte.server.local_sites.write_site`). ``allowlist``: extra FAB hashes the site
-    runners accept besides the hash of the fedmte bundle they have installed. On any failure,
+    runners accept besides the hash of the fedmte bundle they have installed. ``site_args``
+    (site index -> extra site-runner options, e.g. ``--drill-crash-on query.secure_upload``
+    for a dropout drill) goes to those sites' command lines. On any failure,
     everything started so far is stopped again before the error propagates.
     """
     if sites < 1:
@@ -319,32 +323,10 @@ def up(
                            directory / "secure" / "coordinator.pem",
                            bounds=DeclaredBounds(max_rows=max(rows, 1000), feature_norm=float(norm)),
                            require_secure_sum=False, audit_dir=None)
-    tls = make_tls(directory / "tls")
-    port = free_port()
-    address = f"{HOST}:{port}"
-    flwr_home = directory / "flwr"
-    write_connection(flwr_home, address, tls.ca_cert)
-    env = flwr_env(flwr_home)
-    started: list[subprocess.Popen[bytes]] = []
-    link_home = directory / "superlink"
-    link_env = flwr_env(link_home / "flwr-home")
-    link_env[SUPEREXEC_POLL_ENV] = str(SUPEREXEC_POLL)  # start a submitted ServerApp within 0.1 s, not 1 s
-    link_log = link_home / "superlink.log"
+    state, started = _start_superlink(directory, runner=runner, mode=mode, timeout=timeout,
+                                      coordinator_key=None if key_path is None else str(key_path), labels=labels,
+                                      dp=dp, secure=secure)
     try:
-        link = _spawn([
-            _bin("flower-superlink"),
-            "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-            "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", HOST, "--port", str(port),
-        ], link_log, link_env)
-        started.append(link)
-        state = LocalFederation(
-            directory=str(directory), runner=runner, mode=mode, address=address, superlink_pid=link.pid,
-            superlink_log=str(link_log), ca_cert=str(tls.ca_cert), flwr_home=str(flwr_home),
-            coordinator_key=None if key_path is None else str(key_path), labels=labels, dp=dp, secure=secure,
-        )
-        _wait_port(port, link, link_log, timeout)
-        site_procs: list[subprocess.Popen[bytes]] = []
         for index, site_arrays in enumerate(arrays):
             name = f"site{index}"
             home = directory / "sites" / name
@@ -354,44 +336,148 @@ def up(
             if coordinator is not None:
                 site_file = write_site(home, name, site_arrays, labels, coordinator=coordinator, dp=dp,
                                        clip_norm=clip_norm, policy=(policies or {}).get(index))
-                node_config = f'site-file="{site_file}"'  # fedmte.client.site_agent.SITE_FILE_KEY
             else:
                 np.savez(data_path, **site_arrays)
-                node_config = f'data-path="{data_path}"'
-            keys = make_node_key(home, "node_key")
-            node_id = register_node(keys.public_key, name, env)
-            runtime_port = free_port()
-            log = home / "supernode.log"
-            site_env = flwr_env(home / "flwr-home")
-            node_args = [
-                "--root-certificates", str(tls.ca_cert), "--superlink", address,
-                "--auth-supernode-private-key", str(keys.private_key), "--host", HOST, "--port", str(runtime_port),
-                "--node-config", node_config,
-            ]
-            if runner == "site":
-                args = [sys.executable, "-m", "fedmte.client.site_runner", *node_args,
-                        "--decision-log", str(home / "decisions.jsonl")]
-                for fab_hash in allowlist:
-                    args += ["--allow-fab", fab_hash]
-            else:
-                args = [_bin("flower-supernode"), *node_args]
-            process = _spawn(args, log, site_env)
-            started.append(process)
-            site_procs.append(process)
-            state.sites.append(SiteProcess(
-                name=name, node_id=node_id, pid=process.pid, runtime_port=runtime_port, data=str(data_path),
-                site_file=None if site_file is None else str(site_file), private_key=str(keys.private_key), public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"),
-                log=str(log),
-            ))
-        (directory / STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
-        wait_until_online(state, site_procs, env, timeout, logs=f"{directory}/sites/*/supernode.log")
-        return state
+            extra = [arg for fab_hash in allowlist for arg in ("--allow-fab", fab_hash)]
+            extra += list((site_args or {}).get(index, ()))
+            _start_site(state, started, name, home, data=data_path, site_file=site_file, extra_args=extra)
+        return _come_online(state, started, timeout, logs=f"{directory}/sites/*/supernode.log")
     except BaseException:
-        _stop([p.pid for p in reversed(started)], str(directory))
-        for process in started:
-            process.poll()
-        (directory / STATE_FILE).unlink(missing_ok=True)
+        _abandon(directory, started)
         raise
+
+
+def serve_site_files(directory: Path, site_files: Sequence[Path], *, labels: Sequence[str],
+                     timeout: float = START_TIMEOUT) -> LocalFederation:
+    """A loopback federation (laid out as :func:`up` does, stopped by :func:`down`) whose
+    site runners serve existing site files, as ``fedmte demo`` writes them, instead of
+    writing their own. Each node's keys, log and decision log go to ``DIR/nodes/<name>/``."""
+    from fedmte.client.site_config import load_site_config
+
+    directory = directory.resolve()
+    if (directory / STATE_FILE).exists():
+        down(directory)  # a federation left running by an interrupted run
+    directory.mkdir(parents=True, exist_ok=True)
+    state, started = _start_superlink(directory, runner="site", mode="sites", timeout=timeout, labels=list(labels))
+    try:
+        for site_file in site_files:
+            config = load_site_config(site_file)
+            name = config.site.name
+            _start_site(state, started, name, directory / "nodes" / name, data=Path(config.data.path),
+                        site_file=Path(site_file).resolve())
+        return _come_online(state, started, timeout, logs=f"{directory}/nodes/*/supernode.log")
+    except BaseException:
+        _abandon(directory, started)
+        raise
+
+
+def _start_superlink(directory: Path, *, runner: Runner, mode: Mode, timeout: float,
+                     **fields: Any) -> tuple[LocalFederation, list[subprocess.Popen[bytes]]]:
+    """TLS files, the coordinator's connection and a running SuperLink; the state so far."""
+    tls = make_tls(directory / "tls")
+    port = free_port()
+    address = f"{HOST}:{port}"
+    flwr_home = directory / "flwr"
+    write_connection(flwr_home, address, tls.ca_cert)
+    link_home = directory / "superlink"
+    link_env = flwr_env(link_home / "flwr-home")
+    link_env[SUPEREXEC_POLL_ENV] = str(SUPEREXEC_POLL)  # start a submitted ServerApp within 0.1 s, not 1 s
+    link_log = link_home / "superlink.log"
+    link = _spawn([
+        _bin("flower-superlink"),
+        "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+        "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation", "--host", HOST, "--port", str(port),
+    ], link_log, link_env)
+    try:
+        _wait_port(port, link, link_log, timeout)
+    except BaseException:
+        _abandon(directory, [link])
+        raise
+    state = LocalFederation(directory=str(directory), runner=runner, mode=mode, address=address,
+                            superlink_pid=link.pid, superlink_log=str(link_log), ca_cert=str(tls.ca_cert),
+                            flwr_home=str(flwr_home), **fields)
+    return state, [link]
+
+
+def _start_site(state: LocalFederation, started: list[subprocess.Popen[bytes]], name: str, home: Path, *,
+                data: Path, site_file: Path | None, extra_args: Sequence[str] = ()) -> None:
+    """Register the site's new node key and start its SuperNode (or site runner)."""
+    keys = make_node_key(home, "node_key")
+    node_id = register_node(keys.public_key, name, state.env())
+    runtime_port = free_port()
+    log = home / "supernode.log"
+    # the node-config keys of fedmte.client.site_agent.SITE_FILE_KEY and fedmte.client.flower_app.DATA_PATH_KEY
+    node_config = f'site-file="{site_file}"' if site_file is not None else f'data-path="{data}"'
+    node_args = [
+        "--root-certificates", state.ca_cert, "--superlink", state.address,
+        "--auth-supernode-private-key", str(keys.private_key), "--host", HOST, "--port", str(runtime_port),
+        "--node-config", node_config,
+    ]
+    if state.runner == "site":
+        args = [sys.executable, "-m", "fedmte.client.site_runner", *node_args,
+                "--decision-log", str(home / "decisions.jsonl"), *extra_args]
+    else:
+        args = [_bin("flower-supernode"), *node_args]
+    process = _spawn(args, log, flwr_env(home / "flwr-home"))
+    started.append(process)
+    state.sites.append(SiteProcess(
+        name=name, node_id=node_id, pid=process.pid, runtime_port=runtime_port, data=str(data),
+        site_file=None if site_file is None else str(site_file), private_key=str(keys.private_key),
+        public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"), log=str(log), command=args,
+    ))
+
+
+def _come_online(state: LocalFederation, started: Sequence[subprocess.Popen[bytes]], timeout: float, *,
+                 logs: str) -> LocalFederation:
+    """Write the state file, then wait until every site is online."""
+    directory = Path(state.directory)
+    (directory / STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
+    wait_until_online(state, started[1:], state.env(), timeout, logs=logs)
+    return state
+
+
+def _abandon(directory: Path, started: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Stop everything started so far and forget the state file."""
+    _stop([p.pid for p in reversed(started)], str(directory))
+    for process in started:
+        process.poll()
+    (directory / STATE_FILE).unlink(missing_ok=True)
+
+
+def restart_site(directory: Path, name: str, *, timeout: float = START_TIMEOUT) -> LocalFederation:
+    """Start site ``name`` again with its recorded command line after it stopped or crashed,
+    under a new Flower node key, wait until it is online, and record its new node.
+
+    The SuperLink would refuse the old node until it has missed two heartbeats (up to a
+    minute in flwr 1.42), and keeps a public key reserved after its node is unregistered,
+    so the old node is unregistered and the site comes back as a new node. Its fedmte
+    identity (``identity.pem``, the key the secure sum's roster lists) is unchanged."""
+    directory = directory.resolve()
+    state = load_state(directory)
+    site = next((s for s in state.sites if s.name == name), None)
+    if site is None:
+        raise InvalidInputError(f"the local federation in {directory} has no site {name!r}")
+    if _alive(site.pid, str(directory)):
+        raise FederationError(f"site {name} is still running (pid {site.pid}); stop it first")
+    _reap([site.pid])
+    env = state.env()
+    _flwr(["supernode", "unregister", str(site.node_id), CONNECTION], env)
+    home = Path(site.private_key).parent
+    keys = make_node_key(home, f"node_key_{time.time_ns()}")
+    command = list(site.command)
+    command[command.index("--auth-supernode-private-key") + 1] = str(keys.private_key)
+    site.node_id = register_node(keys.public_key, name, env)
+    site.private_key, site.public_key, site.command = str(keys.private_key), str(keys.public_key), command
+    process = _spawn(command, Path(site.log), flwr_env(Path(site.flwr_home)))
+    site.pid = process.pid
+    (directory / STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
+    try:
+        wait_until_online(state.model_copy(update={"sites": [site]}), [process], env, timeout, logs=site.log)
+    except BaseException:
+        _stop([process.pid], str(directory))
+        raise
+    return state
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -35,6 +35,12 @@ still answering (each records the abort in its audit log and forgets the job), r
 nothing, and raises :class:`~fedmte.protocol.errors.FederationError` naming every site's
 reason.
 
+What the coordinator held
+-------------------------
+With ``keep_uploads`` the aggregator keeps every phase's request and every masked upload it
+received; :func:`write_transcript` stores them (a job's ``transcript``) so an auditor can
+check, against each site's own sums, that the coordinator never held one in the clear.
+
 Public bounds
 -------------
 The job declares :class:`~fedmte.protocol.secure_rounds.DeclaredBounds` (rows per site,
@@ -165,7 +171,8 @@ class SecureAggregator:
     inner_query : str
         The query each phase wraps (``stats``).
     keep_uploads : bool
-        Keep every masked upload in :attr:`uploads_received` (tests, audits of the coordinator).
+        Keep every masked upload in :attr:`uploads_received` and every phase's request in
+        :attr:`requests_sent` (audits of the coordinator; :meth:`write_transcript`).
     """
 
     def __init__(
@@ -207,6 +214,8 @@ class SecureAggregator:
         self.uploads_received: list[tuple[str, int, np.ndarray, SumSpec]] = []
         """(site, phase, words, spec) of every upload as the coordinator received it, when
         ``keep_uploads`` (for inspection: what the coordinator holds is masked)."""
+        self.requests_sent: dict[int, tuple[str, Payload]] = {}
+        """phase -> (inner query, inner request) of every phase sent, when ``keep_uploads``."""
 
     @classmethod
     def from_spec(cls, spec: SecureJobSpec, *, job_id: str | None = None) -> SecureAggregator:
@@ -380,6 +389,8 @@ class SecureAggregator:
             )
         self._next_phase += 1
         digest = request_digest(self.job_id, phase, self.model_hashes, inner_query, inner.doc, inner.arrays)
+        if self.keep_uploads:
+            self.requests_sent[phase] = (inner_query, inner)
         inner_sha = arrays_digest(inner.arrays)
         payloads = {}
         for site in sorted(self._live):
@@ -451,6 +462,73 @@ class SecureAggregator:
             raise self._abort(exchange, "secure:below_threshold", error) from error
         except FedmteError as error:  # a recovered secret that does not match, or a sum that does not decode
             raise self._abort(exchange, "secure:undecodable", error) from error
+
+
+# --------------------------------------------------------------------------- transcript
+
+TRANSCRIPT_SCHEMA = "fedmte.secure_transcript.v1"
+
+
+@dataclass(frozen=True)
+class TranscriptPhase:
+    """One phase as the coordinator saw it: the request it sent, the masked words it got."""
+
+    inner_query: str
+    request: Payload
+    uploads: dict[str, tuple[np.ndarray, SumSpec]]
+
+
+def write_transcript(aggregator: SecureAggregator, path: Path) -> None:
+    """Write everything the coordinator received in ``aggregator``'s phases to ``path`` (.npz of
+    plain arrays and JSON strings, no pickle), so an auditor can check that it holds only
+    masked words. Needs ``keep_uploads``."""
+    import json
+
+    if not aggregator.keep_uploads:
+        raise ProtocolError("the transcript needs an aggregator made with keep_uploads=True")
+    arrays: dict[str, np.ndarray] = {
+        "schema": np.array(TRANSCRIPT_SCHEMA), "job_id": np.array(aggregator.job_id),
+        "failures": np.array(json.dumps(aggregator.failures, sort_keys=True)),
+    }
+    for phase, (query, request) in aggregator.requests_sent.items():
+        arrays[f"phase{phase}/query"] = np.array(query)
+        arrays[f"phase{phase}/request"] = np.array(json.dumps(request.doc, sort_keys=True))
+        for name, array in request.arrays.items():
+            arrays[f"phase{phase}/arrays/{name}"] = np.asarray(array)
+    for site, phase, words, spec in aggregator.uploads_received:
+        arrays[f"phase{phase}/upload/{site}/words"] = words
+        arrays[f"phase{phase}/upload/{site}/spec"] = np.array(spec.model_dump_json(by_alias=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def read_transcript(path: Path) -> dict[int, TranscriptPhase]:
+    """The phases of a transcript written by :func:`write_transcript`."""
+    import json
+
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            entries = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot read the secure-sum transcript {path}: {error}") from None
+    if str(entries.get("schema", "")) != TRANSCRIPT_SCHEMA:
+        raise InvalidInputError(f"{path} is not a {TRANSCRIPT_SCHEMA} transcript")
+    phases: dict[int, TranscriptPhase] = {}
+    for key in entries:
+        if key.startswith("phase") and key.endswith("/query"):
+            phase = int(key[len("phase"):].split("/")[0])
+            prefix = f"phase{phase}/"
+            request = Payload(
+                doc=json.loads(str(entries[prefix + "request"])),
+                arrays={k[len(prefix + "arrays/"):]: v for k, v in entries.items() if k.startswith(prefix + "arrays/")},
+            )
+            uploads = {
+                k.split("/")[2]: (v, SumSpec.model_validate_json(str(entries[k[:-len("words")] + "spec"])))
+                for k, v in entries.items() if k.startswith(prefix + "upload/") and k.endswith("/words")
+            }
+            phases[phase] = TranscriptPhase(str(entries[key]), request, uploads)
+    return dict(sorted(phases.items()))
 
 
 def load_roster(text: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:

@@ -5,8 +5,9 @@ fedmte site runners, started once and stopped in the fixture's ``finally``. Each
 identity key and its own ``secure.toml`` (pinned coordinator key, roster, audit log) beside
 its data file, which makes it refuse plain statistics. A secure scoring job then gives the
 scores ``fedmte.score`` gives on the pooled rows, with the round trips the protocol states,
-and a plain job is refused at every site. The protocol's other properties (masked uploads,
-dropout recovery, aborts, refusals) are shown in-process in ``test_secure_rounds.py``.
+and a plain job is refused at every site. Forgeries, masked uploads, a site crashing after
+key sharing and an abort below the threshold are shown over five real site runners in
+``test_secure_dropout.py``; every corner of the protocol in-process in ``test_secure_rounds.py``.
 """
 
 from __future__ import annotations

@@ -68,6 +68,8 @@ from fedmte.server.secure_aggregation import (
     provision,
 )
 
+from fedmte.server.site_probe import probe_sites
+
 import fedmte
 from tests.datasets import DATASETS, site_split_without_class
 
@@ -506,3 +508,38 @@ def test_a_job_file_with_a_secure_table_resolves_the_coordinator_key_beside_it(t
     path.write_text(path.read_text().replace("[secure.roster]\n", "[secure.roster]\nsite9 = \"ed25519:AAAA\"\n"))
     with pytest.raises(VerificationError, match="is not base64 of 32 bytes"):
         SecureAggregator.from_spec(server_job(load_job_file(path)).secure)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- site probe
+
+
+def test_the_site_probe_passes_sites_that_refuse_every_forgery(tmp_path: Path) -> None:
+    federation = Federation(tmp_path, site_rows(3))
+    report = probe_sites(federation.exchange, federation.spec)
+    assert report.passed and report.failures() == {}
+    assert {(r.probe, r.node) for r in report.results} == {
+        (probe, node) for probe in ("unknown_signer", "tampered", "control", "replayed") for node in federation.exchange.nodes
+    }
+    for name in federation.names:  # the probe job is forgotten again, and each site says so
+        assert not federation.sites[federation.names.index(name)].jobs
+        codes = [(r.kind, getattr(r, "reason_code", None)) for r in federation.audit(name)]
+        assert ("refusal", "secure:replay") in codes and ("abort", "secure:probe_finished") in codes
+    assert not any(query.startswith("secure_upload") for query, _ in federation.exchange.sent)
+
+
+def test_the_site_probe_fails_a_site_that_forgets_nonces_between_messages(tmp_path: Path) -> None:
+    """A site whose agent starts afresh for every message and keeps no ``state_dir`` (a stock
+    SuperNode's ClientApp process per message) accepts a replayed request: the probe says so."""
+    federation = Federation(tmp_path, site_rows(3))
+    forgetful = federation.exchange.node_of("site1")
+    config = federation.configs["site1"].model_copy(update={"state_dir": None})
+
+    def fresh_site(query: str, node: int, payload: Payload) -> Payload:
+        if node == forgetful:
+            federation.exchange.sites[node] = SecureSite(config, compute=site_statistics(federation.data[1]))
+        return payload
+
+    federation.exchange.intercept = fresh_site
+    report = probe_sites(federation.exchange, federation.spec)
+    assert not report.passed
+    assert report.failures() == {str(forgetful): "accepted the replayed probe"}

@@ -52,7 +52,7 @@ def keygen(
 @friendly_errors
 def pack(
     out: Annotated[Path, typer.Argument(help="the package directory to create")],
-    architecture: Annotated[str, typer.Option(help="architecture id from the site registry (mlp, cnn, text_bag)")],
+    architecture: Annotated[str, typer.Option(help="architecture id from the site registry (mlp, cnn, text_bag; with extras hf_text_encoder, hf_image_encoder, torchvision, timm)")],
     config: Annotated[str, typer.Option(help="architecture configuration: inline JSON or a .json file")],
     preprocessing: Annotated[str, typer.Option(help="preprocessing: inline JSON or a .json file")],
     name: Annotated[str, typer.Option(help="model name")],

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fedmte.cli.errors import friendly_errors
-from fedmte.protocol.errors import InvalidInputError
+from fedmte.protocol.errors import FederationError, InvalidInputError
+
+if TYPE_CHECKING:
+    from fedmte.server.job_runner import JobFile, JobReport
 
 console = Console()
 
@@ -83,5 +86,63 @@ def run(
         _run_features(job_file)
 
 
+def _probe_job(job_file: Path, out: Path) -> JobFile:
+    """The probe's settings from either kind of job file: connection, [secure], site count, timeouts."""
+    from fedmte.server.job_runner import JobFile, load_job_file
+
+    if not _is_model_job(job_file):
+        return load_job_file(job_file).model_copy(update={"out": out.resolve()})
+    from fedmte.server.job import load_job
+
+    job = load_job(job_file)
+    settings = job.federation
+    return JobFile(
+        connection=job.connection, flwr_home=settings.flwr_home, out=out.resolve(), num_classes=len(job.labels),
+        secure=job.secure, min_sites=settings.min_sites, connect_timeout=settings.connect_timeout,
+        round_timeout=settings.round_timeout, run_timeout=settings.run_timeout,
+    )
+
+
+@friendly_errors
+def probe(
+    job_file: Annotated[Path, typer.Argument(metavar="JOB.toml", help="a job with a \\[secure] table")],
+    out: Annotated[Path, typer.Option("--out", help="where the probe's JSON report goes")] = Path("probe.json"),
+) -> None:
+    """Check that every site refuses forged, tampered and replayed secure-sum requests.
+
+    Sends each site a request signed by an unknown key, one altered after signing, a valid
+    control and the control again, then a signed end; no statistics are asked for. Exits
+    with an error naming every site that did not refuse a forgery for the right reason.
+    """
+    from fedmte.server.job_runner import launch, read_report
+
+    if not job_file.is_file():
+        raise InvalidInputError(f"job file {job_file} does not exist")
+    job = _probe_job(job_file, out)
+    if job.secure is None:
+        raise InvalidInputError(f"{job_file} has no [secure] table; the probe checks the secure sum's request rules")
+    try:
+        report = launch(job, probe=True)
+    except FederationError:  # launch removed any older report first: a report here is this probe's
+        written = read_report(out.resolve()) if out.is_file() else None
+        if written is not None and written.probes:
+            _print_probes(written)
+        raise
+    _print_probes(report)
+    console.print(f"every site refused every forged request; report written to {out}", soft_wrap=True)
+
+
+def _print_probes(report: JobReport) -> None:
+    table = Table(title="site probe")
+    table.add_column("probe")
+    table.add_column("site")
+    table.add_column("result")
+    for result in report.probes or []:
+        verdict = ("refused: " + result.reason) if result.refused else "accepted"
+        table.add_row(result.probe, str(result.node), ("" if result.as_expected else "UNEXPECTED ") + verdict)
+    console.print(table, soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
+    app.command("probe")(probe)
