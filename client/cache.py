@@ -80,7 +80,7 @@ class NpyAppender:
         want = (len(array),) if self.width is None else (len(array), self.width)
         if array.shape != want:
             raise CacheError(f"cache rows for {self.path.name} should be {want}, got {array.shape}")
-        self._handle.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        self._handle.write(np.ascontiguousarray(array, dtype=self.dtype).data)  # the buffer itself, no bytes copy
         self.rows += len(array)
 
     def close(self) -> None:

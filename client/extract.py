@@ -4,9 +4,15 @@ For each batch of the site's usable rows the model runs once, under
 ``torch.inference_mode()``; its feature output (and, for a model with a source head, the
 softmax of its logits: the source-class probabilities of NCE/LEEP-type scorers) feed
 :func:`fedmte.protocol.catalogue.accumulate` for the requested statistics and, at the same
-time, the site's feature cache. Memory holds one batch (plus one being decoded by a
-background thread) and the running sums, whatever the number of rows. Later phases read the
-cache and never run the model again (:func:`extract` with a cache hit).
+time, the site's feature cache. A background thread decodes the next batches. When the model
+leaves a core free (it runs on CUDA, or on fewer torch threads than the machine has cores),
+another writes the cache and accumulates the statistics of the batches already run, so they
+overlap the next forward pass (numpy and torch both release the GIL); otherwise that work
+runs between forward passes, because torch's OpenMP workers spin for milliseconds after each
+parallel region and a thread beside them slows the model more than it saves
+(bench/bench_extraction.py). Memory holds a few batches and the running sums, whatever the
+number of rows. Later phases read the cache and never run the model again (:func:`extract`
+with a cache hit).
 
 Statistics batch boundaries are fixed (``stats_batch`` usable rows, re-chunked whatever rows
 were skipped), so a pass and a later read of the cache feed ``accumulate`` the same float64
@@ -22,12 +28,13 @@ coordinator's business constraints.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import resource
 import statistics as pystats
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -51,10 +58,17 @@ from fedmte.protocol.statistics import Statistics
 
 LATENCY_REPEATS = 5
 T = TypeVar("T")
+R = TypeVar("R")
+Part = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
 class ExtractionSettings(BaseModel):
-    """How to run: the site file's ``[compute]`` plus the prefetch depth.
+    """How to run: the site file's ``[compute]`` plus the prefetch and overlap depths.
+
+    ``prefetch`` is how many batches a background thread decodes ahead; ``overlap`` is how
+    many model batches may wait for the statistics thread (0 computes the statistics between
+    forward passes, in the model's thread; None: 2 when the model leaves a core free, else
+    0). Neither changes the statistics.
 
     ``stats_rows`` is how many rows the statistics take at a time (a memory/speed knob that
     does not change the statistics beyond float rounding); ``blas_threads`` caps numpy's
@@ -70,6 +84,7 @@ class ExtractionSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = False
     prefetch: int = Field(default=2, ge=0, le=64)
+    overlap: int | None = Field(default=None, ge=0, le=64)
     blas_threads: int | None = Field(default=1, ge=1, le=1024)
     stats_rows: int = Field(default=2048, ge=1, le=1_048_576)
 
@@ -187,12 +202,67 @@ def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
         thread.join()
 
 
-def rebatch(
-    parts: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]], size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+def consume_in_thread(items: Generator[T, None, None], consume: Callable[[Iterator[T]], R], depth: int) -> R:
+    """``consume(items)``, with ``items`` produced in the calling thread and consumed in a
+    background thread up to ``depth`` behind, so both sides run at once.
+
+    A consumer error stops the producer and is raised here with its own type; a producer
+    error stops the consumer. Either way the consumer has finished before this returns, so
+    the caller may clean up what it uses. ``depth`` 0 consumes in the calling thread.
+    """
+    if depth == 0:
+        return consume(items)
+    buffer: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    outcome: list[object] = []
+
+    def received() -> Iterator[T]:
+        while not stop.is_set():
+            item = buffer.get()
+            if item is _DONE:
+                return
+            yield item  # type: ignore[misc]
+
+    def work() -> None:
+        try:
+            outcome.append(consume(received()))
+        except BaseException as error:  # noqa: BLE001 - handed to the producer
+            outcome.append(_Failure(error))
+
+    thread = threading.Thread(target=work, name="fedmte-statistics", daemon=True)
+    thread.start()
+
+    def put(item: object) -> None:
+        while thread.is_alive():
+            try:
+                buffer.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    try:
+        for item in items:
+            if outcome:  # the consumer failed: stop producing
+                break
+            put(item)
+        put(_DONE)
+    except BaseException:
+        stop.set()
+        put(_DONE)
+        raise
+    finally:
+        items.close()
+        thread.join()
+    result = outcome[0]
+    if isinstance(result, _Failure):
+        raise result.error
+    return result  # type: ignore[return-value]
+
+
+def rebatch(parts: Iterator[Part], size: int) -> Iterator[Part]:
     """Regroup (features, labels, logits) parts into exactly ``size`` rows (the last may be
     shorter), so batch boundaries do not depend on which rows were skipped."""
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+    pending: list[Part] = []
     count = 0
     for part in parts:
         if not pending and len(part[1]) == size:
@@ -298,6 +368,12 @@ def _forward(model: LoadedModel, inputs: np.ndarray, device: torch.device, dtype
     return features.cpu().numpy(), logits
 
 
+def statistics_overlap(device: torch.device, threads: int) -> int:
+    """2 when the statistics thread gets a core the model does not use, else 0."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 2 if device.type == "cuda" or threads < cores else 0
+
+
 def _measure_latency(model: LoadedModel, sample: np.ndarray, device: torch.device, dtype: torch.dtype) -> float:
     _forward(model, sample, device, dtype)  # warm-up
     times = []
@@ -328,7 +404,7 @@ def run_model(
     logits_dim = model.source_head.num_classes if model.source_head is not None else 0
     feature_dtype = np.dtype({torch.float32: np.float32, torch.float64: np.float64}[dtype])
 
-    def parts() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    def parts() -> Generator[Part, None, None]:
         decoded = decoded_batches(data, model.manifest.preprocessing, settings.batch_size, report, feature_dtype)
         for inputs, labels in prefetch(decoded, settings.prefetch):
             start = time.perf_counter()
@@ -336,10 +412,21 @@ def run_model(
             forward_times.append(time.perf_counter() - start)
             sizes.append(len(inputs))
             last_input[:] = [inputs[:1]]
-            if writer is not None:
-                writer.append(features, labels, logits)
             progress.advance(task, len(labels))
             yield features, labels, logits
+
+    def statistics_of(parts: Iterator[Part]) -> Statistics:
+        """The statistics thread's share: the cache writes, then the float64 statistics."""
+
+        def written() -> Iterator[Part]:
+            for part in parts:
+                if writer is not None:
+                    writer.append(*part)
+                yield part
+
+        needs = _Needs.of(requests)
+        batches = (_batch(f, y, z, len(data.labels), needs) for f, y, z in rebatch(written(), settings.stats_batch))
+        return accumulate(list(requests), batches)
 
     total = data.size_hint() if settings.progress else None
     reset_peak_rss()
@@ -354,9 +441,8 @@ def run_model(
             _progress(settings.progress) as progress,
         ):
             task = progress.add_task(model.manifest.name, total=total)
-            needs = _Needs.of(requests)
-            batches = (_batch(f, y, z, len(data.labels), needs) for f, y, z in rebatch(parts(), settings.stats_batch))
-            statistics = accumulate(list(requests), batches)
+            overlap = settings.overlap if settings.overlap is not None else statistics_overlap(device, threads)
+            statistics = consume_in_thread(parts(), statistics_of, overlap)
             seconds = time.perf_counter() - started
             latency = _measure_latency(model, last_input[0], device, dtype) if last_input else None
     except BaseException:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import threading
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -14,10 +18,11 @@ from fedmte.client.architectures import LoadedModel, load_model
 from fedmte.client.cache import FeatureCache, NpyAppender
 from fedmte.client.data import open_site_data
 from fedmte.client.errors import BadRowsRefusedError, SiteConfigError
-from fedmte.client.extract import ExtractionSettings, extract, prefetch, rebatch
+from fedmte.client.extract import ExtractionSettings, consume_in_thread, extract, prefetch, rebatch, statistics_overlap
 from fedmte.client.packages import generate_signing_key, public_key_string
 from fedmte.client.site_config import parse_site_config
 from fedmte.protocol.catalogue import Batch, accumulate
+from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.requests import Stat, Transform
 from fedmte.client.architectures import initial_weights, pack_model
 from tests.client_helpers import MLP_CONFIG, MLP_PRE, pack
@@ -140,6 +145,46 @@ def test_cache_gives_identical_statistics_without_running_the_model(
     assert first.entry.labels().tolist() == y[np.isfinite(x).all(axis=1)].tolist()
 
 
+def test_statistics_thread_gives_the_bits_of_the_model_thread(
+    mlp: LoadedModel, vectors: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """Overlapping the statistics with the next forward pass changes when they run, not what
+    they sum: same float64 batches in the same order, hence identical bits and cache."""
+    path, _, _ = vectors
+    reqs = requests(mlp.feature_dim)
+    results = {}
+    for overlap in (0, 1, 3):
+        settings = ExtractionSettings(batch_size=7, stats_rows=24, overlap=overlap, device="cpu")
+        results[overlap] = extract(mlp, site_data(path), reqs, cache=FeatureCache(tmp_path / f"c{overlap}"), settings=settings)
+    serial = results[0]
+    for overlap in (1, 3):
+        for key, value in serial.statistics.items():
+            assert np.array_equal(results[overlap].statistics[key], value), (overlap, key)
+        assert np.array_equal(results[overlap].entry.features(), serial.entry.features())
+        assert np.array_equal(results[overlap].entry.logits(), serial.entry.logits())
+        assert results[overlap].rows == serial.rows
+
+
+def test_statistics_thread_only_when_the_model_leaves_a_core_free() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert statistics_overlap(torch.device("cpu"), cores) == 0  # torch's workers spin on every core
+    assert statistics_overlap(torch.device("cpu"), max(cores - 1, 1)) == (2 if cores > 1 else 0)
+    assert statistics_overlap(torch.device("cuda"), cores) == 2  # the model runs on the GPU
+
+
+def test_a_statistics_thread_error_reaches_the_caller_and_leaves_no_cache_entry(
+    tmp_path: Path, vectors: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    pack(tmp_path / "nohead", KEY, "mlp", head=False)
+    model = load_model(tmp_path / "nohead", PINNED)
+    cache = FeatureCache(tmp_path / "cache")
+    settings = ExtractionSettings(batch_size=8, stats_rows=8, overlap=2, device="cpu")
+    with pytest.raises(InvalidInputError, match="needs source probabilities"):
+        extract(model, site_data(vectors[0]), [Stat.of("soft_joint")], cache=cache, settings=settings)
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "fedmte-statistics"]
+
+
 def test_cache_key_follows_the_data(mlp: LoadedModel, vectors: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
     path, x, y = vectors
     cache = FeatureCache(tmp_path / "cache")
@@ -254,6 +299,48 @@ def test_prefetch_keeps_order_and_reraises() -> None:
 
     with pytest.raises(BadRowsRefusedError, match="row 2: broken"):
         list(prefetch(failing(), 2))
+
+
+def test_consume_in_thread_returns_the_result_and_stops_both_sides_on_errors() -> None:
+    produced: list[int] = []
+
+    def numbers(n: int) -> Iterator[int]:
+        for i in range(n):
+            produced.append(i)
+            yield i
+
+    assert consume_in_thread(numbers(500), lambda items: [i * 2 for i in items], 2) == [2 * i for i in range(500)]
+    assert consume_in_thread(numbers(5), sum, 0) == 10
+
+    def fails_at_ten(items: Iterator[int]) -> int:
+        for i in items:
+            if i == 10:
+                raise InvalidInputError("item 10 is bad")
+        return 0
+
+    produced.clear()
+    with pytest.raises(InvalidInputError, match="item 10 is bad"):
+        consume_in_thread(numbers(10_000), fails_at_ten, 2)
+    assert len(produced) < 100  # the producer stopped soon after the consumer failed
+
+    seen: list[int] = []
+    finished = threading.Event()
+
+    def broken() -> Iterator[int]:
+        yield from range(5)
+        raise BadRowsRefusedError("row 5: broken")
+
+    def record(items: Iterator[int]) -> None:
+        try:
+            seen.extend(items)
+        finally:
+            finished.set()
+
+    with pytest.raises(BadRowsRefusedError, match="row 5: broken"):
+        consume_in_thread(broken(), record, 3)
+    assert finished.is_set()  # the consumer had stopped when the error came out
+    assert seen == list(range(len(seen)))
+    assert not [t for t in threading.enumerate() if t.name == "fedmte-statistics"]
 
 
 @pytest.mark.parametrize("dtype, width", [(np.float32, 3), (np.float64, 1), (np.int64, None)])
