@@ -460,6 +460,9 @@ def restart_site(directory: Path, name: str, *, timeout: float = START_TIMEOUT) 
         raise InvalidInputError(f"the local federation in {directory} has no site {name!r}")
     if _alive(site.pid, str(directory)):
         raise FederationError(f"site {name} is still running (pid {site.pid}); stop it first")
+    if "--auth-supernode-private-key" not in site.command:
+        raise FederationError(f"no command line is recorded for site {name}; restart the whole federation "
+                              "(`fedmte local down`, then `fedmte local up`)")
     _reap([site.pid])
     env = state.env()
     _flwr(["supernode", "unregister", str(site.node_id), CONNECTION], env)
