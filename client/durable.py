@@ -1,5 +1,7 @@
-"""Crash-safe file writes for the site's records (audit log, ledger): a crash leaves the old
-file or the new one, never half of either."""
+"""Whole-file replacements: a reader or a crash sees the old file or the new one, never half of
+either. :func:`atomic_write` also survives a power cut (the site's records: audit log, ledger);
+:func:`replace_file` is for outputs that only need readers not to see half a file (reports,
+caches)."""
 
 from __future__ import annotations
 
@@ -30,3 +32,13 @@ def atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write a sibling temporary file (mode from the umask, like any new file), then rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -162,14 +162,6 @@ def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> PackageSig
     return PackageSignature(key_id=key_id(key.public_key()), signature=base64.b64encode(signature).decode("ascii"))
 
 
-def sha256_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def write_package(
     directory: Path | str,
     manifest: ModelManifest,

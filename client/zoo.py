@@ -61,6 +61,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as load_safetensors
 
+from fedmte.client.durable import replace_file
 from fedmte.client.architectures import ARCHITECTURES, CNNConfig, initial_weights, pack_model, parameter_count
 from fedmte.client.manifest import ImagePreprocessing, ModelManifest
 from fedmte.client.packages import tensors_to_bytes
@@ -379,15 +380,6 @@ def _load_cached(directory: Path, entry: ZooEntry) -> dict[str, torch.Tensor] | 
     return dict(load_safetensors(data))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 Progress = Callable[[str, bool], None]
 """Called with (model name, whether it came from the cache) as each model becomes ready."""
 
@@ -445,7 +437,7 @@ def build_zoo(
         entries=[merged[name] for name in order],
     )
     if cached is None or index != cached:
-        _write_atomic(directory / INDEX_FILE, (index.model_dump_json(by_alias=True, indent=2) + "\n").encode())
+        replace_file(directory / INDEX_FILE, (index.model_dump_json(by_alias=True, indent=2) + "\n").encode())
     selected = ZooIndex.model_validate({**index.model_dump(by_alias=True), "entries": [e.model_dump() for e in entries]})
     return Zoo(directory=directory, index=selected, tensors=tensors, from_cache=all_cached)
 
@@ -459,7 +451,7 @@ def _build_one(recipe: Recipe, split: DigitsSplit, directory: Path) -> tuple[Zoo
     )
     data = tensors_to_bytes(weights)
     file_name = f"{recipe.name}.safetensors"
-    _write_atomic(directory / file_name, data)
+    replace_file(directory / file_name, data)
     entry = ZooEntry(
         name=recipe.name, description=recipe.description, config=recipe.config(), source_task=recipe.source_task,
         source_classes=recipe.source_classes, license=recipe.license, parameter_count=parameter_count(_module(recipe)),

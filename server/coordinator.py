@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmte.client.manifest import ModelManifest, strict_json_loads
-from fedmte.protocol import dp
+from fedmte.protocol import dp, secure_rounds
 from fedmte.protocol.audit_format import parse_note
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError, VerificationError
 from fedmte.protocol.job_messages import (
@@ -89,6 +88,7 @@ from fedmte.server.report import (
     write_report,
 )
 from fedmte.server.rounds import Aggregator, Exchange, PlainSum
+from fedmte.server.secure_aggregation import load_coordinator_key
 
 MANIFEST_FILE, WEIGHTS_FILE, SIGNATURE_FILE = "manifest.json", "weights.safetensors", "signature.json"
 """A package folder's files (:mod:`fedmte.client.packages`)."""
@@ -178,27 +178,14 @@ def load_candidates(job: JobSpec) -> list[CandidatePackage]:
 
 # --------------------------------------------------------------------------- keys
 
-def load_coordinator_key(path: Path) -> Ed25519PrivateKey:
-    """The coordinator's Ed25519 signing key (PKCS#8 PEM)."""
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as error:
-        raise InvalidInputError(f"cannot read the coordinator key {path}: {error}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise InvalidInputError(f"{path} is not an Ed25519 private key")
-    return key
-
-
 def public_key_text(key: Ed25519PrivateKey) -> str:
     """``ed25519:<base64 of the raw public key>`` (how site files write keys)."""
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "ed25519:" + base64.b64encode(raw).decode("ascii")
+    return secure_rounds.public_key_text(key.public_key())
 
 
 def coordinator_fingerprint(key: Ed25519PrivateKey) -> str:
     """Hex sha256 of the raw public key: what a site pins in ``[policy.coordinator_keys]``."""
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
+    return secure_rounds.fingerprint(key.public_key())
 
 
 def sign_setup(request: SetupRequest, key: Ed25519PrivateKey) -> SignedSetup:
@@ -642,10 +629,8 @@ def server_job_text(job: JobSpec) -> str:
     load_candidates(job)
     secure = job.secure
     if secure is not None:
-        from fedmte.server.secure_aggregation import load_coordinator_key as load_secure_key
-
         secure = secure.model_copy(update={"signing_key": Path(secure.signing_key).resolve()})
-        load_secure_key(secure.signing_key)
+        load_coordinator_key(secure.signing_key)
     resolved = job.model_copy(update={"output": Path(job.output).resolve(), "secure": secure})
     return ModelsServerJob(job=resolved.model_dump(mode="json"), coordinator_key=str(key_path)).model_dump_json()
 

@@ -55,7 +55,6 @@ it); they finish in :data:`DEMO_ROUNDS` statistics rounds, whatever the number o
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -67,6 +66,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmte.client.audit_log import AuditVerification, generate_signing_key, key_fingerprint, verify
+from fedmte.client.durable import replace_file
 from fedmte.client.ledger import Ledger
 from fedmte.client.packages import generate_signing_key as generate_package_key
 from fedmte.client.packages import load_signing_key as load_package_key
@@ -378,12 +378,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     if path.is_file() and path.read_bytes() == data:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    replace_file(path, data)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -267,7 +267,9 @@ def _serve_probe(exchange: Any, job: ServerJob, run_id: int, start: float) -> Jo
     report = JobReport(
         status="finished" if probe.passed else "failed", run_id=run_id, sites=len(exchange.nodes),
         total_seconds=time.perf_counter() - start, probes=probe.results, failures=probe.failures(),
-        error=None if probe.passed else "some sites did not refuse every forged request (see failures)",
+        error=None if probe.passed else (
+            "some sites did not refuse every forged request (see failures): do not run secure jobs with them "
+            "until their data owners run a fedmte site agent that refuses them (a site runner with a state_dir)"),
     )
     write_report(report, Path(job.report))
     return report

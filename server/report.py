@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
-import os
 from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedmte.client.durable import replace_file
 from fedmte.server.job import Constraints, JobSpec, PrivacyRequest
 from fedmte.server.ranking import Agreement, RankedModel, Ranking
 
@@ -182,22 +182,12 @@ def build_report(
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a sibling temporary file (mode from the umask, like any new file), then rename."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_report(report: Report, directory: Path) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.html`` under ``directory`` (each atomically)."""
     directory.mkdir(parents=True, exist_ok=True)
     json_path, html_path = directory / JSON_NAME, directory / HTML_NAME
-    _write_atomic(json_path, report.to_json() + "\n")
-    _write_atomic(html_path, render_html(report))
+    replace_file(json_path, (report.to_json() + "\n").encode("utf-8"))
+    replace_file(html_path, render_html(report).encode("utf-8"))
     return json_path, html_path
 
 

@@ -83,12 +83,16 @@ class AgentExchange:
     def nodes(self) -> Sequence[int]:
         return sorted(self.files)
 
+    def reply(self, query: str, node: int, payload: Payload) -> Payload:
+        """One site's answer to one (wire-decoded) message."""
+        return self.answer(query, payload, self.files[node], run_id=self.run_id)
+
     def exchange(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> dict[int, Payload]:
         self.sent.append((query, group))
         replies, failures = {}, {}
         for node, payload in payloads.items():
             try:
-                reply = self.answer(query, Payload.from_wire(*payload.to_wire()), self.files[node], run_id=self.run_id)
+                reply = self.reply(query, node, Payload.from_wire(*payload.to_wire()))
             except FedmteError as error:
                 failures[str(node)] = f"{type(error).__name__}: {error}"
                 continue

@@ -7,14 +7,13 @@ coordinator holds only masked words, and the report says the secure sum was on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedmte.client.secure_site import SecureSite, agent_statistics, config_path, load_secure_config
-from fedmte.protocol.errors import FederationError, FedmteError
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.wire import SECURE_QUERIES, Payload
 from fedmte.server.coordinator import build_job_report, execute_job, job_aggregator, load_candidates
@@ -41,22 +40,11 @@ class SecureAgentExchange(AgentExchange):
             self.secure[node] = SecureSite(load_secure_config(path), compute=agent_statistics(site_file))
         self.plain_stats = 0
 
-    def exchange(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> dict[int, Payload]:
-        if query not in SECURE_QUERIES:
-            self.plain_stats += query == "stats"
-            return super().exchange(query, payloads, group=group)
-        self.sent.append((query, group))
-        replies, failures = {}, {}
-        for node, payload in payloads.items():
-            try:
-                reply = self.secure[node].handle(query, Payload.from_wire(*payload.to_wire()))
-            except FedmteError as error:
-                failures[str(node)] = f"{type(error).__name__}: {error}"
-                continue
-            replies[node] = Payload.from_wire(*reply.to_wire())
-        if failures:
-            raise FederationError(f"{query} round {group} failed", failures=failures)
-        return replies
+    def reply(self, query: str, node: int, payload: Payload) -> Payload:
+        if query in SECURE_QUERIES:
+            return self.secure[node].handle(query, payload)
+        self.plain_stats += query == "stats"
+        return super().reply(query, node, payload)
 
 
 def test_a_secure_multi_model_job_equals_pooled_scores(tmp_path: Path) -> None:
