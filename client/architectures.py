@@ -50,7 +50,7 @@ from fedmte.client.errors import (
     UnexpectedTensorError,
     UnknownArchitectureError,
 )
-from fedmte.client.manifest import ModelManifest, SourceHead
+from fedmte.protocol.manifest import ModelManifest, SourceHead
 from fedmte.client.packages import (
     PackageReport,
     VerifiedPackage,

@@ -17,7 +17,7 @@ library does not import is refused with
     ``trust_remote_code``, quantisation and attention/expert kernel choices are refused (the
     first two name remote code, the last two can pull code from the hub). The optional pooler
     layer is left out. Text encoders take the site's token ids
-    (:class:`~fedmte.client.manifest.TextPreprocessing`: 0 pads, so ``pad_token_id`` must be
+    (:class:`~fedmte.protocol.manifest.TextPreprocessing`: 0 pads, so ``pad_token_id`` must be
     0 and the attention mask is ``ids != 0``; ``cls_token_id`` optionally prepends a
     classification token); image encoders take the preprocessed (C, H, W) pixels.
     Outputs ``features`` -- the first token's last hidden state (``pooling = "cls"``) or the
@@ -53,7 +53,7 @@ from torch import nn
 
 from fedmte.client.architectures import TORCH_DTYPES, Architecture, _Config, _head, _with_logits
 from fedmte.client.errors import ArchitectureConfigError, OptionalDependencyError
-from fedmte.client.manifest import ImagePreprocessing, TextPreprocessing
+from fedmte.protocol.manifest import ImagePreprocessing, TextPreprocessing
 
 
 def _brief(error: BaseException) -> str:

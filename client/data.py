@@ -1,6 +1,6 @@
 """The site's own data, read where and how the data owner keeps it, one chunk at a time.
 
-Three sources (configured in ``[data]`` of the site file, :mod:`fedmte.client.site_config`):
+Four sources (configured in ``[data]`` of the site file, :mod:`fedmte.client.site_config`):
 
 - ``image_folder``: one subfolder per class, images below it (any depth, sorted order);
   files whose suffix is not an image suffix are ignored and counted.
@@ -9,6 +9,8 @@ Three sources (configured in ``[data]`` of the site file, :mod:`fedmte.client.si
 - ``arrays``: an ``.npz`` (inputs and labels arrays) or an ``.npy`` of inputs plus an
   ``.npy`` of labels; ``.npy`` files are memory-mapped, so their size is not bounded by
   memory. Everything is read with ``allow_pickle=False``.
+- ``features``: an ``.npz`` of features the site computed itself (``features``, ``labels``,
+  optionally ``source_probs``); no model runs, the statistics read these rows directly.
 
 Labels are names in the site's vocabulary; ``label_map`` renames them, and the result must
 be a name of the job's label space (whose order gives the class index). An unknown label is
@@ -44,7 +46,7 @@ from fedmte.client.errors import (
     LabelMappingError,
     SiteDataError,
 )
-from fedmte.client.manifest import ImagePreprocessing, Preprocessing, TextPreprocessing, VectorPreprocessing, canonical_json
+from fedmte.protocol.manifest import ImagePreprocessing, Preprocessing, TextPreprocessing, VectorPreprocessing, canonical_json
 from fedmte.client.preprocess import (
     RowError,
     check_image_array,
@@ -54,11 +56,12 @@ from fedmte.client.preprocess import (
     tokenize,
     vector_batch,
 )
-from fedmte.client.site_config import ArraySource, DataSource, ImageFolderSource, TableSource
+from fedmte.client.site_config import ArraySource, DataSource, FeaturesSource, ImageFolderSource, TableSource
+from fedmte.protocol.inputs import PROBABILITY_TOLERANCE
 
 FINGERPRINT_SCHEMA = "fedmte.dataset_fingerprint.v1"
 MAX_EXAMPLES = 20
-InputKind = Literal["image", "text", "vector"]
+InputKind = Literal["image", "text", "vector", "features"]
 
 
 # --------------------------------------------------------------------------- labels
@@ -400,21 +403,7 @@ class ArrayData(SiteData):
             raise SiteDataError(f"cannot read {source.path.name} as plain arrays (pickle is never allowed): {error}") from None
 
     def _map(self, raw: np.ndarray) -> np.ndarray:
-        """Class index per row, or -1 for a missing (empty) label; unknown labels raise."""
-        if raw.dtype.kind in "iu" and not self.labels.label_map:
-            if len(raw) and (raw.min() < 0 or raw.max() >= len(self.labels)):
-                raise LabelMappingError(
-                    f"integer labels must index the {len(self.labels)}-name label space; found {int(raw.min())}..{int(raw.max())}"
-                )
-            return raw.astype(np.int64)
-        if raw.dtype.kind not in "iuUS":
-            raise LabelMappingError(f"labels must be strings or integers, got dtype {raw.dtype}")
-        values, inverse = np.unique(raw, return_inverse=True)
-        table = np.empty(len(values), dtype=np.int64)
-        for i, value in enumerate(values):
-            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            table[i] = -1 if text == "" else self.labels.index(text, f"{self.source.path.name}")
-        return table[inverse.reshape(-1)]
+        return _map_labels(raw, self.labels, self.source.path.name)
 
     def files(self) -> list[Path]:
         return [self.source.path] + ([self.source.labels_path] if self.source.labels_path else [])
@@ -455,6 +444,103 @@ class ArrayData(SiteData):
             yield Chunk(block, labels, lambda i, s=start: f"index {s + i}", bad)
 
 
+class FeatureData(SiteData):
+    """Precomputed features (``kind = "features"``): rows the site's statistics read
+    directly; no model reads them, so :meth:`check_compatible` refuses every package."""
+
+    input_kind: InputKind = "features"
+
+    def __init__(self, source: FeaturesSource, labels: LabelSpace) -> None:
+        super().__init__(source, labels)
+        try:
+            with np.load(source.path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+        except (OSError, ValueError) as error:
+            raise SiteDataError(f"cannot read {source.path.name} as plain arrays (pickle is never allowed): {error}") from None
+        missing = [key for key in (source.features_key, source.labels_key) if key not in arrays]
+        if missing:
+            raise SiteDataError(f"{source.path.name} has no array(s) {missing}; it has {sorted(arrays)}")
+        features = arrays[source.features_key]
+        if features.ndim != 2 or features.dtype.kind not in "fiu":
+            raise SiteDataError(f"{source.features_key} must be a numeric (n, d) array; got {features.shape} {features.dtype}")
+        self.features = features.astype(np.float64)
+        raw_labels = arrays[source.labels_key]
+        if raw_labels.ndim != 1 or len(raw_labels) != len(self.features):
+            raise SiteDataError(f"{source.labels_key} must be a 1-d array with one entry per feature row; got "
+                                f"{raw_labels.shape} for {len(self.features)} rows")
+        self.class_labels = _map_labels(raw_labels, labels, source.path.name)
+        probs = arrays.get(source.source_probs_key)
+        if probs is not None:
+            if probs.ndim != 2 or len(probs) != len(self.features) or probs.dtype.kind != "f":
+                raise SiteDataError(f"{source.source_probs_key} must be a float (n, Cs) array; got {probs.shape} {probs.dtype}")
+            probs = probs.astype(np.float64)
+        self.source_probs = probs
+        bad = ~np.all(np.isfinite(self.features), axis=1)
+        if probs is not None:
+            bad |= ~np.all(np.isfinite(probs), axis=1) | np.any(probs < 0, axis=1)
+            bad |= np.abs(np.nan_to_num(probs).sum(axis=1) - 1.0) > PROBABILITY_TOLERANCE
+        self.bad_rows = {int(i): "non-finite or non-probability values" for i in np.flatnonzero(bad)}
+        self.bad_rows.update({int(i): "missing label" for i in np.flatnonzero(self.class_labels < 0)})
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def num_source_classes(self) -> int:
+        return 0 if self.source_probs is None else int(self.source_probs.shape[1])
+
+    def files(self) -> list[Path]:
+        return [self.source.path]
+
+    def size_hint(self) -> int:
+        return len(self.features)
+
+    def check_compatible(self, pre: Preprocessing) -> None:
+        raise InputKindMismatchError(
+            f"this site holds precomputed features ([data] kind = \"features\"); it runs no model packages "
+            f"(the model takes {pre.kind} input)"
+        )
+
+    def chunks(self, size: int, report: RowReport) -> Iterator[Chunk]:
+        for start in range(0, len(self.features), size):
+            labels = self.class_labels[start : start + size]
+            bad = {i - start: r for i, r in self.bad_rows.items() if start <= i < start + size}
+            yield Chunk(self.features[start : start + size], labels, lambda i, s=start: f"row {s + i}", bad)
+
+    def rows(self, size: int, report: RowReport) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(features, class indices, source probabilities) of the good rows, ``size`` at a time;
+        bad rows are skipped and counted (or refused) as the site file says."""
+        for start in range(0, len(self.features), size):
+            stop = min(start + size, len(self.features))
+            keep = np.ones(stop - start, dtype=bool)
+            for i, reason in self.bad_rows.items():
+                if start <= i < stop:
+                    report.skip(f"{self.source.path.name}: row {i}", reason)
+                    keep[i - start] = False
+            report.used += int(keep.sum())
+            probs = None if self.source_probs is None else self.source_probs[start:stop][keep]
+            yield self.features[start:stop][keep], self.class_labels[start:stop][keep], probs
+
+
+def _map_labels(raw: np.ndarray, labels: LabelSpace, where: str) -> np.ndarray:
+    """Class index per row, or -1 for a missing (empty) label; unknown labels raise."""
+    if raw.dtype.kind in "iu" and not labels.label_map:
+        if len(raw) and (raw.min() < 0 or raw.max() >= len(labels)):
+            raise LabelMappingError(
+                f"integer labels must index the {len(labels)}-name label space; found {int(raw.min())}..{int(raw.max())}"
+            )
+        return raw.astype(np.int64)
+    if raw.dtype.kind not in "iuUS":
+        raise LabelMappingError(f"labels must be strings or integers, got dtype {raw.dtype}")
+    values, inverse = np.unique(raw, return_inverse=True)
+    table = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        table[i] = -1 if text == "" else labels.index(text, where)
+    return table[inverse.reshape(-1)]
+
+
 def open_site_data(source: DataSource, label_names: Sequence[str] | None = None) -> SiteData:
     """Open the configured source in the job's label space (default: ``[data] labels``)."""
     names = label_names if label_names is not None else source.labels
@@ -467,6 +553,8 @@ def open_site_data(source: DataSource, label_names: Sequence[str] | None = None)
         return ImageFolderData(source, space)
     if isinstance(source, TableSource):
         return TableData(source, space)
+    if isinstance(source, FeaturesSource):
+        return FeatureData(source, space)
     return ArrayData(source, space)
 
 

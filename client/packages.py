@@ -3,7 +3,7 @@
 A package is a directory holding exactly three files:
 
 ``manifest.json``
-    The canonical JSON of a :class:`~fedmte.client.manifest.ModelManifest` (sorted keys,
+    The canonical JSON of a :class:`~fedmte.protocol.manifest.ModelManifest` (sorted keys,
     no whitespace, UTF-8), including the weights' sha256 and size.
 ``weights.safetensors``
     The weights, as safetensors and nothing else.
@@ -51,7 +51,7 @@ from fedmte.client.errors import (
     UntrustedKeyError,
     WeightsHashMismatchError,
 )
-from fedmte.client.manifest import ModelManifest, strict_json_loads
+from fedmte.protocol.manifest import ModelManifest, strict_json_loads
 from fedmte.client.weights import WeightLimits, parse_safetensors, read_bounded
 
 MANIFEST_FILE = "manifest.json"

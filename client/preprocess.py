@@ -1,7 +1,7 @@
 """Turn raw samples into network inputs, as the manifest's preprocessing describes.
 
 This is site code run on the site's data; the manifest only chooses among a few fixed
-recipes and their numbers (:mod:`fedmte.client.manifest`). A sample that cannot be turned
+recipes and their numbers (:mod:`fedmte.protocol.manifest`). A sample that cannot be turned
 into an input (an image that does not decode, a text that is not UTF-8, a vector with NaN)
 raises :class:`RowError`, which the caller counts or refuses as the site file says. A
 source whose shape can never fit the model (vectors of the wrong width) raises
@@ -12,7 +12,7 @@ Images: ``convert`` to L or RGB, ``resize`` to (width, height) with the named fi
 to [0, 1], then ``(x - mean) / std`` per channel, laid out (C, H, W) as PyTorch expects.
 Byte pixels go through a per-channel table of the 256 possible values (computed in float64,
 stored as float32), so decoding costs one lookup per pixel.
-Text: see :class:`~fedmte.client.manifest.TextPreprocessing`.
+Text: see :class:`~fedmte.protocol.manifest.TextPreprocessing`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from fedmte.client.errors import InputKindMismatchError
-from fedmte.client.manifest import ImagePreprocessing, TextPreprocessing, VectorPreprocessing
+from fedmte.protocol.manifest import ImagePreprocessing, TextPreprocessing, VectorPreprocessing
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)

@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedmte.client.architectures import LoadedModel, load_verified, resolve
 from fedmte.client.audit_log import key_fingerprint, load_signing_key
 from fedmte.client.cache import CacheEntry, FeatureCache
-from fedmte.client.data import SiteData, open_site_data
+from fedmte.client.data import FeatureData, SiteData, open_site_data
 from fedmte.client.durable import atomic_write
 from fedmte.client.errors import (
     ArchitectureConfigError,
@@ -75,7 +75,7 @@ from fedmte.client.errors import (
     UntrustedKeyError,
 )
 from fedmte.client.extract import ExtractionSettings, ModelMetrics, extract
-from fedmte.client.manifest import ModelManifest
+from fedmte.protocol.manifest import ModelManifest
 from fedmte.client.packages import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -101,6 +101,7 @@ from fedmte.protocol.job_messages import (
     ModelOffer,
     ModelStatus,
     ReleaseCost,
+    SITE_FEATURES,
     RoundReplyDoc,
     SetupReply,
     SetupRequest,
@@ -325,6 +326,15 @@ class SiteAgent:
         statuses: dict[str, ModelStatus] = {}
         refs: list[ModelRef] = []
         for offer in request.models:
+            if offer.kind == SITE_FEATURES:
+                status = self._offer_site_features(offer, data, request, requester, setup_sha)
+                statuses[offer.model_id] = status
+                refs.append(ModelRef(arch_id=SITE_FEATURES, weights_sha256=offer.model_id))
+                if status.status == "ready":
+                    session.models[offer.model_id] = SessionModel(
+                        label=offer.label, architecture=SITE_FEATURES, weights_sha256=offer.model_id,
+                        feature_dim=int(status.feature_dim or 0), num_source_classes=int(status.num_source_classes or 0))
+                continue
             status, manifest = self._offer(offer, weights.get(offer.model_id), data, request, requester, setup_sha)
             statuses[offer.model_id] = status
             if manifest is not None:
@@ -341,6 +351,26 @@ class SiteAgent:
                         .model_dump(mode="json", by_alias=True))
         return self._send(reply, requester=requester, recipient=f"coordinator:{coordinator}", run_id=request.run_id,
                           round=0, purpose=request.purpose, request_sha256=setup_sha, models=refs)
+
+    def _offer_site_features(self, offer: ModelOffer, data: SiteData, request: SetupRequest, requester: str,
+                             setup_sha: str) -> ModelStatus:
+        """The site's own precomputed features as a candidate: only a features-kind site holds
+        them, and the policy still decides (``site_features`` must be an allowed architecture)."""
+        if isinstance(data, FeatureData):
+            found = violations(self.policy, [], [], SITE_FEATURES, data.dim)
+            if not found:
+                return ModelStatus(status="ready", feature_dim=data.dim, num_source_classes=data.num_source_classes)
+            refusal = PolicyRefusal(found)
+            rule, reason_code, message = refusal.rule, refusal.reason_code, str(refusal)
+        else:
+            rule, reason_code = "data.kind", "data:no_site_features"
+            message = (f"this site holds {self.config.data.kind} data, not precomputed features; only a site with "
+                       "[data] kind = \"features\" answers a site-features candidate")
+        self.privacy.log.refusal(requester=requester, run_id=request.run_id, round=0, reason_code=reason_code[:64],
+                                 rule=rule, message=message, purpose=request.purpose, request_sha256=setup_sha,
+                                 data_source=self.data_source,
+                                 models=[ModelRef(arch_id=SITE_FEATURES, weights_sha256=offer.model_id)])
+        return ModelStatus(status="refused", rule=rule, reason=message[:4096])
 
     def _offer(self, offer: ModelOffer, weights: bytes | None, data: SiteData, request: SetupRequest,
                requester: str, setup_sha: str) -> tuple[ModelStatus, ModelManifest | None]:
@@ -441,6 +471,12 @@ class SiteAgent:
                 source_probs=None if logits is None else softmax(np.asarray(logits[rows], dtype=np.float64)),
             )
 
+    def _site_feature_batches(self, data: SiteData, num_classes: int) -> Iterator[Batch]:
+        """A features-kind site's own rows as float64 batches (bad rows skipped or refused)."""
+        assert isinstance(data, FeatureData)
+        for features, labels, probs in data.rows(self.settings.stats_batch, data.new_report()):
+            yield Batch(features=features, labels=labels, num_classes=num_classes, source_probs=probs)
+
     def _site_metrics(self, model_id: str, fingerprint: str) -> SiteMetrics | None:
         metrics = self._metrics.get((model_id, fingerprint))
         if metrics is None:
@@ -484,6 +520,8 @@ class SiteAgent:
         )
 
         def batches_for(model: ModelRequest) -> Iterator[Batch]:
+            if model.arch_id == SITE_FEATURES:
+                return self._site_feature_batches(data, request.num_classes)
             entry = self._features(model_of[id(model)], data, fingerprint)
             return self._batches(entry, request.num_classes)
 

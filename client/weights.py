@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedmte.client.errors import MalformedWeightsError, PackageError, SizeLimitError, UnsafeFormatError
-from fedmte.client.manifest import strict_json_loads
+from fedmte.protocol.manifest import strict_json_loads
 
 HEADER_LENGTH_BYTES = 8
 SNIFF_BYTES = 16

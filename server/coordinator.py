@@ -48,7 +48,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedmte.client.manifest import ModelManifest, strict_json_loads
+from fedmte.protocol.manifest import ModelManifest, strict_json_loads
 from fedmte.protocol import dp, secure_rounds
 from fedmte.protocol.audit_format import parse_note
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError, VerificationError

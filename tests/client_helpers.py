@@ -9,7 +9,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmte.client.architectures import initial_weights, pack_model
-from fedmte.client.manifest import ModelManifest
+from fedmte.protocol.manifest import ModelManifest
 
 MLP_CONFIG: dict[str, Any] = {"input_dim": 6, "hidden_dims": [16, 5], "num_source_classes": 4}
 MLP_PRE: dict[str, Any] = {"kind": "vector", "dim": 6}

@@ -164,7 +164,7 @@ def test_pack_refuses_weights_that_do_not_fit_and_writes_nothing(tmp_path: Path)
 
 
 def test_build_gives_eval_mode_and_counts_parameters() -> None:
-    from fedmte.client.manifest import ModelManifest
+    from fedmte.protocol.manifest import ModelManifest
 
     manifest = ModelManifest(name="c", architecture="cnn", config=CNN_CONFIG, preprocessing=CNN_PRE, license="MIT",
                              parameter_count=0, weights_sha256="0" * 64, weights_bytes=0)

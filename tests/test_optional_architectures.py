@@ -39,7 +39,7 @@ from fedmte.client.errors import (
     UnknownArchitectureError,
 )
 from fedmte.client.extract import ExtractionSettings, extract
-from fedmte.client.manifest import ModelManifest, TextPreprocessing
+from fedmte.protocol.manifest import ModelManifest, TextPreprocessing
 from fedmte.client.packages import generate_signing_key, public_key_string, tensors_to_bytes, write_package
 from fedmte.client.preprocess import tokenize
 from fedmte.client.site_config import parse_site_config

@@ -25,7 +25,7 @@ from fedmte.client.errors import (
     UntrustedKeyError,
     WeightsHashMismatchError,
 )
-from fedmte.client.manifest import ModelManifest
+from fedmte.protocol.manifest import ModelManifest
 from fedmte.client.packages import (
     MANIFEST_FILE,
     SIGNATURE_FILE,

@@ -18,7 +18,7 @@ from fedmte.client.errors import (
     SiteConfigError,
     SiteDataError,
 )
-from fedmte.client.manifest import ImagePreprocessing, TextPreprocessing, VectorPreprocessing
+from fedmte.protocol.manifest import ImagePreprocessing, TextPreprocessing, VectorPreprocessing
 from fedmte.client.packages import generate_signing_key, public_key_string
 from fedmte.client.preprocess import image_batch, image_input, tokenize
 from fedmte.client.site_config import load_site_config, parse_site_config
