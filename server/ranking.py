@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -278,6 +279,187 @@ def _competition_ranks(values: Mapping[str, float], better: str) -> dict[str, in
     return ranks
 
 
+# --------------------------------------------------------------------------- the steps
+
+def _check_inputs(
+    scores: Mapping[str, Mapping[str, float | None]],
+    metadata: Mapping[str, ModelMetadata],
+    scorers: Sequence[str],
+    settings: RankingSettings,
+) -> None:
+    """Refuse what cannot be ranked before any step runs, so no error comes half way."""
+    if not scores:
+        raise InvalidInputError("no models to rank; the job's candidates returned no scores")
+    if not scorers:
+        raise InvalidInputError("no scorers to rank by; name at least one in the job")
+    missing_meta = sorted(set(scores) - set(metadata))
+    if missing_meta:
+        raise InvalidInputError(f"no metadata for models {missing_meta}; pass ModelMetadata() for each model (empty if unknown)")
+    if settings.aggregate == "single" and settings.scorer not in scorers:
+        raise InvalidInputError(f"ranking.scorer {settings.scorer!r} is not among the scorers {scorers}")
+    if "ncti" in scorers and not any(term in row for row in scores.values() for term in NCTI_TERMS):
+        raise InvalidInputError(
+            f"ncti is a cross-model score and needs the terms {list(NCTI_TERMS)} of every model; "
+            "run them with the job (JobSpec.scorers_to_run adds them)"
+        )
+
+
+@dataclass(frozen=True)
+class _Screening:
+    """Step 1's verdict: who breaks which rule, who is filtered out, who stays (the pool)."""
+
+    violations: dict[str, list[Violation]]
+    filtered: list[str]
+    pool: list[str]
+    flagged: set[str]
+
+
+def _screen(names: Sequence[str], metadata: Mapping[str, ModelMetadata], constraints: Constraints) -> _Screening:
+    """Step 1: the business constraints. Done first, since cross-model scores are scaled over
+    the pool that survives them."""
+    violations = {name: check_constraints(metadata[name], constraints) for name in names}
+    filtered = [name for name in names if any(v.action == "filter" for v in violations[name])]
+    pool = [name for name in names if name not in filtered]
+    return _Screening(violations, filtered, pool, {name for name in pool if violations[name]})
+
+
+def _score_table(
+    scores: Mapping[str, Mapping[str, float | None]],
+    scorers: Sequence[str],
+    screening: _Screening,
+    failed: dict[str, dict[str, str]],
+) -> dict[str, dict[str, float | None]]:
+    """Step 2: ``{model: {scorer: clean score or None}}`` with NCTI taken across the pool.
+
+    Records in ``failed`` why each missing score is missing, so the report can say so; a
+    filtered model gets no NCTI and no reason for it (it was never combined).
+    """
+    table: dict[str, dict[str, float | None]] = {
+        name: {s: (None if s == "ncti" else _clean(row.get(s))) for s in scorers}
+        for name, row in scores.items()
+    }
+    if "ncti" in scorers and screening.pool:
+        for name, value in _ncti_scores(screening.pool, scores).items():
+            table[name]["ncti"] = value
+            if value is None and "ncti" not in failed.get(name, {}):
+                failed.setdefault(name, {})["ncti"] = "a term (seli, ncc or vc) failed for this model"
+    for name in table:
+        for s in scorers:
+            if s == "ncti" and name in screening.filtered:
+                continue  # never combined: NCTI is scaled over the ranked pool only
+            if table[name][s] is None and s not in failed.get(name, {}):
+                failed.setdefault(name, {})[s] = "no score returned"
+    return table
+
+
+def _rank_each_scorer(
+    table: Mapping[str, Mapping[str, float | None]], scorers: Sequence[str], pool: Sequence[str], ties: str,
+) -> tuple[dict[str, dict[str, float]], dict[str, str], list[str]]:
+    """Step 3: ranks under each scorer over the pool, so every scorer counts on one 1..n scale.
+
+    Returns ``({scorer: {model: rank}}`` for the ranked scorers in order, the dropped scorers
+    with why, and notes); a scorer that failed for every model carries no information.
+    """
+    per_scorer: dict[str, dict[str, float]] = {}
+    dropped: dict[str, str] = {}
+    notes: list[str] = []
+    for s in scorers:
+        if pool and not any(table[name][s] is not None for name in pool):
+            dropped[s] = "failed for every ranked model"
+            notes.append(f"{s} failed for every ranked model and does not count in the ranking")
+            continue
+        per_scorer[s] = rank_scores({name: table[name][s] for name in pool}, ties)
+    return per_scorer, dropped, notes
+
+
+def _aggregate(
+    table: Mapping[str, Mapping[str, float | None]],
+    per_scorer: Mapping[str, Mapping[str, float]],
+    use: Sequence[str],
+    pool: Sequence[str],
+    how: str,
+) -> dict[str, float]:
+    """Step 4: one number per pooled model from its ranks under the scorers in ``use``."""
+    aggregate: dict[str, float] = {}
+    if not (use and pool):
+        return aggregate
+    for name in pool:
+        ranks = np.array([per_scorer[s][name] for s in use], dtype=np.float64)
+        if how == "mean_rank":
+            aggregate[name] = float(ranks.mean())
+        elif how == "median_rank":
+            aggregate[name] = float(np.median(ranks))
+        elif how == "borda":
+            aggregate[name] = float(sum(len(pool) - per_scorer[s][name] for s in use if table[name][s] is not None))
+        else:
+            aggregate[name] = float(ranks[0])
+    return aggregate
+
+
+def _recommend(
+    order: Sequence[str],
+    aggregate: Mapping[str, float],
+    scored: set[str],
+    flagged: set[str],
+    top_k: int,
+) -> tuple[list[str], list[str]]:
+    """Step 6: the top ``top_k`` unflagged, scored models, widened to keep a tie at the cut
+    together (so a tie never hides an equally good model); returns them and notes."""
+    recommendable = [name for name in order if name not in flagged and name in scored]
+    recommendation = recommendable[:top_k]
+    if recommendation:
+        last = aggregate[recommendation[-1]]
+        recommendation += [n for n in recommendable[top_k:] if aggregate[n] == last]
+    notes: list[str] = []
+    if len(recommendation) > top_k:
+        notes.append(f"{len(recommendation)} models recommended for top_k = {top_k}: a tie at the cut")
+    for name in sorted(set(order) - scored):
+        notes.append(f"{name} has no successful score, so it is not recommended")
+    return recommendation, notes
+
+
+def _entries(
+    scores: Mapping[str, Mapping[str, float | None]],
+    metadata: Mapping[str, ModelMetadata],
+    scorers: Sequence[str],
+    screening: _Screening,
+    table: Mapping[str, Mapping[str, float | None]],
+    per_scorer: Mapping[str, Mapping[str, float]],
+    aggregate: Mapping[str, float],
+    final: Mapping[str, int],
+    recommendation: Sequence[str],
+    failed: Mapping[str, Mapping[str, str]],
+) -> list[RankedModel]:
+    """The report's rows: ranked models in rank order, then the unranked ones by name."""
+
+    def entry(name: str, status: Status) -> RankedModel:
+        auxiliary = {k: _clean(v) for k, v in scores[name].items() if k not in scorers}
+        if "ncti" in scorers and "ncti" in scores[name]:
+            auxiliary["ncti_unscaled"] = _clean(scores[name]["ncti"])
+        return RankedModel(
+            name=name,
+            scores={s: v for s, v in table[name].items() if v is not None},
+            ranks={s: per_scorer[s][name] for s in scorers if s in per_scorer and name in per_scorer[s]},
+            aggregate=aggregate.get(name),
+            rank=final.get(name),
+            status=status,
+            violations=screening.violations[name],
+            failures=dict(failed.get(name, {})),
+            auxiliary=auxiliary,
+            metadata=metadata[name],
+        )
+
+    flagged = screening.flagged
+    models = []
+    for name in sorted(final, key=lambda name: (final[name], name)):
+        status: Status = "flagged" if name in flagged else "recommended" if name in recommendation else "eligible"
+        models.append(entry(name, status))
+    for name in sorted(scores):
+        if name not in final:  # filtered, or nothing to rank by
+            models.append(entry(name, "filtered" if name in screening.filtered else "flagged" if name in flagged else "eligible"))
+    return models
+
+
 # --------------------------------------------------------------------------- the ranking
 
 def rank_models(
@@ -311,116 +493,30 @@ def rank_models(
     constraints = constraints or Constraints()
     failed: dict[str, dict[str, str]] = {m: dict(r) for m, r in (failures or {}).items()}
     scorers = list(dict.fromkeys(scorers))
-    if not scores:
-        raise InvalidInputError("no models to rank; the job's candidates returned no scores")
-    if not scorers:
-        raise InvalidInputError("no scorers to rank by; name at least one in the job")
-    missing_meta = sorted(set(scores) - set(metadata))
-    if missing_meta:
-        raise InvalidInputError(f"no metadata for models {missing_meta}; pass ModelMetadata() for each model (empty if unknown)")
-    if settings.aggregate == "single" and settings.scorer not in scorers:
-        raise InvalidInputError(f"ranking.scorer {settings.scorer!r} is not among the scorers {scorers}")
-    if "ncti" in scorers and not any(term in row for row in scores.values() for term in NCTI_TERMS):
-        raise InvalidInputError(
-            f"ncti is a cross-model score and needs the terms {list(NCTI_TERMS)} of every model; "
-            "run them with the job (JobSpec.scorers_to_run adds them)"
-        )
+    _check_inputs(scores, metadata, scorers, settings)
 
-    names = sorted(scores)
-    violations = {name: check_constraints(metadata[name], constraints) for name in names}
-    filtered = [name for name in names if any(v.action == "filter" for v in violations[name])]
-    pool = [name for name in names if name not in filtered]
-    flagged = {name for name in pool if violations[name]}
-
-    # Final score table over the pool: the job's scorers, NCTI replaced by the paper's mix.
-    table: dict[str, dict[str, float | None]] = {
-        name: {s: (None if s == "ncti" else _clean(scores[name].get(s))) for s in scorers}
-        for name in names
-    }
-    if "ncti" in scorers and pool:
-        for name, value in _ncti_scores(pool, scores).items():
-            table[name]["ncti"] = value
-            if value is None and "ncti" not in failed.get(name, {}):
-                failed.setdefault(name, {})["ncti"] = "a term (seli, ncc or vc) failed for this model"
-    for name in names:
-        for s in scorers:
-            if s == "ncti" and name in filtered:
-                continue  # never combined: NCTI is scaled over the ranked pool only
-            if table[name][s] is None and s not in failed.get(name, {}):
-                failed.setdefault(name, {})[s] = "no score returned"
-
-    notes: list[str] = []
-    dropped: dict[str, str] = {}
-    ranked_scorers: list[str] = []
-    per_scorer: dict[str, dict[str, float]] = {}
-    for s in scorers:
-        if pool and not any(table[name][s] is not None for name in pool):
-            dropped[s] = "failed for every ranked model"
-            notes.append(f"{s} failed for every ranked model and does not count in the ranking")
-            continue
-        ranked_scorers.append(s)
-        per_scorer[s] = rank_scores({name: table[name][s] for name in pool}, settings.ties)
+    screening = _screen(sorted(scores), metadata, constraints)
+    pool = screening.pool
+    table = _score_table(scores, scorers, screening, failed)
+    per_scorer, dropped, notes = _rank_each_scorer(table, scorers, pool, settings.ties)
+    ranked_scorers = list(per_scorer)
 
     if settings.aggregate == "single":
         use = [settings.scorer] if settings.scorer in ranked_scorers else []
     else:
         use = ranked_scorers
-    better: Literal["lower", "higher"] = "higher" if settings.aggregate == "borda" else "lower"
-    aggregate: dict[str, float] = {}
-    if use and pool:
-        for name in pool:
-            ranks = np.array([per_scorer[s][name] for s in use], dtype=np.float64)
-            if settings.aggregate == "mean_rank":
-                aggregate[name] = float(ranks.mean())
-            elif settings.aggregate == "median_rank":
-                aggregate[name] = float(np.median(ranks))
-            elif settings.aggregate == "borda":
-                aggregate[name] = float(sum(len(pool) - per_scorer[s][name] for s in use if table[name][s] is not None))
-            else:
-                aggregate[name] = float(ranks[0])
-    elif pool:
+    aggregate = _aggregate(table, per_scorer, use, pool, settings.aggregate)
+    if pool and not aggregate:
         notes.append(f"none of the ranking scorers ({', '.join(use or scorers)}) succeeded for any ranked model, "
                      "so there is no ranking")
     if not pool:
         notes.append("every candidate was filtered out by the business constraints")
-    final = _competition_ranks(aggregate, better)
+    better: Literal["lower", "higher"] = "higher" if settings.aggregate == "borda" else "lower"
+    final = _competition_ranks(aggregate, better)  # step 5
 
     order = sorted(final, key=lambda name: (final[name], name))
     scored = {name for name in order if any(table[name][s] is not None for s in use)}
-    recommendable = [name for name in order if name not in flagged and name in scored]
-    recommendation = recommendable[:settings.top_k]
-    if recommendation:
-        last = aggregate[recommendation[-1]]
-        recommendation += [n for n in recommendable[settings.top_k:] if aggregate[n] == last]
-    if len(recommendation) > settings.top_k:
-        notes.append(f"{len(recommendation)} models recommended for top_k = {settings.top_k}: a tie at the cut")
-    for name in sorted(set(order) - scored):
-        notes.append(f"{name} has no successful score, so it is not recommended")
-
-    def entry(name: str, status: Status) -> RankedModel:
-        auxiliary = {k: _clean(v) for k, v in scores[name].items() if k not in scorers}
-        if "ncti" in scorers and "ncti" in scores[name]:
-            auxiliary["ncti_unscaled"] = _clean(scores[name]["ncti"])
-        return RankedModel(
-            name=name,
-            scores={s: v for s, v in table[name].items() if v is not None},
-            ranks={s: per_scorer[s][name] for s in scorers if s in per_scorer and name in per_scorer[s]},
-            aggregate=aggregate.get(name),
-            rank=final.get(name),
-            status=status,
-            violations=violations[name],
-            failures=failed.get(name, {}),
-            auxiliary=auxiliary,
-            metadata=metadata[name],
-        )
-
-    models = []
-    for name in order:
-        status: Status = "flagged" if name in flagged else "recommended" if name in recommendation else "eligible"
-        models.append(entry(name, status))
-    for name in names:
-        if name not in final:  # filtered, or nothing to rank by
-            models.append(entry(name, "filtered" if name in filtered else "flagged" if name in flagged else "eligible"))
+    recommendation, recommend_notes = _recommend(order, aggregate, scored, screening.flagged, settings.top_k)
     return Ranking(
         aggregate=settings.aggregate if settings.aggregate != "single" else f"single:{settings.scorer}",
         better=better,
@@ -430,9 +526,9 @@ def rank_models(
         dropped_scorers=dropped,
         top_k=settings.top_k,
         recommendation=recommendation,
-        models=models,
+        models=_entries(scores, metadata, scorers, screening, table, per_scorer, aggregate, final, recommendation, failed),
         agreement=scorer_agreement({name: table[name] for name in pool}, ranked_scorers),
-        notes=notes,
+        notes=notes + recommend_notes,
     )
 
 
