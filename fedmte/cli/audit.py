@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fedmte.cli.errors import friendly_errors
-from fedmte.client.audit_log import latest_checkpoint_export, load_public_key, read_records, verify
-from fedmte.client.ledger import Ledger
-from fedmte.protocol import dp
-from fedmte.protocol.audit_format import AbortRecord, IntentRecord, OutcomeRecord, PrivacyCharge, RefusalRecord
 from fedmte.protocol.errors import VerificationError
+
+if TYPE_CHECKING:  # cryptography, pydantic and scipy load when a command runs, not for --help
+    from fedmte.protocol.audit_format import IntentRecord, PrivacyCharge
 
 console = Console()
 stderr = Console(stderr=True, soft_wrap=True)  # messages stay on one line, whatever the width
@@ -31,6 +30,8 @@ def _when(ts: str) -> str:
 
 
 def _release_cost(charge: PrivacyCharge | None) -> str:
+    from fedmte.protocol import dp
+
     if charge is None:
         return "-"
     if charge.mechanism == "none":
@@ -43,6 +44,8 @@ def _release_cost(charge: PrivacyCharge | None) -> str:
 
 
 def _budget_left(charge: PrivacyCharge | None) -> str:
+    from fedmte.protocol import dp
+
     if charge is None or charge.mechanism == "none" or charge.mu_cap is None:
         return "-"
     delta = float(charge.delta or 1e-6)
@@ -66,6 +69,9 @@ def _statistics(record: IntentRecord) -> str:
 @friendly_errors
 def show(directory: DirArg) -> None:
     """A readable table of what left the site: when, to whom, which model, what, at what cost."""
+    from fedmte.client.audit_log import read_records, verify
+    from fedmte.protocol.audit_format import AbortRecord, IntentRecord, OutcomeRecord, RefusalRecord
+
     records = read_records(directory)
     outcomes = {r.intent_seq: r.status for r in records if isinstance(r, OutcomeRecord)}
     table = Table(title=f"Audit log {directory}")
@@ -101,6 +107,9 @@ def verify_command(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Exit 0 if the log is intact; otherwise exit 1 naming the first bad record."""
+    from fedmte.client.audit_log import load_public_key, verify
+    from fedmte.client.ledger import Ledger
+
     pinned = load_public_key(key) if key is not None else None
     result = verify(directory, pinned, witnesses=witness or [])
     ledger_problem = None
@@ -130,6 +139,8 @@ def export(
     out: Annotated[Path | None, typer.Option("--out", help="write the JSON here instead of stdout")] = None,
 ) -> None:
     """The latest signed checkpoint as JSON, for the coordinator to countersign."""
+    from fedmte.client.audit_log import latest_checkpoint_export
+
     try:
         data = latest_checkpoint_export(directory)
     except VerificationError as error:

@@ -1,6 +1,6 @@
 """``fedmte demo``: three sites, seven candidate models, one ranking, with no input.
 
-See :mod:`fedmte.server.demo` for what it lays out and runs. This module only shows it: a
+See :mod:`fedmte.trial.demo` for what it lays out and runs. This module only shows it: a
 progress display on stderr, then the ranking table, the recommendation, how well each
 scorer's ranking matches the ground truth, and each site's audit-log verification.
 Exit status 0 when everything ran and every audit log verified, 1 when an audit log did
@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -21,7 +21,14 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.table import Table
 
 from fedmte.cli.errors import friendly_errors
-from fedmte.server.demo import DEFAULT_OUT, MAX_SITES, MIN_SITES, DemoOptions, DemoResult, run_demo
+
+if TYPE_CHECKING:  # the demo (torch, flwr, scikit-learn) loads when the command runs, not for --help
+    from fedmte.trial.demo import DemoResult
+
+# The option defaults of fedmte.trial.demo, written out so that --help need not import it;
+# tests/test_cli_startup.py checks that they match.
+DEFAULT_OUT = Path("fedmte-demo")
+MIN_SITES, MAX_SITES = 3, 12
 
 console = Console()
 stderr = Console(stderr=True)
@@ -139,6 +146,8 @@ def demo(
 ) -> None:
     """Score a zoo of candidate models at label-skewed sites holding scikit-learn's digits, rank them,
     write the report and verify every site's audit log."""
+    from fedmte.trial.demo import DemoOptions, run_demo
+
     started = time.perf_counter()
     use_dp = dp is Switch.on
     stderr.print(f"fedmte demo: {sites} sites, DP {'on' if use_dp else 'off'}, output in {out}", highlight=False)

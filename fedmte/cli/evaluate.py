@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,7 +13,9 @@ from rich.table import Table
 
 from fedmte.cli.errors import friendly_errors
 from fedmte.protocol.errors import InvalidInputError
-from fedmte.protocol.evaluation import RankingMetrics, evaluate_rankings, parse_scores, parse_truth
+
+if TYPE_CHECKING:  # scipy loads when the command runs, not for --help
+    from fedmte.protocol.evaluation import RankingMetrics
 
 console = Console()
 stderr = Console(stderr=True, soft_wrap=True)  # messages stay on one line, whatever the width
@@ -73,6 +75,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Compare each scorer's ranking of the models with the ground truth (weighted τ, regret, ...)."""
+    from fedmte.protocol.evaluation import evaluate_rankings, parse_scores, parse_truth
+
     scores = parse_scores(load_json(scores_file), scores_file.name)
     truth = parse_truth(load_json(truth_file), truth_file.name)
     with warnings.catch_warnings(record=True) as caught:

@@ -14,11 +14,6 @@ import typer
 from rich.console import Console
 
 from fedmte.cli.errors import friendly_errors
-from fedmte.client.architectures import load_model
-from fedmte.client.cache import FeatureCache
-from fedmte.client.data import open_site_data
-from fedmte.client.extract import ExtractionSettings, extract
-from fedmte.client.site_config import load_site_config
 
 console = Console(stderr=True)
 
@@ -35,6 +30,13 @@ def features(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Extract a model's features of the site's data into FEATS.npz."""
+    # torch loads here, when the command runs, not for --help
+    from fedmte.client.architectures import load_model
+    from fedmte.client.cache import FeatureCache
+    from fedmte.client.data import open_site_data
+    from fedmte.client.extract import ExtractionSettings, extract
+    from fedmte.client.site_config import load_site_config
+
     config = load_site_config(site)
     loaded = load_model(model, config.trust.keys, config.limits)
     names = [n.strip() for n in labels.split(",") if n.strip()] if labels is not None else None

@@ -8,10 +8,8 @@ from typing import Annotated
 import typer
 
 from fedmte.cli.errors import friendly_errors
-from fedmte.server.local_federation import down as federation_down
-from fedmte.server.local_federation import up as federation_up
-from fedmte.protocol.secure_sum import majority_threshold
-from fedmte.server.local_federation import write_example_job
+
+# flwr, torch and cryptography load when a command runs (fedmte.trial.local_federation), not for --help.
 
 local_app = typer.Typer(help="Start and stop a loopback Flower federation with TLS and node authentication.",
                         no_args_is_help=True)
@@ -38,6 +36,10 @@ def up(
         "--allow-fab", help="another Flower app bundle sha256 the site runners accept")] = None,
 ) -> None:
     """Start one SuperLink and N SuperNodes on 127.0.0.1, then print how to run a job."""
+    from fedmte.protocol.secure_sum import majority_threshold
+    from fedmte.trial.local_federation import up as federation_up
+    from fedmte.trial.local_federation import write_example_job
+
     state = federation_up(directory, sites, data=data or (), runner="stock" if stock else "site",
                           allowlist=allow_fab or (), dp=dp)
     job = write_example_job(state)
@@ -61,6 +63,8 @@ def down(
     directory: Annotated[Path, typer.Option("--dir", help="the directory given to `fedmte local up`")] = DEFAULT_DIR,
 ) -> None:
     """Stop the federation's processes (SIGINT, then SIGKILL after a grace period)."""
+    from fedmte.trial.local_federation import down as federation_down
+
     stopped = federation_down(directory)
     typer.echo(f"stopped {len(stopped)} process(es) of the federation in {directory}")
 

@@ -11,16 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmte.cli.errors import friendly_errors
-from fedmte.client.architectures import initial_weights, inspect_model, pack_model
 from fedmte.client.errors import PackageError
-from fedmte.client.packages import (
-    generate_signing_key,
-    load_signing_key,
-    public_key_string,
-    save_signing_key,
-)
-from fedmte.client.site_config import load_site_config
-from fedmte.client.weights import WeightLimits, read_safetensors
+
+# torch loads when a command runs (fedmte.client.architectures, .packages, .weights), not for --help.
 
 console = Console()
 model_app = typer.Typer(help="Candidate-model packages: keys, packing, inspection.", no_args_is_help=True)
@@ -43,6 +36,8 @@ def keygen(
     key_file: Annotated[Path, typer.Argument(help="where to write the new Ed25519 signing key (PKCS#8 PEM)")],
 ) -> None:
     """Make a coordinator signing key; prints the public key that sites pin in \\[trust] keys."""
+    from fedmte.client.packages import generate_signing_key, public_key_string, save_signing_key
+
     key = generate_signing_key()
     save_signing_key(key, key_file)
     typer.echo(public_key_string(key.public_key()))
@@ -66,6 +61,10 @@ def pack(
     description: Annotated[str, typer.Option(help="free text")] = "",
 ) -> None:
     """Pack weights and manifest fields into a package signed with --key."""
+    from fedmte.client.architectures import initial_weights, pack_model
+    from fedmte.client.packages import load_signing_key
+    from fedmte.client.weights import read_safetensors
+
     if (weights is None) == (init_seed is None):
         raise PackageError("give exactly one of --weights FILE.safetensors or --init-seed N")
     config_data = _json(config, "--config")
@@ -101,6 +100,10 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Show what a package claims and whether it verifies (exit 1 if it does not)."""
+    from fedmte.client.architectures import inspect_model
+    from fedmte.client.site_config import load_site_config
+    from fedmte.client.weights import WeightLimits
+
     keys: list[str] = list(public_key or [])
     limits = WeightLimits()
     if site is not None:

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmte.api import score_detailed
 from fedmte.cli.errors import friendly_errors
-from fedmte.protocol.catalogue import STATISTICS
 from fedmte.protocol.errors import InvalidInputError
-from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
+
+if TYPE_CHECKING:  # numpy, scipy and the scorers load when a command runs, not for --help
+    import numpy as np
 
 console = Console()
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """Arrays of an ``.npz`` file, read without pickle."""
+    import numpy as np
+
     if not path.is_file():
         raise InvalidInputError(f"{path} does not exist or is not a file")
     try:
@@ -48,6 +49,8 @@ def score(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Score one model's features; the result does not depend on --sites."""
+    from fedmte.api import score_detailed
+
     arrays = load_npz(features_file)
     if "labels" not in arrays or ("features" not in arrays and "source_probs" not in arrays):
         raise InvalidInputError(
@@ -75,6 +78,10 @@ def score(
 
 def statistics_by_round(name: str) -> list[list[str]]:
     """The statistic kinds one site sends for ``name``, round by round (traced on toy data)."""
+    import numpy as np
+
+    from fedmte.api import score_detailed
+
     rng = np.random.default_rng(0)
     labels = np.arange(40) % 4
     features = rng.normal(size=(40, 6)) + labels[:, None]
@@ -96,6 +103,8 @@ def _round_ranges(rounds: list[list[str]], first: int) -> list[str]:
 
 def scorer_rows() -> list[dict[str, str]]:
     """One row per scorer: what it measures, rounds, inputs, what a site sends, its reference."""
+    from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
+
     rows = []
     for name, spec in SCORERS.items():
         needs = " + ".join(k for k, v in (("features", spec.needs_features), ("source probs", spec.needs_source_probs)) if v)
@@ -119,6 +128,8 @@ def scorers(
 
     R0 is the centring round that agrees on the pooled mean; a public offset skips it.
     """
+    from fedmte.protocol.catalogue import STATISTICS
+
     rows = scorer_rows()
     columns = ("scorer", "measures", "rounds", "needs", "sends", "matches")
     if markdown:
