@@ -1,6 +1,6 @@
 """How much differential privacy changes the ranking of the demo's candidate models.
 
-The candidates are the demo zoo (:mod:`fedmte.client.zoo`: seven small CNNs of different
+The candidates are the demo zoo (:mod:`fedmte.trial.zoo`: seven small CNNs of different
 quality on scikit-learn's digits), written as signed packages and loaded the way a site
 loads any candidate. The zoo's *target train* rows are split at random over three sites;
 each site runs every candidate over its rows with the site's own extraction code
@@ -81,7 +81,6 @@ from fedmte.client.privacy import (  # noqa: E402
     decode_release,
 )
 from fedmte.client.site_config import ArraySource  # noqa: E402
-from fedmte.client.zoo import DIGIT_LABELS, build_zoo, load_digits_split, pack_zoo  # noqa: E402
 from fedmte.protocol import dp  # noqa: E402
 from fedmte.protocol.catalogue import STATISTICS, TRANSFORMS, Batch, accumulate, softmax  # noqa: E402
 from fedmte.protocol.errors import FedmteError  # noqa: E402
@@ -92,6 +91,7 @@ from fedmte.protocol.plan import PlanRun, default_scorers, make_plan  # noqa: E4
 from fedmte.protocol.requests import Stat  # noqa: E402
 from fedmte.protocol.statistics import Statistics  # noqa: E402
 from fedmte.protocol.symmetric import pack, unpack  # noqa: E402
+from fedmte.trial.zoo import DIGIT_LABELS, build_zoo, load_digits_split, pack_zoo  # noqa: E402
 
 try:
     from fedmte.protocol import dp_postprocess

@@ -1,6 +1,6 @@
 """Seconds per round trip over real Flower processes on loopback, site runner against stock.
 
-Starts a loopback federation (``fedmte.server.local_federation.up``: a SuperLink with TLS and
+Starts a loopback federation (``fedmte.trial.local_federation.up``: a SuperLink with TLS and
 node authentication, N SuperNodes), runs one scoring job whose plan takes ``--rounds``
 statistics rounds (a setup round comes first), stops the federation, and repeats for each
 runner kind. Printed per kind: seconds per round trip as the ServerApp measured it (mean of
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedmte.server.job_runner import JobFile, launch  # noqa: E402
-from fedmte.server.local_federation import demo_site_data, down, up  # noqa: E402
+from fedmte.trial.local_federation import demo_site_data, down, up  # noqa: E402
 
 # scorer sets by number of statistics rounds (centring round included)
 PLANS = {1: ["nce", "logme"], 2: ["hscore", "gbc"], 3: ["hscore", "leep", "gbc"], 4: ["sfda", "leep", "hscore"]}

@@ -43,8 +43,8 @@ from fedmte.protocol.catalogue import softmax  # noqa: E402
 from fedmte.server.coordinator import load_coordinator_key, run_job  # noqa: E402
 from fedmte.server.job import job_from_dict  # noqa: E402
 from fedmte.server.job_runner import JobReport  # noqa: E402
-from fedmte.server.local_federation import down, up  # noqa: E402
-from fedmte.server.local_sites import demo_site_inputs, example_packages, write_site  # noqa: E402
+from fedmte.trial.local_federation import down, up  # noqa: E402
+from fedmte.trial.local_sites import demo_site_inputs, example_packages, write_site  # noqa: E402
 
 WIDTHS = ([256], [512, 256], [128, 128], [384], [192, 96], [320], [64, 64])
 SCORERS = ["hscore", "leep", "gbc", "logme", "nce", "sfda"]

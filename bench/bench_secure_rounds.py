@@ -1,6 +1,6 @@
 """Secure sum against plain sum over real Flower processes on loopback, 3 sites.
 
-Starts one loopback federation (``fedmte.server.local_federation.up``: a SuperLink with TLS
+Starts one loopback federation (``fedmte.trial.local_federation.up``: a SuperLink with TLS
 and node authentication, fedmte site runners) whose sites hold ``--d``-wide features, gives
 every site an identity key and a ``secure.toml`` that still allows plain jobs (so both run on
 the same federation), and runs each job below once per ``--repeats``:
@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.server.job_runner import JobFile, JobReport, launch
-from fedmte.server.local_federation import demo_site_data, down, up
 from fedmte.server.secure_aggregation import provision
+from fedmte.trial.local_federation import demo_site_data, down, up
 
 SITES = 3
 CLASSES = 10

@@ -34,7 +34,7 @@ SOURCE_SCORERS = {"leep", "nce"}
 
 def site_arrays(sites: int, *, n: int = 1200, seed: int = 3) -> list[dict[str, np.ndarray]]:
     """Three Gaussian classes of 6-wide vectors named a, b, c, split unevenly (every site holds every class)."""
-    from fedmte.server.local_sites import demo_site_inputs
+    from fedmte.trial.local_sites import demo_site_inputs
 
     parts = demo_site_inputs(sites, n=n, dim=INPUT_DIM, classes=3, seed=seed)
     names = {"c0": "a", "c1": "b", "c2": "c"}

@@ -20,12 +20,12 @@ from fedmte.client.audit_log import verify
 from fedmte.client.packages import generate_signing_key, verify_package
 from fedmte.client.policy import parse_policy
 from fedmte.client.site_config import load_site_config
-from fedmte.client.zoo import DIGIT_LABELS, RECIPES, build_zoo, load_digits_split, pack_zoo
 from fedmte.protocol import symmetric
 from fedmte.protocol.dp_postprocess import clean_block, clean_sums, eigen_floor, pooled_sigma
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.statistics import Statistics
-from fedmte.server import demo
+from fedmte.trial import demo
+from fedmte.trial.zoo import DIGIT_LABELS, RECIPES, build_zoo, load_digits_split, pack_zoo
 
 RELATIVE = 1e-6
 REPORT_KEYS = {"models", "scorers", "sites", "privacy", "job"}
@@ -213,7 +213,7 @@ def test_demo_in_process_with_dp(zoo_cache: Path, tmp_path: Path) -> None:
 def test_a_failing_job_still_stops_the_federation(zoo_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(demo, "start_federation", lambda directory, files: calls.append("up"))
-    monkeypatch.setattr("fedmte.server.local_federation.down", lambda directory: calls.append("down") or [])
+    monkeypatch.setattr("fedmte.trial.local_federation.down", lambda directory: calls.append("down") or [])
 
     def interrupted(job: object) -> None:
         calls.append("run")

@@ -28,9 +28,9 @@ from fedmte.cli import app
 from fedmte.client import site_runner
 from fedmte.protocol.errors import FederationError
 from fedmte.server import flower_exchange
-from fedmte.server.credentials import make_node_key
 from fedmte.server.job_runner import FAB_DIR, JobFile, JobReport, launch
-from fedmte.server.local_federation import LocalFederation, down, free_port, online_nodes, up
+from fedmte.trial.credentials import make_node_key
+from fedmte.trial.local_federation import LocalFederation, down, free_port, online_nodes, up
 from tests.datasets import DATASETS, site_split_without_class
 
 DATA = DATASETS["basic"]

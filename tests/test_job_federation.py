@@ -28,9 +28,9 @@ from fedmte.protocol.scorers import SCORERS
 from fedmte.server.coordinator import load_coordinator_key, run_job
 from fedmte.server.job import JobSpec, job_from_dict
 from fedmte.server.job_runner import JobReport
-from fedmte.server.local_federation import LocalFederation, down, up
-from fedmte.server.local_sites import example_packages, toml_text
 from fedmte.server.report import Report, read_report
+from fedmte.trial.local_federation import LocalFederation, down, up
+from fedmte.trial.local_sites import example_packages, toml_text
 from tests.job_helpers import LABELS, MODELS, SCORERS as JOB_SCORERS, SOURCE_SCORERS, pooled_reference, site_arrays
 
 ACCEPTED = ["tanh-head", "gelu-head", "tanh-nohead", "gelu-deep"]

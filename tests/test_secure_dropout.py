@@ -43,9 +43,9 @@ from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.statistics import Statistics
 from fedmte.protocol.wire import Payload
 from fedmte.server.job_runner import JobFile, JobReport, launch, read_report
-from fedmte.server.local_federation import LocalFederation, down, restart_site, up
-from fedmte.server.local_sites import toml_text
 from fedmte.server.secure_aggregation import SecureJobSpec, provision, read_transcript
+from fedmte.trial.local_federation import LocalFederation, down, restart_site, up
+from fedmte.trial.local_sites import toml_text
 from tests.datasets import DATASETS, site_split_without_class
 from tests.test_flower_federation import site_files
 

@@ -21,8 +21,8 @@ import pytest
 from fedmte.protocol.errors import FederationError
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.server.job_runner import JobReport, launch
-from fedmte.server.local_federation import LocalFederation, down, up
 from fedmte.server.secure_aggregation import SecureJobSpec, provision
+from fedmte.trial.local_federation import LocalFederation, down, up
 
 import fedmte
 from tests.datasets import DATASETS, site_split_without_class

@@ -18,9 +18,9 @@ from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.wire import SECURE_QUERIES, Payload
 from fedmte.server.coordinator import build_job_report, execute_job, job_aggregator, load_candidates
 from fedmte.server.job import job_from_dict
-from fedmte.server.local_sites import coordinator_key, example_packages, write_site
 from fedmte.server.report import render_html
 from fedmte.server.secure_aggregation import SecureAggregator, provision
+from fedmte.trial.local_sites import coordinator_key, example_packages, write_site
 from tests.job_helpers import LABELS, MODELS, AgentExchange, pooled_reference, site_arrays
 
 CANDIDATES = ["tanh-head", "gelu-head"]

@@ -35,7 +35,7 @@ from fedmte.server.coordinator import (
     sign_setup,
 )
 from fedmte.server.job import JobSpec, job_from_dict
-from fedmte.server.local_sites import coordinator_key, example_packages, write_site
+from fedmte.trial.local_sites import coordinator_key, example_packages, write_site
 from tests.job_helpers import LABELS, MODELS, SCORERS as JOB_SCORERS, SOURCE_SCORERS, AgentExchange, pooled_reference, site_arrays
 
 ACCEPTED = ["tanh-head", "gelu-head", "tanh-nohead", "gelu-deep"]
@@ -229,8 +229,8 @@ def test_with_dp_on_the_report_states_what_each_site_spent(tmp_path: Path) -> No
 def test_the_trial_federations_files_make_a_job_that_runs(tmp_path: Path) -> None:
     """What ``fedmte local up`` writes (site files, example packages, job.toml) runs as a job."""
     from fedmte.server.job import load_job
-    from fedmte.server.local_federation import LocalFederation, SiteProcess, write_example_job
-    from fedmte.server.local_sites import demo_site_inputs, label_space
+    from fedmte.trial.local_federation import LocalFederation, SiteProcess, write_example_job
+    from fedmte.trial.local_sites import demo_site_inputs, label_space
 
     key, key_path = coordinator_key(tmp_path / "coordinator")
     parts = demo_site_inputs(2, n=400)

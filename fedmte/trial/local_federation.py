@@ -3,12 +3,12 @@
 :func:`up` lays out a directory::
 
     DIR/federation.json       state: PIDs, ports, node ids, paths (LocalFederation)
-    DIR/tls/                  ca.crt, server.pem, server.key (fedmte.server.credentials)
+    DIR/tls/                  ca.crt, server.pem, server.key (fedmte.trial.credentials)
     DIR/flwr/config.toml      the coordinator's Flower connection "local" (FLWR_HOME=DIR/flwr)
     DIR/superlink/            the SuperLink's FLWR_HOME and log
     DIR/coordinator/          the coordinator's Ed25519 key (signs packages and job setups)
     DIR/sites/<name>/         each site's site.toml, data.npz, audit key, node key pair,
-                              FLWR_HOME and log (fedmte.server.local_sites.write_site);
+                              FLWR_HOME and log (fedmte.trial.local_sites.write_site);
                               with 3 or more sites also identity.pem and secure.toml
     DIR/secure/               the secure sum's coordinator key (pinned in every secure.toml)
 
@@ -58,9 +58,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedmte.protocol.errors import FederationError, InvalidInputError
 from fedmte.protocol.inputs import uneven_split
 from fedmte.protocol.secure_rounds import DeclaredBounds
-from fedmte.server.credentials import make_node_key, make_tls
 from fedmte.server.job_runner import flwr_command, flwr_env
-from fedmte.server.local_sites import (
+from fedmte.server.secure_aggregation import SecureJobSpec, provision
+from fedmte.trial.credentials import make_node_key, make_tls
+from fedmte.trial.local_sites import (
     DP_CLIP_NORM,
     coordinator_key,
     demo_site_inputs,
@@ -68,7 +69,6 @@ from fedmte.server.local_sites import (
     label_space,
     write_site,
 )
-from fedmte.server.secure_aggregation import SecureJobSpec, provision
 
 STATE_FILE = "federation.json"
 STATE_SCHEMA = "fedmte.local_federation.v1"
@@ -291,7 +291,7 @@ def up(
     (``site.toml``, models run at the site); arrays ``features``, ``labels`` and optionally
     ``source_probs`` make sites of precomputed features. ``dp``, ``clip_norm`` and
     ``policies`` (site index -> policy keys to override) shape the sites' policies
-    (:func:`fedmte.server.local_sites.write_site`). ``allowlist``: extra FAB hashes the site
+    (:func:`fedmte.trial.local_sites.write_site`). ``allowlist``: extra FAB hashes the site
     runners accept besides the hash of the fedmte bundle they have installed. ``site_args``
     (site index -> extra site-runner options, e.g. ``--drill-crash-on query.secure_upload``
     for a dropout drill) goes to those sites' command lines. On any failure,
@@ -539,7 +539,7 @@ def write_example_job(state: LocalFederation, scorers: Sequence[str] | None = No
     path = Path(state.directory) / "job.toml"
     if state.mode == "sites":
         from fedmte.server.coordinator import load_coordinator_key
-        from fedmte.server.local_sites import toml_text
+        from fedmte.trial.local_sites import toml_text
 
         with np.load(state.sites[0].data, allow_pickle=False) as arrays:
             width = int(arrays["inputs"].shape[1])

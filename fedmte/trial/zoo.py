@@ -63,7 +63,7 @@ from safetensors.torch import load as load_safetensors
 
 from fedmte.client.durable import replace_file
 from fedmte.client.architectures import ARCHITECTURES, CNNConfig, initial_weights, pack_model, parameter_count
-from fedmte.client.manifest import ImagePreprocessing, ModelManifest
+from fedmte.protocol.manifest import ImagePreprocessing, ModelManifest
 from fedmte.client.packages import tensors_to_bytes
 from fedmte.protocol.errors import FedmteError, InvalidInputError
 

@@ -4,7 +4,7 @@
 
     DIR/job.toml                 the scoring job (a normal job file: candidates, labels, scorers,
                                  constraints, ranking, privacy, federation)
-    DIR/models/<name>/           the candidates as signed packages (fedmte.client.zoo)
+    DIR/models/<name>/           the candidates as signed packages (fedmte.trial.zoo)
     DIR/coordinator/             the coordinator's Ed25519 key: signs the packages and job setups
     DIR/sites/<name>/site.toml   each site's file: data, pinned keys, compute, policy, audit
     DIR/sites/<name>/data/       its part of the digits (digits.npz: uint8 pixels, label names)
@@ -74,18 +74,18 @@ from fedmte.client.packages import public_key_string, save_signing_key
 from fedmte.client.policy import DEFAULT_DELTA, DEFAULT_EPSILON_BUDGET, DEFAULT_EPSILON_PER_RELEASE
 from fedmte.client.site_agent import AuditSettings, parse_audit_settings
 from fedmte.client.site_config import load_site_config
-from fedmte.client.zoo import DIGIT_LABELS, Zoo, build_zoo, load_digits_split, pack_zoo
 from fedmte.protocol.catalogue import Batch, accumulate
 from fedmte.protocol.errors import InvalidInputError, VerificationError
 from fedmte.protocol.evaluation import MIN_MODELS, RankingMetrics, evaluate_ranking, parse_scores
 from fedmte.protocol.plan import PlanRun, make_plan
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.secure_sum import majority_threshold
-from fedmte.server.inprocess import run_job_in_process
 from fedmte.server.job import JobSpec, load_job
-from fedmte.server.local_federation import LocalFederation
 from fedmte.server.report import Report, write_report
 from fedmte.server.secure_aggregation import SecureJobSpec, provision
+from fedmte.trial.inprocess import run_job_in_process
+from fedmte.trial.local_federation import LocalFederation
+from fedmte.trial.zoo import DIGIT_LABELS, Zoo, build_zoo, load_digits_split, pack_zoo
 
 DEFAULT_OUT = Path("fedmte-demo")
 DEMO_SCORERS: tuple[str, ...] = ("logme", "hscore", "gbc", "transrate", "nce")
@@ -460,8 +460,8 @@ def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> 
 
 def start_federation(directory: Path, site_files: Sequence[Path], *, timeout: float = 90.0) -> LocalFederation:
     """A loopback federation whose site runners serve the demo's site files (TLS, node
-    authentication), stopped by :func:`fedmte.server.local_federation.down`."""
-    from fedmte.server.local_federation import serve_site_files
+    authentication), stopped by :func:`fedmte.trial.local_federation.down`."""
+    from fedmte.trial.local_federation import serve_site_files
 
     return serve_site_files(directory, site_files, labels=DIGIT_LABELS, timeout=timeout)
 
@@ -473,14 +473,14 @@ def run_job(setup: DemoSetup, transport: Transport = "federation", progress: Dem
     (:func:`start_federation`) and the coordinator's :func:`fedmte.server.coordinator.run_job`;
     the federation is stopped afterwards, also on an error or Ctrl-C. ``in-process``: every
     site-side step in this process, the releases summed in the clear
-    (:func:`fedmte.server.inprocess.run_job_in_process`, the coordinator's job driver over
+    (:func:`fedmte.trial.inprocess.run_job_in_process`, the coordinator's job driver over
     in-process site agents).
     """
     say = progress or _Silent()
     if transport == "in-process":
         say.detail(f"running the job: {DEMO_ROUNDS} statistics rounds for {len(setup.models)} models")
         return run_job_in_process(setup.job, setup.site_files)
-    from fedmte.server import local_federation as lf
+    from fedmte.trial import local_federation as lf
     from fedmte.server.coordinator import run_job as coordinator_run_job
 
     directory = setup.out / FEDERATION_DIR
