@@ -66,12 +66,13 @@ Without it the coordinator adds the sites' released sums in the clear (plain sum
 report says so; with it :class:`~fedmte.server.secure_aggregation.SecureAggregator` sums
 every round and the coordinator sees only the sum over the sites.
 
-NCTI (:mod:`fedmte.protocol.scorers.ncti`) is a cross-model score: the paper's value of one
-model depends on the terms (seli, ncc, vc) of every candidate. A job that names ``ncti``
-therefore also runs ``ncti_seli``, ``ncti_ncc`` and ``ncti_vc`` (:attr:`JobSpec.scorers_to_run`);
-they share ``ncti``'s statistics requests, so this costs no extra round and no extra bytes,
-and :mod:`fedmte.server.ranking` combines their values with
-:func:`fedmte.protocol.scorers.ncti.combine`.
+A scorer may be cross-model: one model's value depends on every candidate's. Its registry
+entry (:class:`~fedmte.protocol.scorers.base.ScorerSpec`) names the ``helper_scorers`` it
+needs and a ``combine`` step; a job that names the scorer also runs its helpers
+(:attr:`JobSpec.scorers_to_run`), which share its statistics requests, so this costs no
+extra round and no extra bytes, and :mod:`fedmte.server.ranking` ranks what ``combine``
+makes of them. NCTI is one: ``ncti`` brings ``ncti_seli``, ``ncti_ncc`` and ``ncti_vc``,
+combined by :func:`fedmte.protocol.scorers.ncti.combine`.
 """
 
 from __future__ import annotations
@@ -95,12 +96,11 @@ from pydantic import (
 
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
+from fedmte.protocol.scorers.ncti import TERMS as NCTI_TERMS  # re-exported for importers; the job reads helper_scorers
 from fedmte.server.secure_aggregation import SecureJobSpec
 
 JOB_SCHEMA = "fedmte.job.v1"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # as a model manifest's name
-NCTI_TERMS = ("ncti_seli", "ncti_ncc", "ncti_vc")
-"""The per-model terms :func:`fedmte.protocol.scorers.ncti.combine` needs for ``ncti``."""
 RULES = ("max_latency_ms", "max_parameters", "max_peak_memory_mb", "licenses")
 """The business-constraint rules, by the key that sets each in ``[constraints]``."""
 
@@ -309,15 +309,15 @@ class JobSpec(_Strict):
 
     @property
     def scorers_to_run(self) -> tuple[str, ...]:
-        """The job's scorers plus NCTI's three terms when ``ncti`` is asked (no extra rounds)."""
+        """The job's scorers plus the helper scorers each declares (no extra rounds)."""
         names = list(self.scorers)
-        if "ncti" in names:
-            names += [term for term in NCTI_TERMS if term not in names]
+        for scorer in self.scorers:
+            names += [helper for helper in SCORERS[scorer].helper_scorers if helper not in names]
         return tuple(names)
 
     @property
     def auxiliary_scorers(self) -> tuple[str, ...]:
-        """Scorers run only to compute another (NCTI's terms), not ranked on their own."""
+        """Scorers run only to compute another (its helper scorers), not ranked on their own."""
         return tuple(name for name in self.scorers_to_run if name not in self.scorers)
 
     @property

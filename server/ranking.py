@@ -9,13 +9,17 @@ Steps of :func:`rank_models`:
    metadata is missing is violated (compliance cannot be shown). A violation *filters* the
    model (left out of the ranking: no ranks, no aggregate, listed with the rule that removed
    it) or *flags* it (ranked as usual, never recommended), per the job's action for that rule.
-2. **Cross-model scores.** ``ncti`` is replaced by the paper's NCTI,
-   :func:`fedmte.protocol.scorers.ncti.combine` over the terms ``ncti_seli``, ``ncti_ncc``,
-   ``ncti_vc`` of the models still in the ranking (the min-max scaling is over the candidate
-   pool the user chooses among, so it is taken after filtering). A model missing any term
-   has no NCTI (a failure); a filtered model gets none. The per-model value the registry
-   calls ``ncti`` (seli + ncc - vc, unscaled) is never ranked, since its seli term grows with
-   n and dominates (see the ncti module); it is kept as ``auxiliary["ncti_unscaled"]``.
+2. **Cross-model scores.** A scorer whose registry entry has a ``combine`` step
+   (:class:`fedmte.protocol.scorers.base.ScorerSpec`) is replaced by that step over its
+   ``helper_scorers`` of the models still in the ranking (any scaling across models is
+   over the candidate pool the user chooses among, so it is taken after filtering). A
+   model missing any helper score has no value (a failure); a filtered model gets none.
+   The scorer's own per-model value is never ranked and is kept as
+   ``auxiliary["<name>_unscaled"]``. NCTI is the one such scorer: ``ncti`` is replaced by
+   the paper's NCTI, :func:`fedmte.protocol.scorers.ncti.combine` over the terms
+   ``ncti_seli``, ``ncti_ncc``, ``ncti_vc``; the per-model ``ncti`` (seli + ncc - vc,
+   unscaled) is never ranked, since its seli term grows with n and dominates (see the ncti
+   module), and is kept as ``auxiliary["ncti_unscaled"]``.
 3. **Per-scorer ranks.** Higher score = better = rank 1. Ties share a rank: ``average``
    (default; the mean of the positions they span, 2.5 for two models tied for places 2
    and 3, so the ranks of every scorer sum to n(n+1)/2 and no scorer weighs more in a mean
@@ -59,8 +63,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.evaluation import evaluate_ranking
-from fedmte.protocol.scorers.ncti import NctiTerms, combine
-from fedmte.server.job import NCTI_TERMS, Constraints, RankingSettings
+from fedmte.protocol.scorers import SCORERS, ScorerSpec
+from fedmte.server.job import Constraints, RankingSettings
 
 MIB = 2**20  # the "MB" of max_peak_memory_mb
 Status = Literal["recommended", "eligible", "flagged", "filtered"]
@@ -238,15 +242,28 @@ def check_constraints(metadata: ModelMetadata, constraints: Constraints) -> list
     return violations
 
 
-def _ncti_scores(pool: Sequence[str], raw: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:
-    """The paper's NCTI over ``pool``: combine() on the models whose three terms are finite."""
+def _cross_model(scorers: Sequence[str]) -> dict[str, ScorerSpec]:
+    """The scorers among ``scorers`` whose registry entry combines helper scores across models."""
+    return {s: SCORERS[s] for s in scorers if s in SCORERS and SCORERS[s].combine is not None}
+
+
+def _combined(spec: ScorerSpec, pool: Sequence[str], raw: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:
+    """``spec.combine`` over ``pool``, on the models whose helper scores are all finite."""
+    assert spec.combine is not None
     complete = {
-        name: NctiTerms(**{term.removeprefix("ncti_"): float(raw[name][term]) for term in NCTI_TERMS})  # type: ignore[arg-type]
+        name: {helper: float(raw[name][helper]) for helper in spec.helper_scorers}  # type: ignore[arg-type]
         for name in pool
-        if all(_finite(raw[name].get(term)) for term in NCTI_TERMS)
+        if all(_finite(raw[name].get(helper)) for helper in spec.helper_scorers)
     }
-    combined = combine(complete) if complete else {}
+    combined = spec.combine(complete) if complete else {}
     return {name: combined.get(name) for name in pool}
+
+
+def _helper_failure(name: str, helpers: Sequence[str]) -> str:
+    """Why a cross-model score is missing: ``a term (seli, ncc or vc) failed ...`` for ``ncti``."""
+    terms = [helper.removeprefix(f"{name}_") for helper in helpers]
+    listed = terms[0] if len(terms) == 1 else f"{', '.join(terms[:-1])} or {terms[-1]}"
+    return f"a term ({listed}) failed for this model"
 
 
 def scorer_agreement(scores: Mapping[str, Mapping[str, float | None]], scorers: Sequence[str]) -> list[Agreement]:
@@ -297,11 +314,12 @@ def _check_inputs(
         raise InvalidInputError(f"no metadata for models {missing_meta}; pass ModelMetadata() for each model (empty if unknown)")
     if settings.aggregate == "single" and settings.scorer not in scorers:
         raise InvalidInputError(f"ranking.scorer {settings.scorer!r} is not among the scorers {scorers}")
-    if "ncti" in scorers and not any(term in row for row in scores.values() for term in NCTI_TERMS):
-        raise InvalidInputError(
-            f"ncti is a cross-model score and needs the terms {list(NCTI_TERMS)} of every model; "
-            "run them with the job (JobSpec.scorers_to_run adds them)"
-        )
+    for s, spec in _cross_model(scorers).items():
+        if not any(helper in row for row in scores.values() for helper in spec.helper_scorers):
+            raise InvalidInputError(
+                f"{s} is a cross-model score and needs the terms {list(spec.helper_scorers)} of every model; "
+                "run them with the job (JobSpec.scorers_to_run adds them)"
+            )
 
 
 @dataclass(frozen=True)
@@ -329,24 +347,26 @@ def _score_table(
     screening: _Screening,
     failed: dict[str, dict[str, str]],
 ) -> dict[str, dict[str, float | None]]:
-    """Step 2: ``{model: {scorer: clean score or None}}`` with NCTI taken across the pool.
+    """Step 2: ``{model: {scorer: clean score or None}}``, cross-model scores taken across the pool.
 
     Records in ``failed`` why each missing score is missing, so the report can say so; a
-    filtered model gets no NCTI and no reason for it (it was never combined).
+    filtered model gets no cross-model score and no reason for it (it was never combined).
     """
+    cross = _cross_model(scorers)
     table: dict[str, dict[str, float | None]] = {
-        name: {s: (None if s == "ncti" else _clean(row.get(s))) for s in scorers}
+        name: {s: (None if s in cross else _clean(row.get(s))) for s in scorers}
         for name, row in scores.items()
     }
-    if "ncti" in scorers and screening.pool:
-        for name, value in _ncti_scores(screening.pool, scores).items():
-            table[name]["ncti"] = value
-            if value is None and "ncti" not in failed.get(name, {}):
-                failed.setdefault(name, {})["ncti"] = "a term (seli, ncc or vc) failed for this model"
+    if screening.pool:
+        for s, spec in cross.items():
+            for name, value in _combined(spec, screening.pool, scores).items():
+                table[name][s] = value
+                if value is None and s not in failed.get(name, {}):
+                    failed.setdefault(name, {})[s] = _helper_failure(s, spec.helper_scorers)
     for name in table:
         for s in scorers:
-            if s == "ncti" and name in screening.filtered:
-                continue  # never combined: NCTI is scaled over the ranked pool only
+            if s in cross and name in screening.filtered:
+                continue  # never combined: a cross-model score is taken over the ranked pool only
             if table[name][s] is None and s not in failed.get(name, {}):
                 failed.setdefault(name, {})[s] = "no score returned"
     return table
@@ -432,10 +452,13 @@ def _entries(
 ) -> list[RankedModel]:
     """The report's rows: ranked models in rank order, then the unranked ones by name."""
 
+    cross = _cross_model(scorers)
+
     def entry(name: str, status: Status) -> RankedModel:
         auxiliary = {k: _clean(v) for k, v in scores[name].items() if k not in scorers}
-        if "ncti" in scorers and "ncti" in scores[name]:
-            auxiliary["ncti_unscaled"] = _clean(scores[name]["ncti"])
+        for s in cross:
+            if s in scores[name]:
+                auxiliary[f"{s}_unscaled"] = _clean(scores[name][s])
         return RankedModel(
             name=name,
             scores={s: v for s, v in table[name].items() if v is not None},
@@ -476,8 +499,9 @@ def rank_models(
     Parameters
     ----------
     scores : ``{model: {scorer: value or None}}``, everything the federation returned
-        (the job's scorers and, for ``ncti``, the terms in :data:`fedmte.server.job.NCTI_TERMS`).
-        A scorer missing for a model counts as failed for it.
+        (the job's scorers and, for a cross-model scorer such as ``ncti``, the helper scores
+        its registry entry names in ``helper_scorers``). A scorer missing for a model counts
+        as failed for it.
     metadata : ``{model: ModelMetadata}``, one entry per model in ``scores``.
     scorers : the job's scorers (ranked); any other key in ``scores`` is kept as auxiliary.
     settings, constraints : the job's ``[ranking]`` and ``[constraints]`` (defaults if None).
@@ -486,8 +510,8 @@ def rank_models(
     Raises
     ------
     InvalidInputError
-        No models or scorers, metadata missing for a model, ``ncti`` asked without its
-        terms in ``scores``, or a ``single`` scorer not among ``scorers``.
+        No models or scorers, metadata missing for a model, a cross-model scorer asked
+        without its helper scores in ``scores``, or a ``single`` scorer not among ``scorers``.
     """
     settings = settings or RankingSettings()
     constraints = constraints or Constraints()

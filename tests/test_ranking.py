@@ -1,7 +1,8 @@
-"""Ranking: per-scorer ranks, aggregates, failures, constraints, NCTI's cross-model mix, top-k."""
+"""Ranking: per-scorer ranks, aggregates, failures, constraints, cross-model scores (NCTI), top-k."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 from fedmte.api import score
 from fedmte.client.extract import ModelMetrics
 from fedmte.protocol.errors import InvalidInputError
-from fedmte.server.job import NCTI_TERMS, Constraints, RankingSettings
+from fedmte.protocol.scorers import SCORERS, ScorerSpec
+from fedmte.protocol.scorers.ncti import TERMS as NCTI_TERMS
+from fedmte.server.job import Constraints, RankingSettings, parse_job
 from fedmte.server.ranking import (
     MIB,
     ModelMetadata,
@@ -271,7 +274,8 @@ def test_a_model_missing_an_ncti_term_fails_ncti_and_the_others_are_mixed_withou
     rows["D"]["ncti_vc"] = None  # type: ignore[assignment]
     ranking = rank_models(rows, _meta(rows), scorers=["ncti"])
     by_name = {m.name: m for m in ranking.models}
-    assert "ncti" not in by_name["D"].scores and "term" in by_name["D"].failures["ncti"]
+    assert "ncti" not in by_name["D"].scores
+    assert by_name["D"].failures["ncti"] == "a term (seli, ncc or vc) failed for this model"
     expected = _paper_ncti({k: v for k, v in NCTI_ROWS.items() if k != "D"})
     for name, value in expected.items():
         assert by_name[name].scores["ncti"] == pytest.approx(value)
@@ -282,6 +286,38 @@ def test_ncti_without_its_terms_is_refused_with_the_fix() -> None:
     scores = {"A": {"ncti": 3.0}, "B": {"ncti": 2.0}}
     with pytest.raises(InvalidInputError, match=r"ncti is a cross-model score .*JobSpec\.scorers_to_run adds them"):
         rank_models(scores, _meta(scores), scorers=["ncti"])
+
+
+def test_any_scorer_declaring_a_combine_step_is_run_with_its_helpers_and_ranked_by_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in the job or the ranking is NCTI's own: a new cross-model scorer gets the same treatment."""
+    base = SCORERS["logme"]
+    monkeypatch.setitem(SCORERS, "gap_a", dataclasses.replace(base, name="gap_a"))
+    monkeypatch.setitem(SCORERS, "gap_b", dataclasses.replace(base, name="gap_b"))
+    monkeypatch.setitem(SCORERS, "gap", dataclasses.replace(
+        base, name="gap", helper_scorers=("gap_a", "gap_b"),
+        combine=lambda rows: {m: r["gap_a"] - r["gap_b"] - min(x["gap_a"] - x["gap_b"] for x in rows.values()) for m, r in rows.items()},
+    ))
+    job = parse_job('connection = "local"\nlabels = ["a", "b"]\ncandidates = ["m"]\nscorers = ["logme", "gap"]\n')
+    assert job.scorers_to_run == ("logme", "gap", "gap_a", "gap_b") and job.auxiliary_scorers == ("gap_a", "gap_b")
+    rows = {
+        "A": {"gap": 100.0, "gap_a": 1.0, "gap_b": 0.5},
+        "B": {"gap": 0.0, "gap_a": 3.0, "gap_b": 0.5},
+        "C": {"gap": 50.0, "gap_a": 2.0, "gap_b": None},
+    }
+    ranking = rank_models(rows, _meta(rows), scorers=["gap"])
+    by_name = {m.name: m for m in ranking.models}
+    assert [m.name for m in ranking.models] == ["B", "A", "C"]  # by the combined value, not the per-model one
+    assert by_name["B"].scores["gap"] == 2.0 and by_name["A"].scores["gap"] == 0.0
+    assert by_name["A"].auxiliary == {"gap_a": 1.0, "gap_b": 0.5, "gap_unscaled": 100.0}
+    assert by_name["C"].failures["gap"] == "a term (a or b) failed for this model"
+    with pytest.raises(InvalidInputError, match=r"gap is a cross-model score and needs the terms \['gap_a', 'gap_b'\]"):
+        rank_models({"A": {"gap": 1.0}}, _meta(["A"]), scorers=["gap"])
+
+
+def test_a_combine_step_without_helper_scorers_is_refused() -> None:
+    with pytest.raises(ValueError, match="combine needs the helper_scorers"):
+        dataclasses.replace(SCORERS["logme"], name="bad", combine=lambda rows: {})
+    assert isinstance(SCORERS["ncti"], ScorerSpec) and SCORERS["ncti"].helper_scorers == NCTI_TERMS
 
 
 # --------------------------------------------------------------------------- agreement and errors

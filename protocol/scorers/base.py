@@ -58,6 +58,18 @@ class ScorerSpec:
     opt_in: bool = False
     """Left out of the default set: iterative scorers (many rounds) and partial terms."""
     options: Mapping[str, Any] = field(default_factory=dict)
+    helper_scorers: tuple[str, ...] = ()
+    """Other registry scorers this one needs for every candidate; a job that asks for it
+    runs them too. Their requests are its own, so they cost no extra round."""
+    combine: Callable[[Mapping[str, Mapping[str, float]]], dict[str, float]] | None = None
+    """A cross-model scorer's last step, for when one model's value depends on the others:
+    ``{model: {helper: score}}`` over the candidates whose helpers all succeeded, to
+    ``{model: score}``. The ranking ranks that value instead of the program's per-model
+    one, which the report keeps as ``auxiliary["<name>_unscaled"]``. None: per-model."""
+
+    def __post_init__(self) -> None:
+        if self.combine is not None and not self.helper_scorers:
+            raise ValueError(f"scorer {self.name!r}: combine needs the helper_scorers it combines")
 
 
 def require_classes(counts: np.ndarray, scorer: str) -> np.ndarray:

@@ -36,7 +36,9 @@ Definitions and deviations:
   without the cross-model scaling. Ranking models by it is *not* the paper's NCTI: seli
   is a nuclear norm that grows with n and dominates the sum. ``ncti_seli``, ``ncti_ncc``
   and ``ncti_vc`` report the terms; :func:`combine` turns the terms of all candidate
-  models into the paper's score.
+  models into the paper's score. :data:`NCTI` declares the terms as its helper scorers and
+  :func:`combine_scores` as its cross-model step, so a job that asks for ``ncti`` runs them
+  and the ranking ranks the paper's score.
 * PCA width k = min(64, d, n - 1) where the reference asks for 64 and raises when
   min(n, d) < 64. With k = n the last component is rounding noise, and the svd solver's
   per-feature scaling blows it up to unit size, so the reference's value would depend on
@@ -300,8 +302,25 @@ def combine(terms: Mapping[str, NctiTerms]) -> dict[str, float]:
     return {name: float(value) for name, value in zip(names, scores)}
 
 
-def _spec(name: str, program_fn: Callable[[Context], Program], rounds: int, summary: str, *, opt_in: bool = True) -> ScorerSpec:
+TERMS = ("ncti_seli", "ncti_ncc", "ncti_vc")
+"""The registry names of the three terms, the helper scorers :data:`NCTI` declares."""
+
+
+def combine_scores(helpers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """:func:`combine` on what the ranking holds, ``{model: {"ncti_seli": ..., ...}}``:
+    NCTI's :attr:`ScorerSpec.combine` hook."""
+    return combine({
+        name: NctiTerms(**{term.removeprefix("ncti_"): float(row[term]) for term in TERMS})
+        for name, row in helpers.items()
+    })
+
+
+def _spec(name: str, program_fn: Callable[[Context], Program], rounds: int, summary: str, *, opt_in: bool = True,
+          helpers: tuple[str, ...] = (), cross_model: Callable[[Mapping[str, Mapping[str, float]]], dict[str, float]] | None = None,
+          ) -> ScorerSpec:
     return ScorerSpec(
+        helper_scorers=helpers,
+        combine=cross_model,
         opt_in=opt_in,
         name=name,
         program=program_fn,
@@ -314,7 +333,8 @@ def _spec(name: str, program_fn: Callable[[Context], Program], rounds: int, summ
     )
 
 
-NCTI = _spec("ncti", program, 2, "NCTI's terms seli + ncc - vc of one model, unscaled (combine() gives the paper's cross-model mix)", opt_in=False)
+NCTI = _spec("ncti", program, 2, "NCTI's terms seli + ncc - vc of one model, unscaled (combine() gives the paper's cross-model mix)",
+             opt_in=False, helpers=TERMS, cross_model=combine_scores)
 NCTI_SELI = _spec("ncti_seli", seli_program, 1, "NCTI seli: nuclear norm of the centred LDA projection after PCA-64")
 NCTI_NCC = _spec("ncti_ncc", ncc_program, 2, "NCTI ncc: mean LDA posterior of the true class after PCA-64")
 NCTI_VC = _spec("ncti_vc", vc_program, 2, "NCTI vc: log of the summed per-class nuclear norms of the LDA posteriors")
