@@ -165,11 +165,6 @@ def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
     return sensitivity / gdp_mu(epsilon, delta)
 
 
-def zcdp_rho(mu: float) -> float:
-    """The equivalent zero-concentrated DP parameter: rho = mu^2 / 2."""
-    return mu * mu / 2.0
-
-
 # --------------------------------------------------------------------------- sensitivities
 
 @dataclass(frozen=True)

@@ -118,10 +118,6 @@ def make_plan(
     return ScoringPlan(scorers=names, options=options, centring_round=centring)
 
 
-def _expected(stats: Sequence[Stat], ctx: Context) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    return {s.key: expected_shape(s, ctx.dim, ctx.num_classes, ctx.num_source_classes) for s in stats}
-
-
 class PlanRun:
     """One model's plan as a state machine, so a driver can batch many models per round.
 
