@@ -23,7 +23,7 @@ which the site enforces by clipping the model's output in its own code
 (:func:`fedmte.client.privacy.clip_rows`), and that source probabilities lie in the
 simplex. A feature view (offset, projection, class shift) can lengthen clipped rows;
 :func:`row_bound` gives the bound after a view. Derivations, add/remove neighbours, one
-row f with ||f|| <= C and label k (research/PRIVACY.md section 4.3):
+row f with ||f|| <= C and label k:
 
 - count, class_counts, hard_joint: one entry moves by 1.
 - sum, class_sums: the row f itself, ||f|| <= C.

@@ -2,10 +2,10 @@
 
 Under DP each site adds Gaussian noise to every block it releases, so the pooled sums can
 break what the scorers assume: a negative count, a Gram matrix with negative eigenvalues, a
-negative squared sum. research/PRIVACY.md section 4.3 lists the usual repairs; anything
-computed from released values alone is post-processing and costs no privacy. Applied to a
-block only when its noise standard deviation is positive, so exact (DP-off) sums pass
-through untouched:
+negative squared sum. The repairs below are the usual ones; anything computed from
+released values alone is post-processing and costs no privacy. Applied to a block only
+when its noise standard deviation is positive, so exact (DP-off) sums pass through
+untouched:
 
 - ``count`` and ``class_counts``: at least 1 (a class with no rows would divide by zero);
 - ``gram`` and each class of ``class_scatters``: symmetric, eigenvalues raised to at least
