@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedmte.client.durable import atomic_write
+from fedmte.protocol.durable import atomic_write
 from fedmte.protocol import audit_format as fmt
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import (

@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints, ValidationError
 
-from fedmte.client.durable import atomic_write
+from fedmte.protocol.durable import atomic_write
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import GENESIS, Decimal, Hex64, LedgerHead, canonical_json, dec
 from fedmte.protocol.errors import BudgetExceededError, InvalidInputError, VerificationError

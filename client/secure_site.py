@@ -1,23 +1,10 @@
 """The site's side of the secure sum over the network: signed requests in, masked words out.
 
-A site taking part in secure jobs holds a small file of its own, ``secure.toml`` (found via
-the SuperNode's ``--node-config 'secure-config="..."'``, else next to the site's data file;
-the coordinator can set neither)::
-
-    site_id = "hospital-a"              # this site's name in every job's roster
-    identity_key = "identity.pem"       # Ed25519 PKCS#8 PEM, mode 0600: signs the site's keys
-    audit_dir = "audit"                 # aborts and refused requests are recorded here
-    state_dir = "state"                 # nonces seen, so replays are refused after a restart
-    max_request_age = 600               # seconds a signed request stays acceptable
-    require_secure_sum = true           # refuse plain 'stats' queries: sums leave masked only
-    require_self_masks = false          # refuse jobs in the one-round mode (see secure_sum)
-    min_declared_rows = 1_000_000       # refuse jobs declaring fewer rows per site than this
-    min_declared_feature_norm = 0.0     # ... or a smaller feature norm bound
-    [coordinators]                      # coordinator keys this site accepts requests from
-    main = "ed25519:..."
-    [roster]                            # the peers this site will sum with, and their keys
-    hospital-a = "ed25519:..."
-    hospital-b = "ed25519:..."
+A site takes part in secure jobs when its site file has a ``[secure]`` table
+(:class:`fedmte.client.site_config.SecureSettings`): its identity key, the roster of peers it
+sums with, where the nonces it has seen are kept, and its floors on the declared bounds. The
+coordinators it accepts requests from are the one list of ``[trust.coordinators]``; its site
+id is ``[site] name``. The coordinator can set none of these.
 
 :class:`SecureSite` answers the five ``secure_*`` queries (:mod:`fedmte.protocol.wire`).
 Every request must be signed by a pinned coordinator key, fresh, and carry a nonce never seen
@@ -59,11 +46,10 @@ from __future__ import annotations
 
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -71,8 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from fedmte.client.audit_log import AuditLog, load_signing_key
-from fedmte.client.queries import answer_stats, load_site_data
-from fedmte.protocol.catalogue import expected_shape
+from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.errors import (
     FedmteError,
     InvalidInputError,
@@ -81,7 +66,7 @@ from fedmte.protocol.errors import (
     ThresholdError,
     VerificationError,
 )
-from fedmte.protocol.messages import RoundRequest, decode_round
+from fedmte.protocol.keys import fingerprint, parse_public_key
 from fedmte.protocol.secure_rounds import (
     AbortBody,
     AdvertiseBody,
@@ -90,11 +75,9 @@ from fedmte.protocol.secure_rounds import (
     RevealBody,
     ShareBody,
     UploadBody,
-    fingerprint,
     inner_stats,
     open_request,
     parse_body,
-    parse_public_key,
     request_digest,
     round_sum_spec,
 )
@@ -113,17 +96,10 @@ from fedmte.protocol.wire import (
     SECURE_REVEAL,
     SECURE_SHARE,
     SECURE_UPLOAD,
-    STATS,
     Payload,
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SECURE_CONFIG_KEY = "secure-config"
-"""The node-config key naming the site's ``secure.toml``."""
-SECURE_CONFIG_FILE = "secure.toml"
-"""Where the file is looked for when the node config names none: beside the data file."""
-DATA_PATH_KEY = "data-path"
-SITE_FILE_KEY = "site-file"
 NONCES_FILE = "secure_nonces.txt"
 
 AuditWriter = Callable[[Callable[[AuditLog], None]], None]
@@ -137,7 +113,7 @@ reply, passes it through ``seal`` and returns (and audits) the sealed payload, a
 
 
 class SecureSiteConfig(BaseModel):
-    """``secure.toml``; relative paths are taken from the file's folder."""
+    """What :class:`SecureSite` runs on, drawn from the site file (:func:`secure_config`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -151,8 +127,8 @@ class SecureSiteConfig(BaseModel):
     max_request_age: float = Field(default=600.0, gt=0, le=86_400)
     require_secure_sum: bool = True
     require_self_masks: bool = False
-    min_declared_rows: int = Field(default=1_000_000, ge=1, description="refuse jobs declaring fewer max_rows")
-    min_declared_feature_norm: float = Field(default=0.0, ge=0, description="refuse jobs declaring a smaller feature_norm")
+    min_declared_rows: int = Field(default=1_000_000, ge=1)
+    min_declared_feature_norm: float = Field(default=0.0, ge=0)
     max_sessions: int = Field(default=8, ge=1, le=1024)
     session_ttl: float = Field(default=86_400.0, gt=0)
 
@@ -165,28 +141,19 @@ class SecureSiteConfig(BaseModel):
         return {site: parse_public_key(text) for site, text in self.roster.items()}
 
 
-def load_secure_config(path: Path | str) -> SecureSiteConfig:
-    """Read and validate ``secure.toml``; errors name the key."""
-    path = Path(path)
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise InvalidInputError(f"cannot read the secure-sum site file {path}: {error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise InvalidInputError(f"{path} is not valid TOML: {error}") from None
-    base = path.resolve().parent
-    for key in ("identity_key", "audit_dir", "audit_key", "state_dir"):
-        if isinstance(document.get(key), str):
-            value = Path(document[key]).expanduser()
-            document[key] = value if value.is_absolute() else base / value
-    try:
-        config = SecureSiteConfig.model_validate(document)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors())
-        raise InvalidInputError(f"{path}: {problems}") from None
-    if config.site_id not in config.roster:
-        raise InvalidInputError(f"{path}: the roster must list this site ({config.site_id!r}) with its own key")
-    return config
+def secure_config(config: SiteConfig) -> SecureSiteConfig:
+    """The secure-sum settings of a site file; refuses a site file without ``[secure]``."""
+    secure = config.secure
+    if secure is None:
+        raise InvalidInputError("this site takes no part in the secure sum: its site file has no [secure] table "
+                                "(identity_key and roster); add one to accept secure jobs")
+    return SecureSiteConfig(
+        site_id=config.site.name, identity_key=secure.identity_key, coordinators=dict(config.trust.coordinators),
+        roster=dict(secure.roster), state_dir=secure.state_dir, max_request_age=secure.max_request_age,
+        require_secure_sum=secure.require_secure_sum, require_self_masks=secure.require_self_masks,
+        min_declared_rows=secure.min_declared_rows, min_declared_feature_norm=secure.min_declared_feature_norm,
+        max_sessions=secure.max_sessions, session_ttl=secure.session_ttl,
+    )
 
 
 @dataclass
@@ -287,7 +254,7 @@ class SecureSite:
         if signer not in self._pinned:
             raise refuse("secure:unknown_signer", "coordinators", VerificationError(
                 f"request signed by unknown coordinator key {signer[:16]}...; this site pins {len(self._pinned)} "
-                "coordinator key(s) in its secure.toml: the data owner must add the key to accept it"
+                "coordinator key(s) in [trust.coordinators] of its site file: the data owner must add the key to accept it"
             ))
         try:
             envelope = open_request(payload, step=query, pinned=self._pinned)
@@ -486,32 +453,9 @@ class SecureSite:
 
 # --------------------------------------------------------------------------- the site's statistics
 
-def site_statistics(data_path: Path) -> Compute:
-    """The ``compute`` of a site holding an ``.npz`` of features: the ``stats`` answer over its
-    rows, with zero blocks (of the shapes the catalogue states) for a site that holds no rows."""
-
-    def compute(inner_query: str, payload: Payload, seal: Seal) -> Payload:
-        if inner_query != STATS:
-            raise ProtocolError(f"this site computes secure statistics for {STATS!r} only, not {inner_query!r}")
-        data = load_site_data(data_path)
-        reply = answer_stats(data, payload)
-        request = RoundRequest.model_validate(payload.doc)
-        stats = {stat.key: stat for stat in decode_round(request, payload.arrays)}
-        missing = set(stats) - set(reply.arrays)
-        if missing:
-            arrays = dict(reply.arrays)
-            for key in missing:
-                shape, dtype = expected_shape(stats[key], data.dim, request.num_classes, data.num_source_classes)
-                arrays[key] = np.zeros(shape, dtype=dtype)
-            reply = Payload(doc=reply.doc, arrays=arrays)
-        return seal(reply)
-
-    return compute
-
-
 def agent_statistics(site_file: Path) -> Compute:
-    """The ``compute`` of a site run by its site agent (``site-file``): the agent releases the
-    round through its privacy layer and audits the sealed bytes that leave."""
+    """The ``compute`` of a site: its site agent releases the round through its privacy layer
+    and audits the sealed bytes that leave."""
 
     def compute(inner_query: str, payload: Payload, seal: Seal) -> Payload:
         from fedmte.client import site_agent
@@ -523,22 +467,8 @@ def agent_statistics(site_file: Path) -> Compute:
 
 # --------------------------------------------------------------------------- process registry
 
-_SITES: dict[str, SecureSite] = {}
+_SITES: dict[Path, SecureSite] = {}
 _REGISTRY_LOCK = threading.Lock()
-
-
-def config_path(node_config: Mapping[str, Any]) -> Path | None:
-    """The site's ``secure.toml``: named by the node config, else beside the site file or the data file."""
-    named = node_config.get(SECURE_CONFIG_KEY)
-    if isinstance(named, str) and named:
-        return Path(named)
-    for key in (SITE_FILE_KEY, DATA_PATH_KEY):
-        value = node_config.get(key)
-        if isinstance(value, str) and value:
-            candidate = Path(value).parent / SECURE_CONFIG_FILE
-            if candidate.is_file():
-                return candidate
-    return None
 
 
 def _agent_audit(site_file: Path) -> AuditWriter:
@@ -557,53 +487,34 @@ def _agent_audit(site_file: Path) -> AuditWriter:
     return audit
 
 
-def site_for(node_config: Mapping[str, Any]) -> SecureSite:
-    """This process's :class:`SecureSite` for the node's configuration (made on first use).
-
-    A node with a ``site-file`` computes through its site agent and audits to the agent's
-    log; a node with only a ``data-path`` sums its ``.npz`` rows and audits to
-    ``audit_dir`` of its ``secure.toml``.
-    """
-    path = config_path(node_config)
-    if path is None:
-        raise InvalidInputError(
-            f"this site has no secure-sum configuration: set --node-config '{SECURE_CONFIG_KEY}=\"/path/secure.toml\"' "
-            f"or put {SECURE_CONFIG_FILE} beside the site file or the data file"
-        )
-    key = str(path.resolve())
+def site_for(site_file: Path | str) -> SecureSite:
+    """This process's :class:`SecureSite` for a site file (made on first use): it computes
+    through the site's agent and audits to the agent's log."""
+    path = Path(site_file).resolve()
     with _REGISTRY_LOCK:
-        site = _SITES.get(key)
+        site = _SITES.get(path)
         if site is None:
-            site_file, data = node_config.get(SITE_FILE_KEY), node_config.get(DATA_PATH_KEY)
-            config = load_secure_config(path)
-            if isinstance(site_file, str) and site_file:
-                site = SecureSite(config, compute=agent_statistics(Path(site_file)),
-                                  audit=None if config.audit_dir is not None else _agent_audit(Path(site_file)))
-            elif isinstance(data, str) and data:
-                site = SecureSite(config, compute=site_statistics(Path(data)))
-            else:
-                raise InvalidInputError(f"this SuperNode has neither {SITE_FILE_KEY!r} nor {DATA_PATH_KEY!r} in its --node-config")
-            _SITES[key] = site
+            site = SecureSite(secure_config(load_site_config(path)), compute=agent_statistics(path),
+                              audit=_agent_audit(path))
+            _SITES[path] = site
         return site
 
 
-def answer_secure(query: str, payload: Payload, node_config: Mapping[str, Any]) -> Payload:
-    """Answer one ``secure_*`` query for the site that ``node_config`` describes."""
-    return site_for(node_config).handle(query, payload)
+def answer_secure(query: str, payload: Payload, site_file: Path | str) -> Payload:
+    """Answer one ``secure_*`` query for the site of ``site_file``."""
+    return site_for(site_file).handle(query, payload)
 
 
-def check_plain_statistics_allowed(node_config: Mapping[str, Any]) -> None:
-    """Refuse a plain ``stats`` query at a site whose secure-sum file requires the secure sum."""
-    path = config_path(node_config)
-    if path is None:
-        return
+def check_plain_statistics_allowed(site_file: Path | str) -> None:
+    """Refuse a plain ``stats`` query at a site whose site file requires the secure sum."""
     try:
-        required = load_secure_config(path).require_secure_sum
+        secure = load_site_config(site_file).secure
+        required = secure is not None and secure.require_secure_sum
     except FedmteError:
-        required = True  # a broken secure-sum file never opens the plain path
+        required = True  # a broken site file never opens the plain path
     if required:
         raise RefusalError(
             "refused by site: this site releases statistics only through the secure sum "
-            "(require_secure_sum = true in its secure.toml); run the job with the secure sum on",
-            reason_code="secure:plain_statistics", rule="require_secure_sum",
+            "(require_secure_sum = true in its site file's [secure] table); run the job with the secure sum on",
+            reason_code="secure:plain_statistics", rule="secure.require_secure_sum",
         )

@@ -51,19 +51,19 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedmte.client.architectures import LoadedModel, load_verified, resolve
 from fedmte.client.audit_log import key_fingerprint, load_signing_key
 from fedmte.client.cache import CacheEntry, FeatureCache
 from fedmte.client.data import FeatureData, SiteData, open_site_data
-from fedmte.client.durable import atomic_write
+from fedmte.protocol.durable import atomic_write
 from fedmte.client.errors import (
     ArchitectureConfigError,
     PackageError,
@@ -86,7 +86,7 @@ from fedmte.client.packages import (
     verify_package_bytes,
     verify_signature,
 )
-from fedmte.client.policy import SitePolicy, check_coordinator, parse_policy, violations
+from fedmte.client.policy import SitePolicy, check_coordinator, violations
 from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note
@@ -129,28 +129,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class AuditSettings(_Strict):
-    """The ``[audit]`` table of the site file (relative paths: from the site file's folder)."""
-
-    dir: Path = Path("audit")
-    signing_key: Path = Field(default=Path("keys/audit.key"), description="the site's Ed25519 PEM key (mode 600)")
-    ledger_dir: Path = Path("ledger")
-    checkpoint_every: int = Field(default=100, ge=1)
-
-
-def parse_audit_settings(table: Mapping[str, Any], base: Path) -> AuditSettings:
-    """Validate ``[audit]`` and resolve its paths against ``base``."""
-    try:
-        settings = AuditSettings.model_validate(dict(table))
-    except ValidationError as error:
-        problems = "; ".join(f"audit.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        raise SiteConfigError(f"the site file is invalid: {problems}") from None
-    resolved = {name: (value if value.is_absolute() else base / value)
-                for name, value in (("dir", settings.dir), ("signing_key", settings.signing_key),
-                                    ("ledger_dir", settings.ledger_dir))}
-    return settings.model_copy(update=resolved)
-
-
 class SessionModel(_Strict):
     label: str
     architecture: str
@@ -179,7 +157,7 @@ class JobSession(BaseModel):
 def _rule_of(error: Exception) -> str:
     """The site rule a package problem falls under, for the refusal the coordinator sees."""
     if isinstance(error, (UntrustedKeyError, UnsignedPackageError)):
-        return "trust.keys"
+        return "trust.coordinators"
     if isinstance(error, SignatureError):
         return "package.signature"
     if isinstance(error, (UnknownArchitectureError, ArchitectureConfigError)):
@@ -195,12 +173,17 @@ class SiteAgent:
     def __init__(self, site_file: Path | str) -> None:
         self.site_file = Path(site_file).resolve()
         self.config: SiteConfig = load_site_config(self.site_file)
-        self.policy: SitePolicy = parse_policy(self.config.policy)
-        self.audit = parse_audit_settings(self.config.audit, self.site_file.parent)
+        self.policy: SitePolicy = self.config.require_policy()
+        self.audit = self.config.audit
         self.name = self.config.site.name
+        audit_key = load_signing_key(self.audit.signing_key)
+        pinned = self.audit.verification_key_sha256
+        if pinned is not None and key_fingerprint(audit_key.public_key()) != pinned:
+            raise SiteConfigError(f"the audit key {self.audit.signing_key} is not the key the site file pins "
+                                  f"(audit.verification_key_sha256 = {pinned[:16]}...); restore the key or re-pin it")
         self.privacy = SitePrivacy.open(
             self.policy, audit_dir=self.audit.dir, ledger_dir=self.audit.ledger_dir, site_id=self.name,
-            signing_key=load_signing_key(self.audit.signing_key), checkpoint_every=self.audit.checkpoint_every,
+            signing_key=audit_key, checkpoint_every=self.audit.checkpoint_every,
         )
         self.cache = FeatureCache(self.config.site.cache_dir)
         self.settings = ExtractionSettings.from_compute(self.config.compute, progress=False)
@@ -628,5 +611,4 @@ def close_agents() -> None:
         _AGENTS.clear()
 
 
-__all__ = ["SITE_FILE_KEY", "AuditSettings", "JobSession", "SiteAgent", "agent_for", "answer", "close_agents",
-           "keep_agents_open", "parse_audit_settings"]
+__all__ = ["SITE_FILE_KEY", "JobSession", "SiteAgent", "agent_for", "answer", "close_agents", "keep_agents_open"]

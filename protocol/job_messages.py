@@ -43,18 +43,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmte.protocol.errors import ProtocolError, StatisticsError
 from fedmte.protocol.messages import RoundRequest, StatSpec, decode_round, encode_round
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.statistics import Statistics
-from fedmte.protocol.wire import Payload
+from fedmte.protocol.wire import FINISH, SETUP, Payload
 
-SETUP = "setup"
-FINISH = "finish"
-JOB_QUERIES = (SETUP, FINISH)
-"""The job queries besides ``stats`` (which :data:`fedmte.protocol.wire.QUERIES` already has)."""
 
 SETUP_SCHEMA = "fedmte.job_setup.v1"
 SETUP_REPLY_SCHEMA = "fedmte.job_setup_reply.v1"
@@ -83,14 +79,39 @@ def _parse(model: type[BaseModel], doc: Mapping[str, Any], what: str) -> Any:
 
 # --------------------------------------------------------------------------- setup
 
-class ModelOffer(_Strict):
-    """One candidate package as the coordinator offers it (the weights travel as an array)."""
+SITE_FEATURES = "site_features"
+"""The offer kind (and the audit log's architecture id) of features the sites computed
+themselves and hold as ``[data] kind = "features"``: no package, no model runs at the site."""
+SITE_FEATURES_SCHEMA = "fedmte.site_features.v1"
 
-    model_id: str = Field(pattern=HEX64, description="sha256 of the manifest bytes")
+
+def site_features_id(label: str) -> str:
+    """The model id of a site-features candidate: sha256 of a fixed descriptor of its label,
+    so every site and the coordinator derive the same id without a manifest."""
+    return hashlib.sha256(f"{SITE_FEATURES_SCHEMA}\n{label}".encode("utf-8")).hexdigest()
+
+
+class ModelOffer(_Strict):
+    """One candidate as the coordinator offers it: a signed package (the weights travel as an
+    array), or the features each site holds itself (``kind = "site_features"``)."""
+
+    model_id: str = Field(pattern=HEX64, description="sha256 of the manifest bytes (site features: site_features_id)")
     label: str = Field(min_length=1, max_length=256, description="the job's name for the candidate")
-    manifest: str = Field(min_length=2, max_length=1_048_576, description="manifest.json, canonical UTF-8 text")
-    signature: str = Field(min_length=2, max_length=16_384, description="signature.json text")
+    kind: Literal["package", "site_features"] = "package"
+    manifest: str = Field(default="", max_length=1_048_576, description="manifest.json, canonical UTF-8 text")
+    signature: str = Field(default="", max_length=16_384, description="signature.json text")
     weights_attached: bool = False
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> ModelOffer:
+        if self.kind == "package" and (len(self.manifest) < 2 or len(self.signature) < 2):
+            raise ValueError("a package offer carries its manifest and signature")
+        if self.kind == SITE_FEATURES:
+            if self.manifest or self.signature or self.weights_attached:
+                raise ValueError("a site-features offer carries no manifest, signature or weights")
+            if self.model_id != site_features_id(self.label):
+                raise ValueError("a site-features offer's model id is site_features_id(label)")
+        return self
 
 
 class SetupRequest(_Strict):
@@ -302,8 +323,9 @@ def payload_sha256(payload: Payload) -> str:
 
 
 __all__ = [
-    "FINISH", "JOB_QUERIES", "SETUP", "FinishReply", "FinishRequest", "JobRoundRequest", "ModelOffer", "ModelStatus",
-    "ReleaseCost", "RoundReplyDoc", "SetupReply", "SetupRequest", "SignedSetup", "SiteMetrics", "block_key",
-    "decode_job_round", "encode_job_round", "parse_setup", "payload_sha256", "setup_payload", "split_statistics",
+    "FINISH", "SETUP", "FinishReply", "FinishRequest", "JobRoundRequest", "ModelOffer", "ModelStatus",
+    "ReleaseCost", "RoundReplyDoc", "SITE_FEATURES", "SetupReply", "SetupRequest", "SignedSetup", "SiteMetrics", "block_key",
+    "decode_job_round", "encode_job_round", "parse_setup", "payload_sha256", "setup_payload", "site_features_id",
+    "split_statistics",
     "wire_bytes",
 ]

@@ -80,7 +80,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from fedmte.protocol.errors import ProtocolError, StatisticsError, VerificationError
 from fedmte.protocol.fixed_point import DEFAULT_LIMBS, BlockSpec, SumSpec
 from fedmte.protocol.inputs import PROBABILITY_TOLERANCE
-from fedmte.protocol.messages import RoundRequest, decode_round
+from fedmte.protocol.job_messages import JobRoundRequest, block_key, decode_job_round
+from fedmte.protocol.keys import fingerprint
 from fedmte.protocol.requests import Stat, View
 from fedmte.protocol.statistics import Statistics
 from fedmte.protocol.wire import (
@@ -96,7 +97,6 @@ from fedmte.protocol.wire import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENVELOPE_SCHEMA = "fedmte.secure_request.v1"
-PUBLIC_KEY_PREFIX = "ed25519:"
 NONCE_HEX = 32  # 128-bit nonces
 BOUND_SLACK = 1.0 + 2.0**-20
 """Relative slack on a derived bound before it is rounded up to a power of two."""
@@ -116,26 +116,6 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- keys and encodings
-
-def public_key_text(key: Ed25519PublicKey) -> str:
-    """``ed25519:<base64 of the 32 raw bytes>`` (the form site and job files hold)."""
-    return PUBLIC_KEY_PREFIX + base64.b64encode(key.public_bytes_raw()).decode("ascii")
-
-
-def parse_public_key(text: str) -> Ed25519PublicKey:
-    """Parse ``ed25519:<base64 of 32 bytes>``; raise :class:`VerificationError` otherwise."""
-    if not isinstance(text, str) or not text.startswith(PUBLIC_KEY_PREFIX):
-        raise VerificationError(f"public key {text!r} must look like 'ed25519:<base64 of 32 bytes>'")
-    try:
-        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text[len(PUBLIC_KEY_PREFIX):], validate=True))
-    except (binascii.Error, ValueError):
-        raise VerificationError(f"public key {text!r} is not base64 of 32 bytes") from None
-
-
-def fingerprint(key: Ed25519PublicKey) -> str:
-    """sha256 of the raw public key, hex (the same fingerprint site policies pin)."""
-    return hashlib.sha256(key.public_bytes_raw()).hexdigest()
-
 
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8, no NaN: the bytes a signature or digest covers."""
@@ -399,31 +379,13 @@ def round_sum_spec(stats: Sequence[tuple[str, Stat]], statistics: Statistics, bo
     return SumSpec(blocks=tuple(blocks), limbs=limbs, context=context)
 
 
-JOB_ROUND_SCHEMA = "fedmte.job_round.v1"
-
-
 def _stats_request(doc: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> list[tuple[str, Stat]]:
-    """A ``stats`` request's (key, Stat) pairs: a single-model :class:`RoundRequest`, or a
-    multi-model job round (:mod:`fedmte.protocol.job_messages`) whose reply keys are
-    ``<model id>/<request key>``."""
+    """A job round's (key, Stat) pairs (:mod:`fedmte.protocol.job_messages`); the reply keys
+    are ``<model id>/<request key>``."""
     out: dict[str, Stat] = {}
-    if JOB_ROUND_SCHEMA in (doc.get("schema"), doc.get("schema_")):
-        from fedmte.protocol.job_messages import (
-            JobRoundRequest,
-            block_key,
-            decode_job_round,
-        )
-
-        for model_id, stats in decode_job_round(JobRoundRequest.parse(doc), arrays).items():
-            for stat in stats:
-                out.setdefault(block_key(model_id, stat.key), stat)
-        return list(out.items())
-    try:
-        request = RoundRequest.model_validate(dict(doc))
-    except ValidationError as error:
-        raise ProtocolError(f"malformed round request: {error.errors()[0]['msg']}") from None
-    for stat in decode_round(request, arrays):
-        out.setdefault(stat.key, stat)
+    for model_id, stats in decode_job_round(JobRoundRequest.parse(doc), arrays).items():
+        for stat in stats:
+            out.setdefault(block_key(model_id, stat.key), stat)
     return list(out.items())
 
 

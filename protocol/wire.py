@@ -33,11 +33,12 @@ MAX_DOC_CHARS = 1_000_000
 MESSAGE_PREFIX = "query."
 """Every fedmte message is a Flower ``query`` message, ``query.<name>``."""
 
-DESCRIBE = "describe"
-"""Setup: each site states the shape of its data (feature width, source classes), not its size."""
-
+SETUP = "setup"
+"""A job's signed setup: the candidates, labels and scorers (:mod:`fedmte.protocol.job_messages`)."""
 STATS = "stats"
-"""One statistics round: a :class:`~fedmte.protocol.messages.RoundRequest` and its arrays."""
+"""One statistics round of a job, every candidate at once (:class:`~fedmte.protocol.job_messages.JobRoundRequest`)."""
+FINISH = "finish"
+"""The job is over: the site signs an audit checkpoint and returns it."""
 
 # --- secure sum (fedmte.protocol.secure_rounds): coordinator-signed steps of one job ---
 SECURE_ADVERTISE = "secure_advertise"
@@ -54,8 +55,8 @@ SECURE_QUERIES = (SECURE_ADVERTISE, SECURE_SHARE, SECURE_UPLOAD, SECURE_REVEAL, 
 """The secure-sum queries, answered by :mod:`fedmte.client.secure_site`."""
 # --- end secure sum ---
 
-QUERIES = (DESCRIBE, STATS, *SECURE_QUERIES)
-"""Every query a site answers; the ClientApp registers one ``query.<name>`` handler for each."""
+QUERIES = (SETUP, STATS, FINISH, *SECURE_QUERIES)
+"""Every query a site answers; the ClientApp has one ``query.<name>`` handler for each."""
 
 INLINE_LIMIT = 1 << 20
 """Packed arrays up to this many bytes travel inside the message's small config record (one

@@ -49,12 +49,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmte.protocol.manifest import ModelManifest, strict_json_loads
-from fedmte.protocol import dp, secure_rounds
+from fedmte.protocol import dp
+from fedmte.protocol.keys import public_key_text
 from fedmte.protocol.audit_format import parse_note
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError, VerificationError
 from fedmte.protocol.job_messages import (
     FINISH,
     SETUP,
+    SITE_FEATURES,
     FinishReply,
     FinishRequest,
     ModelOffer,
@@ -67,6 +69,7 @@ from fedmte.protocol.job_messages import (
     SiteMetrics,
     encode_job_round,
     setup_payload,
+    site_features_id,
     split_statistics,
     wire_bytes,
 )
@@ -82,10 +85,13 @@ from fedmte.server.report import (
     Report,
     RoundInfo,
     SiteDisclosure,
+    RoundStatus,
+    RunStatus,
     SitePrivacy,
     build_report,
     read_report,
     write_report,
+    write_status,
 )
 from fedmte.server.rounds import Aggregator, Exchange, PlainSum
 from fedmte.server.secure_aggregation import load_coordinator_key
@@ -97,33 +103,47 @@ MAX_SIGNATURE_BYTES = 16 << 10
 RECEIVED_FILE = "received.jsonl"
 STATUS_FILE = "run.json"
 WITNESS_DIR = "witnesses"
-JOB_KIND = "models"
 
 
 # --------------------------------------------------------------------------- candidates
 
 @dataclass(frozen=True)
 class CandidatePackage:
-    """One candidate as the coordinator holds it: the signed package folder's bytes."""
+    """One candidate as the coordinator holds it: the signed package folder's bytes, or, for a
+    site-features candidate (no ``directory``), only its label."""
 
     label: str
-    directory: Path
-    manifest_bytes: bytes
-    signature_bytes: bytes
-    manifest: ModelManifest
+    directory: Path | None
+    manifest_bytes: bytes = b""
+    signature_bytes: bytes = b""
+    manifest: ModelManifest | None = None
+
+    @property
+    def site_features(self) -> bool:
+        return self.directory is None
 
     @property
     def model_id(self) -> str:
         """sha256 of the manifest bytes: the package id every site computes too."""
+        if self.site_features:
+            return site_features_id(self.label)
         return hashlib.sha256(self.manifest_bytes).hexdigest()
 
+    @property
+    def weights_bytes(self) -> int:
+        return 0 if self.manifest is None else self.manifest.weights_bytes
+
     def weights(self) -> bytes:
+        if self.directory is None or self.manifest is None:
+            raise InvalidInputError(f"{self.label} is a site-features candidate; it has no weights to send")
         data = (self.directory / WEIGHTS_FILE).read_bytes()
         if len(data) != self.manifest.weights_bytes or hashlib.sha256(data).hexdigest() != self.manifest.weights_sha256:
             raise VerificationError(f"{self.directory / WEIGHTS_FILE} does not match its manifest; re-pack {self.label}")
         return data
 
     def offer(self, *, attach: bool) -> ModelOffer:
+        if self.site_features:
+            return ModelOffer(model_id=self.model_id, label=self.label, kind=SITE_FEATURES)
         return ModelOffer(model_id=self.model_id, label=self.label, manifest=self.manifest_bytes.decode("utf-8"),
                           signature=self.signature_bytes.decode("utf-8"), weights_attached=attach)
 
@@ -148,6 +168,9 @@ def load_candidates(job: JobSpec) -> list[CandidatePackage]:
     """
     packages: list[CandidatePackage] = []
     for candidate in job.candidates:
+        if candidate.site_features:
+            packages.append(CandidatePackage(candidate.label, None))
+            continue
         if candidate.path is not None:
             directory = Path(candidate.path)
         elif job.model_store is not None:
@@ -170,6 +193,8 @@ def load_candidates(job: JobSpec) -> list[CandidatePackage]:
         packages.append(CandidatePackage(candidate.label, directory, manifest_bytes, signature_bytes, manifest))
     seen: dict[str, str] = {}
     for package in packages:
+        if package.manifest is None:
+            continue
         other = seen.setdefault(package.manifest.weights_sha256, package.label)
         if other != package.label:
             raise InvalidInputError(f"candidates {other!r} and {package.label!r} have the same weights; list each model once")
@@ -177,16 +202,6 @@ def load_candidates(job: JobSpec) -> list[CandidatePackage]:
 
 
 # --------------------------------------------------------------------------- keys
-
-def public_key_text(key: Ed25519PrivateKey) -> str:
-    """``ed25519:<base64 of the raw public key>`` (how site files write keys)."""
-    return secure_rounds.public_key_text(key.public_key())
-
-
-def coordinator_fingerprint(key: Ed25519PrivateKey) -> str:
-    """Hex sha256 of the raw public key: what a site pins in ``[policy.coordinator_keys]``."""
-    return secure_rounds.fingerprint(key.public_key())
-
 
 def sign_setup(request: SetupRequest, key: Ed25519PrivateKey) -> SignedSetup:
     return SignedSetup(request=request, signature=base64.b64encode(key.sign(request.signing_bytes())).decode("ascii"))
@@ -366,7 +381,7 @@ def execute_job(
         start = time.perf_counter()
         again = _setup_round(recorder, job, packages, key, run_id, need, "setup-weights")
         rounds.append(RoundInfo(name="setup (weights)", seconds=time.perf_counter() - start,
-                                bytes_per_site=max(sum(p.manifest.weights_bytes for p in packages if p.model_id in n)
+                                bytes_per_site=max(sum(p.weights_bytes for p in packages if p.model_id in n)
                                                    for n in need.values())))
         replies = {node: again[node] for node in replies}
     names = _site_names(replies)
@@ -512,10 +527,10 @@ def build_job_report(job: JobSpec, outcome: JobOutcome) -> Report:
         measured = {site.name: site.metrics[model_id].model_dump() for site in outcome.sites.values()
                     if model_id in site.metrics}
         manifest = record.package.manifest
-        metadata[name] = ModelMetadata.from_sites(
-            measured, license=manifest.license, parameter_count=manifest.parameter_count,
-            architecture=manifest.architecture, version=manifest.version, description=manifest.description or None,
-            manifest_sha256=model_id)
+        described = {} if manifest is None else dict(
+            license=manifest.license, parameter_count=manifest.parameter_count, architecture=manifest.architecture,
+            version=manifest.version, description=manifest.description or None)
+        metadata[name] = ModelMetadata.from_sites(measured, manifest_sha256=model_id, **described)
     ranking = rank_models(scores, metadata, scorers=job.scorers, settings=job.ranking, constraints=job.constraints,
                           failures=failures)
     disclosures = [
@@ -555,59 +570,78 @@ def write_job_outputs(outcome: JobOutcome, directory: Path) -> None:
 
 # --------------------------------------------------------------------------- over Flower
 
-class ModelsServerJob(BaseModel):
-    """What the ServerApp needs for a job with candidate models (the run config's ``job``)."""
+class ServerJob(BaseModel):
+    """What the ServerApp needs to run a job (the run config's ``job``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["models"] = JOB_KIND
     job: dict[str, Any] = Field(description="the JobSpec, paths absolute on the coordinator's machine")
     coordinator_key: str = Field(pattern=r"^/", description="absolute path of the coordinator's signing key")
+    probe: bool = Field(default=False, description="probe the sites' secure-sum request rules instead of scoring")
 
 
-def serve_job(grid: Any, text: str, run_id: int) -> Report:
-    """Inside the ServerApp: run the job in ``text`` (a :class:`ModelsServerJob`) over the grid,
+def serve_job(grid: Any, text: str, run_id: int) -> Report | None:
+    """Inside the ServerApp: run the job in ``text`` (a :class:`ServerJob`) over the grid,
     with the secure sum when the job has a ``[secure]`` table (:func:`job_aggregator`).
 
     Writes ``report.json``/``report.html``, ``received.jsonl`` and the witnesses to the job's
     output folder, and the run's status (``run.json``, a
-    :class:`~fedmte.server.job_runner.JobReport`) last; a failure writes the status with
-    every site's reason and re-raises, so Flower marks the run failed.
+    :class:`~fedmte.server.report.RunStatus`) last; a failure writes the status with every
+    site's reason and re-raises, so Flower marks the run failed. A probe run
+    (:mod:`fedmte.server.site_probe`) writes only the status, with each site's verdicts.
     """
     from fedmte.server.flower_exchange import FlowerExchange, tune_pull_backoff
-    from fedmte.server.job_runner import JobReport, RoundReport, write_report as write_status
 
     start = time.perf_counter()
-    spec = ModelsServerJob.model_validate_json(text)
-    job = JobSpec.model_validate(spec.job)
+    try:
+        spec = ServerJob.model_validate_json(text)
+        job = JobSpec.model_validate(spec.job)
+    except ValidationError as error:
+        raise InvalidInputError(f"the run config's 'job' is not a fedmte job: {error.error_count()} problem(s)") from None
     output = Path(job.output)
     status_path = output / STATUS_FILE
     try:
         tune_pull_backoff()
-        key = load_coordinator_key(Path(spec.coordinator_key))
-        packages = load_candidates(job)
         federation = job.federation
         exchange = FlowerExchange(grid, min_sites=federation.min_sites, connect_timeout=federation.connect_timeout,
                                   round_timeout=federation.round_timeout)
+        if spec.probe:
+            _serve_probe(exchange, job, run_id, start, status_path)
+            return None
+        key = load_coordinator_key(Path(spec.coordinator_key))
+        packages = load_candidates(job)
         outcome = execute_job(exchange, job, packages, key, run_id=str(run_id), aggregator=job_aggregator(job, str(run_id)))
         report = build_job_report(job, outcome)
         write_report(report, output)
         write_job_outputs(outcome, output)
     except FedmteError as error:
-        write_status(JobReport(status="failed", run_id=run_id, error=str(error), total_seconds=time.perf_counter() - start,
+        write_status(RunStatus(status="failed", run_id=run_id, error=str(error), total_seconds=time.perf_counter() - start,
                                failures=getattr(error, "failures", {})), status_path)
         raise
     trips = [r.seconds for r in outcome.rounds if r.kinds]
-    scores = {f"{m.name}/{s}": v for m in report.models for s, v in m.scores.items()}
-    write_status(JobReport(
-        status="finished", run_id=run_id, sites=len(outcome.sites), scorers=list(job.scorers), scores=scores,
-        planned_rounds=outcome.planned_rounds,
-        rounds=[RoundReport(name=r.name, seconds=r.seconds, kinds=r.kinds, bytes_per_site=r.bytes_per_site)
+    write_status(RunStatus(
+        status="finished", run_id=run_id, sites=len(outcome.sites), planned_rounds=outcome.planned_rounds,
+        rounds=[RoundStatus(name=r.name, seconds=r.seconds, kinds=r.kinds, bytes_per_site=r.bytes_per_site)
                 for r in outcome.rounds],
         seconds_per_round_trip=sum(trips) / len(trips) if trips else None,
         total_seconds=time.perf_counter() - start,
     ), status_path)
     return report
+
+
+def _serve_probe(exchange: Exchange, job: JobSpec, run_id: int, start: float, status_path: Path) -> None:
+    from fedmte.server.site_probe import probe_sites
+
+    if job.secure is None:
+        raise InvalidInputError("probing the sites needs the job's [secure] table (its key, roster and bounds)")
+    probe = probe_sites(exchange, job.secure, job_id=f"probe-{run_id}-{secrets.token_hex(4)}")
+    write_status(RunStatus(
+        status="finished" if probe.passed else "failed", run_id=run_id, sites=len(exchange.nodes),
+        total_seconds=time.perf_counter() - start, probes=probe.results, failures=probe.failures(),
+        error=None if probe.passed else (
+            "some sites did not refuse every forged request (see failures): do not run secure jobs with them "
+            "until their data owners run a fedmte site agent that refuses them (a site runner keeps its nonces)"),
+    ), status_path)
 
 
 def job_aggregator(job: JobSpec, run_id: str) -> Aggregator | None:
@@ -619,11 +653,11 @@ def job_aggregator(job: JobSpec, run_id: str) -> Aggregator | None:
     return SecureAggregator.from_spec(job.secure, job_id=f"run-{run_id}-{secrets.token_hex(4)}")
 
 
-def server_job_text(job: JobSpec) -> str:
+def server_job_text(job: JobSpec, *, probe: bool = False) -> str:
     """The run config's ``job`` for :func:`serve_job` (checks the candidates and the key first)."""
     if job.federation.coordinator_key is None:
         raise InvalidInputError("the job names no coordinator key; set [federation] coordinator_key to the "
-                                "coordinator's Ed25519 PEM key (the sites pin its fingerprint)")
+                                "coordinator's Ed25519 PEM key (the sites trust it in [trust.coordinators])")
     key_path = Path(job.federation.coordinator_key).resolve()
     load_coordinator_key(key_path)
     load_candidates(job)
@@ -631,20 +665,22 @@ def server_job_text(job: JobSpec) -> str:
     if secure is not None:
         secure = secure.model_copy(update={"signing_key": Path(secure.signing_key).resolve()})
         load_coordinator_key(secure.signing_key)
+    elif probe:
+        raise InvalidInputError("the job has no [secure] table; the probe checks the secure sum's request rules")
     resolved = job.model_copy(update={"output": Path(job.output).resolve(), "secure": secure})
-    return ModelsServerJob(job=resolved.model_dump(mode="json"), coordinator_key=str(key_path)).model_dump_json()
+    return ServerJob(job=resolved.model_dump(mode="json"), coordinator_key=str(key_path), probe=probe).model_dump_json()
 
 
-def run_job(job: JobSpec, *, fab_dir: Path | None = None, poll: float = 0.1) -> Report:
-    """Run ``job`` over its Flower connection and return the report (also written to
-    ``job.output``: report.json, report.html, received.jsonl, run.json, witnesses/).
+def launch(job: JobSpec, *, probe: bool = False, fab_dir: Path | None = None, poll: float = 0.1) -> RunStatus:
+    """Submit ``job`` over its Flower connection and wait for the run's status.
 
-    Raises :class:`FederationError` naming each failing site's reason when the run fails,
-    and :class:`InvalidInputError` for a job that cannot start (missing key or packages).
+    Raises :class:`FederationError` naming each failing site's reason when the run fails
+    (a probe run: when a site did not refuse a forgery), and :class:`InvalidInputError` for a
+    job that cannot start (missing key or packages).
     """
     from fedmte.server.job_runner import FAB_DIR, flwr_env, submit_run, wait_for_status
 
-    text = server_job_text(job)
+    text = server_job_text(job, probe=probe)
     output = Path(job.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     status_path = output / STATUS_FILE
@@ -654,10 +690,18 @@ def run_job(job: JobSpec, *, fab_dir: Path | None = None, poll: float = 0.1) -> 
     status = wait_for_status(status_path, run_id, job.connection, env, job.federation.run_timeout, poll=poll)
     if status.status == "failed":
         raise FederationError(f"run {run_id} failed: {status.error}", failures=status.failures)
-    return read_report(output / "report.json")
+    return status
+
+
+def run_job(job: JobSpec, *, fab_dir: Path | None = None, poll: float = 0.1) -> Report:
+    """Run ``job`` over its Flower connection and return the report (also written to
+    ``job.output``: report.json, report.html, received.jsonl, run.json, witnesses/)."""
+    launch(job, fab_dir=fab_dir, poll=poll)
+    return read_report(Path(job.output).resolve() / "report.json")
 
 
 __all__ = [
-    "CandidatePackage", "JobOutcome", "ModelsServerJob", "RecordingExchange", "build_job_report", "coordinator_fingerprint",
-    "execute_job", "job_aggregator", "load_candidates", "load_coordinator_key", "public_key_text", "run_job", "serve_job", "sign_setup",
+    "CandidatePackage", "JobOutcome", "RecordingExchange", "ServerJob", "build_job_report",
+    "execute_job", "job_aggregator", "launch", "load_candidates", "load_coordinator_key", "run_job",
+    "serve_job", "sign_setup",
 ]

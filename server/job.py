@@ -11,6 +11,7 @@ Example::
         "models/resnet-small",            # a path (contains "/"): a signed model package folder
         "mlp-digits",                     # a bare name: a package in the coordinator's model store
         { name = "random-init", path = "models/random" },
+        # { name = "resnet-feats", site_features = true },  # features the sites hold ([data] kind = "features")
     ]
     scorers = ["logme", "hscore", "gbc", "ncti"]
 
@@ -161,10 +162,16 @@ class Candidate(_Strict):
 
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     path: Path | None = None
+    site_features: bool = Field(default=False, description="the features each site computed itself and holds as "
+                                "[data] kind = \"features\" (no package: { name = \"x\", site_features = true })")
 
     @model_validator(mode="after")
     def _one_of(self) -> Candidate:
-        if self.name is None and self.path is None:
+        if self.site_features:
+            if self.name is None or self.path is not None:
+                raise ValueError("a site-features candidate has a name and no path, e.g. { name = \"resnet-feats\", "
+                                 "site_features = true }")
+        elif self.name is None and self.path is None:
             raise ValueError("give a package name or path, e.g. { name = \"mlp\", path = \"models/mlp\" }")
         return self
 
@@ -282,6 +289,8 @@ class JobSpec(_Strict):
     @classmethod
     def _unique_candidates(cls, candidates: list[Candidate]) -> list[Candidate]:
         _refuse_duplicates([c.label for c in candidates], "candidate")
+        if sum(c.site_features for c in candidates) > 1:
+            raise ValueError("a site holds one set of precomputed features: name at most one site_features candidate")
         return candidates
 
     @model_validator(mode="after")

@@ -33,11 +33,14 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedmte.client.durable import replace_file
+from fedmte.protocol.durable import replace_file
+from fedmte.protocol.errors import FederationError
 from fedmte.server.job import Constraints, JobSpec, PrivacyRequest
 from fedmte.server.ranking import Agreement, RankedModel, Ranking
+from fedmte.server.site_probe import ProbeResult
 
 REPORT_SCHEMA: Final = "fedmte.report.v1"
+RUN_STATUS_SCHEMA: Final = "fedmte.run_status.v1"
 JSON_NAME = "report.json"
 HTML_NAME = "report.html"
 
@@ -180,6 +183,46 @@ def build_report(
         notes=ranking.notes,
         job=job.to_json_dict(),
     )
+
+
+class RoundStatus(_Frozen):
+    name: str
+    seconds: float
+    kinds: list[str] = Field(default_factory=list)
+    bytes_per_site: int = 0
+
+
+class RunStatus(_Frozen):
+    """``run.json``: how a run over Flower ended, written by the ServerApp last (the launcher
+    waits for it): finished with a summary, or failed with the error and each site's reason.
+    The job's results are in ``report.json``; a probe run's verdicts are in ``probes``."""
+
+    schema_: Literal["fedmte.run_status.v1"] = Field(default=RUN_STATUS_SCHEMA, alias="schema")
+    status: Literal["finished", "failed"]
+    run_id: int | None = None
+    sites: int = 0
+    planned_rounds: int = 0
+    rounds: list[RoundStatus] = Field(default_factory=list)
+    seconds_per_round_trip: float | None = Field(default=None, description="mean over the statistics rounds")
+    total_seconds: float = 0.0
+    error: str | None = None
+    failures: dict[str, str] = Field(default_factory=dict)
+    probes: list[ProbeResult] | None = Field(default=None, description="a probe run: what each site did with each probe")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def write_status(status: RunStatus, path: Path) -> None:
+    """Write ``run.json`` atomically, so the launcher never reads half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, status.model_dump_json(by_alias=True, indent=2).encode("utf-8"))
+
+
+def read_status(path: Path) -> RunStatus:
+    try:
+        return RunStatus.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise FederationError(f"the run status {path} is unreadable: {error}") from None
 
 
 def write_report(report: Report, directory: Path) -> tuple[Path, Path]:

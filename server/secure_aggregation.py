@@ -64,7 +64,6 @@ from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -77,7 +76,9 @@ from fedmte.protocol.errors import (
     ThresholdError,
 )
 from fedmte.protocol.fixed_point import SumSpec
-from fedmte.protocol.messages import RoundRequest
+from fedmte.protocol.job_messages import JobRoundRequest
+from fedmte.protocol.keys import load_private_key
+from fedmte.protocol.keys import fingerprint, parse_public_key
 from fedmte.protocol.secure_rounds import (
     AbortBody,
     AdvertiseBody,
@@ -87,8 +88,6 @@ from fedmte.protocol.secure_rounds import (
     ShareBody,
     UploadBody,
     arrays_digest,
-    fingerprint,
-    parse_public_key,
     request_digest,
     sign_request,
 )
@@ -128,14 +127,8 @@ class SecureJobSpec(BaseModel):
 
 
 def load_coordinator_key(path: Path | str) -> Ed25519PrivateKey:
-    """The coordinator's Ed25519 key from an unencrypted PKCS#8 PEM file."""
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as error:
-        raise InvalidInputError(f"cannot read the coordinator's signing key {path}: {error}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise InvalidInputError(f"{path} holds a {type(key).__name__}; the coordinator signs with Ed25519")
-    return key
+    """The coordinator's Ed25519 signing key (:func:`fedmte.protocol.keys.load_private_key`)."""
+    return load_private_key(path)
 
 
 @dataclass
@@ -368,7 +361,7 @@ class SecureAggregator:
 
     # ------------------------------------------------------------------ phases
 
-    def sum_round(self, exchange: Any, request: RoundRequest, arrays: Mapping[str, np.ndarray]) -> Statistics:
+    def sum_round(self, exchange: Any, request: JobRoundRequest, arrays: Mapping[str, np.ndarray]) -> Statistics:
         """The :class:`~fedmte.server.rounds.Aggregator` seam: one ``stats`` round, summed securely."""
         return self.sum_payload(exchange, Payload(doc=request.model_dump(mode="json", by_alias=True), arrays=arrays),
                                 inner_query=self.inner_query, label=str(request.round))
@@ -534,59 +527,3 @@ def read_transcript(path: Path) -> dict[int, TranscriptPhase]:
 def load_roster(text: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
     """Parse a roster table (site id -> ``ed25519:...``)."""
     return {site: parse_public_key(key) for site, key in text.items()}
-
-
-# --------------------------------------------------------------------------- provisioning (loopback, tests)
-
-def write_private_key(path: Path) -> Ed25519PrivateKey:
-    """A new Ed25519 key as unencrypted PKCS#8 PEM, mode 0600."""
-    key = Ed25519PrivateKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(pem)
-    return key
-
-
-def provision(site_dirs: Mapping[str, Path], coordinator_key: Path, *, bounds: DeclaredBounds,
-              require_secure_sum: bool = True, self_masks: bool = True, threshold: int | None = None,
-              model_hashes: Sequence[str] = (), audit_dir: str | None = "audit") -> SecureJobSpec:
-    """Keys and site files for a trial federation: a coordinator key, and in each site's folder
-    an identity key, ``secure.toml`` (pinning the coordinator key and every site's identity
-    key, auditing to ``audit/``, with ``bounds`` as its floors) and nothing else. Returns the
-    job's ``[secure]`` table.
-
-    In a real deployment each data owner makes its own identity key and writes its own
-    roster from keys exchanged out of band; this helper plays every party on one machine.
-    ``audit_dir=None`` leaves the audit to the site agent's log (a site with a ``site.toml``,
-    whose log already lives in ``audit/``: one writer per log).
-    """
-    from fedmte.protocol.secure_rounds import public_key_text
-
-    coordinator = write_private_key(coordinator_key)
-    identities = {site: write_private_key(Path(folder) / "identity.pem") for site, folder in site_dirs.items()}
-    roster = {site: public_key_text(key.public_key()) for site, key in identities.items()}
-    roster_toml = "".join(f"{_toml_key(site)} = {_toml_str(text)}\n" for site, text in sorted(roster.items()))
-    for site, folder in site_dirs.items():
-        (Path(folder) / "secure.toml").write_text(
-            f"site_id = {_toml_str(site)}\nidentity_key = \"identity.pem\"\n"
-            + ("" if audit_dir is None else f"audit_dir = {_toml_str(audit_dir)}\n") +
-            f"state_dir = \"state\"\nrequire_secure_sum = {str(require_secure_sum).lower()}\n"
-            f"min_declared_rows = {bounds.max_rows}\nmin_declared_feature_norm = {bounds.feature_norm!r}\n\n"
-            f"[coordinators]\ncoordinator = {_toml_str(public_key_text(coordinator.public_key()))}\n\n"
-            f"[roster]\n{roster_toml}",
-            encoding="utf-8",
-        )
-    return SecureJobSpec(signing_key=coordinator_key, roster=roster, threshold=threshold, self_masks=self_masks,
-                         bounds=bounds, model_hashes=tuple(model_hashes))
-
-
-def _toml_str(text: str) -> str:
-    import json
-
-    return json.dumps(text)
-
-
-def _toml_key(text: str) -> str:
-    return text if text.replace("-", "").replace("_", "").isalnum() else _toml_str(text)

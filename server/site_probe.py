@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedmte.protocol.errors import FederationError
-from fedmte.protocol.secure_rounds import AbortBody, AdvertiseBody, Envelope, fingerprint, sign_request
+from fedmte.protocol.keys import fingerprint
+from fedmte.protocol.secure_rounds import AbortBody, AdvertiseBody, Envelope, sign_request
 from fedmte.protocol.secure_sum import SecureSumParams, majority_threshold
 from fedmte.protocol.wire import SECURE_ABORT, SECURE_ADVERTISE, Payload
 from fedmte.server.secure_aggregation import SecureJobSpec, load_coordinator_key

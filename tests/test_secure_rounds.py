@@ -40,12 +40,12 @@ from fedmte.protocol.messages import encode_round
 from fedmte.protocol.plan import execute, make_plan
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
+from fedmte.protocol.keys import fingerprint
 from fedmte.protocol.secure_rounds import (
     AdvertiseBody,
     DeclaredBounds,
     Envelope,
     RevealBody,
-    fingerprint,
     round_sum_spec,
     sign_request,
 )

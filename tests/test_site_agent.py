@@ -241,7 +241,7 @@ def test_the_trial_federations_files_make_a_job_that_runs(tmp_path: Path) -> Non
     state = LocalFederation(
         directory=str(tmp_path), runner="site", mode="sites", address="127.0.0.1:1", superlink_pid=0, superlink_log="",
         ca_cert="", flwr_home=str(tmp_path / "flwr"), coordinator_key=str(key_path), labels=labels,
-        sites=[SiteProcess(name=f.parent.name, node_id=k, pid=0, runtime_port=0, data=str(f.parent / "data.npz"),
+        sites=[SiteProcess(name=f.parent.name, node_id=k, pid=0, runtime_port=0, 
                            site_file=str(f), private_key="", public_key="", flwr_home="", log="")
                for k, f in enumerate(files)],
     )

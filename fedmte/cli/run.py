@@ -1,15 +1,13 @@
 """``fedmte run JOB.toml``: run a scoring job over a Flower federation and write its report.
 
-A job file with ``candidates`` is a :class:`~fedmte.server.job.JobSpec`: the candidate
-models go to the sites, which run them on their own data, and the report (``report.json``,
-``report.html``) ranks them (:func:`fedmte.server.coordinator.run_job`). A job file with
-``num_classes`` and ``out`` instead is a job over sites that hold precomputed features
-(:class:`~fedmte.server.job_runner.JobFile`), whose JSON report lists the scores.
+The job file is a :class:`~fedmte.server.job.JobSpec`: its candidates (signed model packages,
+or the features the sites hold) are scored at the sites, and the report (``report.json``,
+``report.html``) ranks them (:func:`fedmte.server.coordinator.run_job`). ``fedmte probe``
+sends the same job's sites forged secure-sum requests instead.
 """
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -21,16 +19,9 @@ from fedmte.cli.errors import friendly_errors
 from fedmte.protocol.errors import FederationError, InvalidInputError
 
 if TYPE_CHECKING:
-    from fedmte.server.job_runner import JobFile, JobReport
+    from fedmte.server.report import RunStatus
 
 console = Console()
-
-
-def _is_model_job(path: Path) -> bool:
-    try:
-        return "candidates" in tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise InvalidInputError(f"job file {path} cannot be read as TOML: {error}") from None
 
 
 def _run_models(job_file: Path) -> None:
@@ -58,21 +49,6 @@ def _run_models(job_file: Path) -> None:
     console.print(f"report written to {Path(job.output) / 'report.json'} and report.html", soft_wrap=True)
 
 
-def _run_features(job_file: Path) -> None:
-    from fedmte.server.job_runner import launch, load_job_file
-
-    job = load_job_file(job_file)
-    report = launch(job)
-    table = Table()
-    table.add_column("scorer")
-    table.add_column("score", justify="right")
-    for name, value in report.scores.items():
-        table.add_row(name, f"{value:.6g}")
-    console.print(table)
-    console.print(f"run {report.run_id}: {report.sites} sites, {len(report.rounds)} round trips "
-                  f"({report.seconds_per_round_trip:.2f} s each); report written to {job.out}", soft_wrap=True)
-
-
 @friendly_errors
 def run(
     job_file: Annotated[Path, typer.Argument(metavar="JOB.toml", help="the job: connection, candidates, labels, scorers")],
@@ -80,33 +56,13 @@ def run(
     """Launch the job against its Flower connection, wait for it, print the ranking."""
     if not job_file.is_file():
         raise InvalidInputError(f"job file {job_file} does not exist")
-    if _is_model_job(job_file):
-        _run_models(job_file)
-    else:
-        _run_features(job_file)
-
-
-def _probe_job(job_file: Path, out: Path) -> JobFile:
-    """The probe's settings from either kind of job file: connection, [secure], site count, timeouts."""
-    from fedmte.server.job_runner import JobFile, load_job_file
-
-    if not _is_model_job(job_file):
-        return load_job_file(job_file).model_copy(update={"out": out.resolve()})
-    from fedmte.server.job import load_job
-
-    job = load_job(job_file)
-    settings = job.federation
-    return JobFile(
-        connection=job.connection, flwr_home=settings.flwr_home, out=out.resolve(), num_classes=len(job.labels),
-        secure=job.secure, min_sites=settings.min_sites, connect_timeout=settings.connect_timeout,
-        round_timeout=settings.round_timeout, run_timeout=settings.run_timeout,
-    )
+    _run_models(job_file)
 
 
 @friendly_errors
 def probe(
     job_file: Annotated[Path, typer.Argument(metavar="JOB.toml", help="a job with a \\[secure] table")],
-    out: Annotated[Path, typer.Option("--out", help="where the probe's JSON report goes")] = Path("probe.json"),
+    out: Annotated[Path, typer.Option("--out", help="the folder for the probe's run.json")] = Path("fedmte-probe"),
 ) -> None:
     """Check that every site refuses forged, tampered and replayed secure-sum requests.
 
@@ -114,25 +70,28 @@ def probe(
     control and the control again, then a signed end; no statistics are asked for. Exits
     with an error naming every site that did not refuse a forgery for the right reason.
     """
-    from fedmte.server.job_runner import launch, read_report
+    from fedmte.server.coordinator import launch
+    from fedmte.server.job import load_job
+    from fedmte.server.report import read_status
 
     if not job_file.is_file():
         raise InvalidInputError(f"job file {job_file} does not exist")
-    job = _probe_job(job_file, out)
+    job = load_job(job_file)
     if job.secure is None:
         raise InvalidInputError(f"{job_file} has no [secure] table; the probe checks the secure sum's request rules")
+    job = job.model_copy(update={"output": out.resolve()})
     try:
-        report = launch(job, probe=True)
-    except FederationError:  # launch removed any older report first: a report here is this probe's
-        written = read_report(out.resolve()) if out.is_file() else None
-        if written is not None and written.probes:
-            _print_probes(written)
+        status = launch(job, probe=True)
+    except FederationError:  # launch removed any older status first: one here is this probe's
+        written = out / "run.json"
+        if written.is_file():
+            _print_probes(read_status(written))
         raise
-    _print_probes(report)
-    console.print(f"every site refused every forged request; report written to {out}", soft_wrap=True)
+    _print_probes(status)
+    console.print(f"every site refused every forged request; status written to {out / 'run.json'}", soft_wrap=True)
 
 
-def _print_probes(report: JobReport) -> None:
+def _print_probes(report: RunStatus) -> None:
     table = Table(title="site probe")
     table.add_column("probe")
     table.add_column("site")

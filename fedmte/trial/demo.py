@@ -23,7 +23,7 @@ with their eight one-pixel shifts (:data:`SHIFTS`); writes each site's file with
 privacy policy (Gaussian DP at epsilon 1 per release and 4 per data source, delta 1e-6;
 ``dp=False`` turns DP off, and then sets a clip norm no row reaches, so the released sums
 are exact and the scores equal ``fedmte score`` on the pooled ``fedmte features``); provisions
-the secure sum (an identity key and ``secure.toml`` beside each ``site.toml``, the job's
+the secure sum (an identity key and a ``[secure]`` table in each ``site.toml``, the job's
 ``[secure]`` table; :func:`fedmte.server.secure_aggregation.provision`); starts a
 loopback Flower federation of those site files (:func:`start_federation`: TLS, node
 authentication, fedmte's site runner), runs the job with the coordinator
@@ -60,31 +60,29 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedmte.client.audit_log import AuditVerification, generate_signing_key, key_fingerprint, verify
-from fedmte.client.durable import replace_file
+from fedmte.client.audit_log import AuditVerification, verify
 from fedmte.client.ledger import Ledger
-from fedmte.client.packages import generate_signing_key as generate_package_key
-from fedmte.client.packages import load_signing_key as load_package_key
-from fedmte.client.packages import public_key_string, save_signing_key
 from fedmte.client.policy import DEFAULT_DELTA, DEFAULT_EPSILON_BUDGET, DEFAULT_EPSILON_PER_RELEASE
-from fedmte.client.site_agent import AuditSettings, parse_audit_settings
-from fedmte.client.site_config import load_site_config
+from fedmte.client.site_config import AuditSettings, load_site_config, site_file_text
 from fedmte.protocol.catalogue import Batch, accumulate
 from fedmte.protocol.errors import InvalidInputError, VerificationError
+from fedmte.protocol.durable import replace_file
 from fedmte.protocol.evaluation import MIN_MODELS, RankingMetrics, evaluate_ranking, parse_scores
 from fedmte.protocol.plan import PlanRun, make_plan
+from fedmte.protocol.keys import fingerprint, load_private_key, public_key_text, write_private_key
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.secure_sum import majority_threshold
 from fedmte.server.job import JobSpec, load_job
 from fedmte.server.report import Report, write_report
-from fedmte.server.secure_aggregation import SecureJobSpec, provision
+from fedmte.server.secure_aggregation import SecureJobSpec
 from fedmte.trial.inprocess import run_job_in_process
 from fedmte.trial.local_federation import LocalFederation
+from fedmte.trial.local_sites import provision
 from fedmte.trial.zoo import DIGIT_LABELS, Zoo, build_zoo, load_digits_split, pack_zoo
 
 DEFAULT_OUT = Path("fedmte-demo")
@@ -105,8 +103,6 @@ SECURE_FEATURE_NORM = 1e4
 """The feature-norm bound the secure sum declares with DP off (with DP on: the clip norm).
 The sites do not clip then, so this is a declaration the candidates' features must meet; a
 site whose rows exceed it refuses the round rather than let a sum wrap."""
-SECURE_KEY = "secure/coordinator.pem"
-"""The secure sum's coordinator key (every site's ``secure.toml`` pins it)."""
 MAX_FEATURE_DIM = 64
 LICENSE_ALLOWLIST = ("CC-BY-4.0", "Apache-2.0")
 MAX_LATENCY_MS = 50.0
@@ -259,66 +255,44 @@ def policy_needs(scorers: Sequence[str], *, dim: int = 4, source_classes: int = 
 
 def audit_settings(site_file: Path) -> AuditSettings:
     """The ``[audit]`` table of a site file, its paths resolved as the site agent resolves them."""
-    return parse_audit_settings(load_site_config(site_file).audit, Path(site_file).resolve().parent)
+    return load_site_config(site_file).audit
 
 
-def _toml_list(values: Sequence[str]) -> str:
-    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
-
-
-def site_toml(name: str, *, trust_key: str, coordinator_fingerprint: str, dp: bool,
-              scorers: Sequence[str], architectures: Sequence[str]) -> str:
-    """The text of a demo site's ``site.toml``: its data, pinned keys, compute, policy and audit."""
+def site_document(name: str, *, trust_key: str, audit_key_sha256: str, dp: bool, scorers: Sequence[str],
+                  architectures: Sequence[str]) -> dict[str, Any]:
+    """A demo site's site file: its data, the one trusted coordinator key, compute, policy and audit."""
     kinds, transforms = policy_needs(scorers)
-    clip = DP_CLIP_NORM if dp else NO_DP_CLIP_NORM
-    clip_note = ("rows are scaled to this L2 norm before anything is summed" if dp else
-                 "DP is off: clipping protects nothing, so the norm is out of reach and the sums are exact")
-    return f"""# Site file of the fedmte demo's {name}. The data owner writes this file; no job can change it.
+    return {
+        "site": {"name": name, "cache_dir": "cache"},
+        "data": {"kind": "arrays", "fingerprint": "content", "path": SITE_DATA_FILE, "labels": list(DIGIT_LABELS)},
+        "trust": {"coordinators": {"demo-coordinator": trust_key}},
+        "compute": {"batch_size": 256, "threads": 1, "device": "cpu", "progress": False},
+        "policy": {
+            "allowed_scorers": sorted(scorers), "allowed_statistics": kinds, "allowed_transforms": transforms,
+            "allowed_architectures": sorted(architectures), "max_feature_dim": MAX_FEATURE_DIM,
+            "clip_norm": DP_CLIP_NORM if dp else NO_DP_CLIP_NORM, "min_noisy_class_count": 0.0,
+            "dp": {"enabled": dp, "epsilon_per_release": DEFAULT_EPSILON_PER_RELEASE,
+                   "epsilon_budget": DEFAULT_EPSILON_BUDGET, "delta": DEFAULT_DELTA, "neighbouring": "add_remove"},
+        },
+        "audit": {"dir": "audit", "signing_key": "keys/audit.key", "ledger_dir": "ledger",
+                  "verification_key_sha256": audit_key_sha256},
+    }
 
-[site]
-name = {json.dumps(name)}
-cache_dir = "cache"                     # the feature cache (stays here)
 
-[data]
-kind = "arrays"
-fingerprint = "content"                 # the data set's identity: its bytes (reruns reuse cache and ledger)
-path = {json.dumps(SITE_DATA_FILE)}        # uint8 8x8 pixels ("inputs") and digit names ("labels"):
-                                        # each digit with its 8 one-pixel shifts (DP protects a row)
-labels = {_toml_list(DIGIT_LABELS)}
-
-[trust]
-keys = [{json.dumps(trust_key)}]        # the demo coordinator's package-signing key
-
-[compute]
-batch_size = 256
-threads = 1
-device = "cpu"
-progress = false
-
-[policy]                                # default deny: only what is named here is allowed
-allowed_scorers = {_toml_list(sorted(scorers))}
-allowed_statistics = {_toml_list(kinds)}
-allowed_transforms = {_toml_list(transforms)}
-allowed_architectures = {_toml_list(sorted(architectures))}
-max_feature_dim = {MAX_FEATURE_DIM}
-clip_norm = {clip:g}                      # {clip_note}
-min_noisy_class_count = 0.0
-
-[policy.coordinator_keys]
-demo-coordinator = {json.dumps(coordinator_fingerprint)}
-
-[policy.dp]                             # the default privacy settings
-enabled = {str(dp).lower()}
-epsilon_per_release = {DEFAULT_EPSILON_PER_RELEASE}
-epsilon_budget = {DEFAULT_EPSILON_BUDGET}
-delta = {DEFAULT_DELTA:g}
-neighbouring = "add_remove"
-
-[audit]
-dir = "audit"                           # the tamper-evident log: fedmte audit verify {name}/audit
-signing_key = "keys/audit.key"          # the site's audit signing key (never leaves the site)
-ledger_dir = "ledger"                   # the privacy budget spent, per data source
-"""
+SITE_COMMENTS = {
+    "site.cache_dir": "the feature cache (stays here)",
+    "data.fingerprint": "the data set's identity: its bytes (reruns reuse cache and ledger)",
+    "data.path": "uint8 8x8 pixels (inputs) and digit names (labels), each digit with its 8 one-pixel shifts",
+    "trust.coordinators": "the one coordinator this site trusts: it signs packages, jobs and secure-sum requests",
+    "policy": "default deny: only what is named here is allowed",
+    "policy.clip_norm": "rows are scaled to at most this L2 norm before anything is summed",
+    "policy.dp": "the default privacy settings",
+    "audit.dir": "the tamper-evident log: fedmte audit verify <site>/audit",
+    "audit.signing_key": "the site's audit signing key (never leaves the site)",
+    "audit.ledger_dir": "the privacy budget spent, per data source",
+    "audit.verification_key_sha256": "pins the audit key: the site refuses to start with another",
+}
+"""The comments of a demo site file (:func:`fedmte.client.site_config.site_file_text`)."""
 
 
 def secure_toml(spec: SecureJobSpec) -> str:
@@ -326,7 +300,7 @@ def secure_toml(spec: SecureJobSpec) -> str:
     roster = "\n".join(f"{name} = {json.dumps(key)}" for name, key in sorted(spec.roster.items()))
     return f"""
 [secure]                            # sum with the secure sum: the coordinator sees only sums over sites
-signing_key = {json.dumps(SECURE_KEY)}   # pinned in every site's secure.toml
+signing_key = {json.dumps(COORDINATOR_KEY)}   # the coordinator key every site trusts
 self_masks = {str(spec.self_masks).lower()}
 
 [secure.roster]                     # each site's identity key (sites/<name>/identity.pem)
@@ -336,6 +310,10 @@ self_masks = {str(spec.self_masks).lower()}
 max_rows = {spec.bounds.max_rows}
 feature_norm = {spec.bounds.feature_norm!r}
 """
+
+
+def _toml_list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
 def job_toml(models: Sequence[str], *, sites: int, dp: bool, secure: SecureJobSpec | None = None) -> str:
@@ -391,12 +369,7 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 def _coordinator_key(out: Path) -> Ed25519PrivateKey:
     path = out / COORDINATOR_KEY
-    if path.exists():
-        return load_package_key(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = generate_package_key()
-    save_signing_key(key, path)
-    return key
+    return load_private_key(path) if path.exists() else write_private_key(path)
 
 
 def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> DemoSetup:
@@ -421,8 +394,7 @@ def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> 
     split = load_digits_split()
     rows = split.target_train
     parts = skewed_split(split.labels[rows], len(names))
-    trust = public_key_string(key.public_key())
-    fingerprint = key_fingerprint(key.public_key())
+    trust = public_key_text(key)
     architectures = sorted({m.architecture for m in manifests.values()})
     site_files = []
     for name, part in zip(names, parts):
@@ -432,23 +404,24 @@ def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> 
         arrays = {"inputs": shifted_copies(split.images[chosen]), "labels": np.array([DIGIT_LABELS[y] for y in labels])}
         _write_if_changed(home / SITE_DATA_FILE, _npz_bytes(arrays))
         site_file = home / "site.toml"
-        _write_if_changed(site_file, site_toml(
-            name, trust_key=trust, coordinator_fingerprint=fingerprint, dp=options.dp, scorers=DEMO_SCORERS,
-            architectures=architectures,
+        audit_key_path = home / "keys" / "audit.key"
+        audit_key = load_private_key(audit_key_path) if audit_key_path.exists() else write_private_key(audit_key_path)
+        document = site_document(name, trust_key=trust, audit_key_sha256=fingerprint(audit_key), dp=options.dp,
+                                 scorers=DEMO_SCORERS, architectures=architectures)
+        _write_if_changed(site_file, site_file_text(
+            document, comments=SITE_COMMENTS,
+            header=f"Site file of the fedmte demo's {name}. The data owner writes this file; no job can change it.",
         ).encode())
-        audit = audit_settings(site_file)
-        if not audit.signing_key.exists():
-            generate_signing_key(audit.signing_key)
         site_files.append(site_file)
         counts = np.bincount(split.labels[chosen], minlength=len(DIGIT_LABELS))
         say.detail(f"{name}: {len(chosen)} digits ({len(labels)} rows with shifts), per digit {counts.tolist()}")
 
     say.stage("Provisioning the secure sum")
     total_rows = len(rows) * len(SHIFTS)
-    secure = provision({name: out / "sites" / name for name in names}, out / SECURE_KEY,
+    secure = provision(dict(zip(names, site_files)), out / COORDINATOR_KEY,
                        bounds=DeclaredBounds(max_rows=total_rows, feature_norm=DP_CLIP_NORM if options.dp else SECURE_FEATURE_NORM),
-                       require_secure_sum=False, audit_dir=None)  # the site agent's audit log records the steps
-    say.detail(f"identity keys and secure.toml beside each site.toml; threshold {secure.threshold or majority_threshold(len(names))} "
+                       require_secure_sum=False)
+    say.detail(f"identity keys and a [secure] table in each site file; threshold {secure.threshold or majority_threshold(len(names))} "
                f"of {len(names)} sites")
 
     job_file = out / "job.toml"
@@ -586,7 +559,7 @@ __all__ = [
     "prepare_demo",
     "run_demo",
     "run_job",
-    "site_toml",
+    "site_document",
     "skewed_split",
     "verify_sites",
 ]

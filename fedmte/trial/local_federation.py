@@ -12,15 +12,16 @@
                               with 3 or more sites also identity.pem and secure.toml
     DIR/secure/               the secure sum's coordinator key (pinned in every secure.toml)
 
-Sites come in two kinds. By default each site is a data owner's site: a ``site.toml`` whose
-data are raw ``inputs`` (vectors) and ``labels``, whose policy pins the coordinator's key,
-and whose audit log, ledger and cache live beside it; the SuperNode gets
-``--node-config 'site-file="DIR/sites/<name>/site.toml"'`` and the candidate models of a job
-run at the site (:mod:`fedmte.client.site_agent`). With three or more such sites, each also
-gets a ``secure.toml`` (:func:`fedmte.server.secure_aggregation.provision`; plain jobs stay
-allowed) and the example job (:func:`write_example_job`) carries the ``[secure]`` table, so
-its rounds go through the secure sum. Given ``.npz`` files of precomputed
-``features`` instead, each site answers with those (``data-path``, :mod:`fedmte.client.queries`).
+Every site is a data owner's site: a ``site.toml`` whose policy trusts the coordinator's key
+(once, in ``[trust.coordinators]``), and whose audit log, ledger and cache live beside it; the
+SuperNode gets ``--node-config 'site-file="DIR/sites/<name>/site.toml"'``. Its data are raw
+``inputs`` and ``labels`` (the candidate models of a job run at the site,
+:mod:`fedmte.client.site_agent`) or precomputed ``features`` (``[data] kind = "features"``,
+scored as a ``site_features`` candidate), under the same policy, clipping, DP and audit. With
+three or more sites each site file also gets a ``[secure]`` table
+(:func:`fedmte.trial.local_sites.provision`; plain jobs stay allowed) and the example job
+(:func:`write_example_job`) carries the job's ``[secure]`` table, so its rounds go through the
+secure sum, signed by the same coordinator key.
 
 It then starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and
 ``--disable-runtime-dependency-installation`` (its state in memory: an SQLite file made every
@@ -59,7 +60,7 @@ from fedmte.protocol.errors import FederationError, InvalidInputError
 from fedmte.protocol.inputs import uneven_split
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.server.job_runner import flwr_command, flwr_env
-from fedmte.server.secure_aggregation import SecureJobSpec, provision
+from fedmte.server.secure_aggregation import SecureJobSpec
 from fedmte.trial.credentials import make_node_key, make_tls
 from fedmte.trial.local_sites import (
     DP_CLIP_NORM,
@@ -67,6 +68,7 @@ from fedmte.trial.local_sites import (
     demo_site_inputs,
     example_packages,
     label_space,
+    provision,
     write_site,
 )
 
@@ -80,7 +82,6 @@ SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL = 0.1
 
 Runner = Literal["site", "stock"]
-Mode = Literal["sites", "features"]
 EXAMPLE_SCORERS = ("hscore", "gbc", "logme", "nce")
 EXAMPLE_DP_SCORERS = ("hscore", "gbc")
 """The example job's scorers with DP on: few rows and noisy sums leave LogME's evidence and
@@ -99,8 +100,7 @@ class SiteProcess(BaseModel):
     node_id: int
     pid: int
     runtime_port: int
-    data: str
-    site_file: str | None = None
+    site_file: str
     private_key: str
     public_key: str
     flwr_home: str
@@ -115,18 +115,17 @@ class LocalFederation(BaseModel):
     schema_: Literal["fedmte.local_federation.v1"] = Field(default=STATE_SCHEMA, alias="schema")
     directory: str
     runner: Runner
-    mode: Mode = "features"
-    dp: bool = Field(default=True, description="sites mode: whether the sites' policies add DP noise")
+    dp: bool = Field(default=True, description="whether the sites' policies add DP noise")
     address: str
     superlink_pid: int
     superlink_log: str
     ca_cert: str
     flwr_home: str = Field(description="FLWR_HOME of the coordinator's flwr CLI (holds config.toml)")
     connection: str = CONNECTION
-    coordinator_key: str | None = Field(default=None, description="sites mode: the coordinator's signing key")
-    labels: list[str] = Field(default_factory=list, description="sites mode: the label space of the sites' data")
+    coordinator_key: str = Field(default="", description="the coordinator's signing key (packages, jobs, secure sum)")
+    labels: list[str] = Field(default_factory=list, description="the label space of the sites' data")
     sites: list[SiteProcess] = Field(default_factory=list)
-    secure: SecureJobSpec | None = Field(default=None, description="sites mode, >= 3 sites: the example job's [secure] table")
+    secure: SecureJobSpec | None = Field(default=None, description=">= 3 sites: the example job's [secure] table")
 
     def env(self) -> dict[str, str]:
         """Environment for ``flwr`` commands against this federation."""
@@ -305,42 +304,27 @@ def up(
         if _alive(state.superlink_pid, str(directory)) or any(_alive(s.pid, str(directory)) for s in state.sites):
             raise FederationError(f"a local federation is already running in {directory}; stop it with `fedmte local down`")
     arrays = _site_arrays(sites, data)
-    mode: Mode = "features" if all("features" in a for a in arrays) else "sites"
-    if mode == "sites" and not all("inputs" in a and "labels" in a for a in arrays):
-        raise InvalidInputError("each site's .npz needs 'inputs' and 'labels' (a data owner's site) or "
-                                "'features' and 'labels' (precomputed features)")
     directory.mkdir(parents=True, exist_ok=True)
-    coordinator = key_path = None
-    labels: list[str] = []
-    if mode == "sites":
-        coordinator, key_path = coordinator_key(directory / "coordinator")
-        labels = label_space([a["labels"] for a in arrays])
+    coordinator, key_path = coordinator_key(directory / "coordinator")
+    labels = label_space([a["labels"] for a in arrays])
+    site_files = {}
+    for index, site_arrays in enumerate(arrays):
+        name = f"site{index}"
+        site_files[name] = write_site(directory / "sites" / name, name, site_arrays, labels, coordinator=coordinator,
+                                      dp=dp, clip_norm=clip_norm, policy=(policies or {}).get(index))
     secure: SecureJobSpec | None = None
-    if mode == "sites" and sites >= SECURE_MIN_SITES:  # secure.toml beside each site.toml (plain jobs still allowed)
+    if sites >= SECURE_MIN_SITES:  # a [secure] table in each site file (plain jobs still allowed)
         norm = clip_norm if clip_norm is not None else (DP_CLIP_NORM if dp else SECURE_FEATURE_NORM)
         rows = sum(len(a["labels"]) for a in arrays)
-        secure = provision({f"site{k}": directory / "sites" / f"site{k}" for k in range(sites)},
-                           directory / "secure" / "coordinator.pem",
-                           bounds=DeclaredBounds(max_rows=max(rows, 1000), feature_norm=float(norm)),
-                           require_secure_sum=False, audit_dir=None)
-    state, started = _start_superlink(directory, runner=runner, mode=mode, timeout=timeout,
-                                      coordinator_key=None if key_path is None else str(key_path), labels=labels,
-                                      dp=dp, secure=secure)
+        secure = provision(site_files, key_path, bounds=DeclaredBounds(max_rows=max(rows, 1000), feature_norm=float(norm)),
+                           require_secure_sum=False)
+    state, started = _start_superlink(directory, runner=runner, timeout=timeout, coordinator_key=str(key_path),
+                                      labels=labels, dp=dp, secure=secure)
     try:
-        for index, site_arrays in enumerate(arrays):
-            name = f"site{index}"
-            home = directory / "sites" / name
-            home.mkdir(parents=True, exist_ok=True)
-            data_path = home / "data.npz"
-            site_file: Path | None = None
-            if coordinator is not None:
-                site_file = write_site(home, name, site_arrays, labels, coordinator=coordinator, dp=dp,
-                                       clip_norm=clip_norm, policy=(policies or {}).get(index))
-            else:
-                np.savez(data_path, **site_arrays)
+        for index, (name, site_file) in enumerate(site_files.items()):
             extra = [arg for fab_hash in allowlist for arg in ("--allow-fab", fab_hash)]
             extra += list((site_args or {}).get(index, ()))
-            _start_site(state, started, name, home, data=data_path, site_file=site_file, extra_args=extra)
+            _start_site(state, started, name, site_file.parent, site_file=site_file, extra_args=extra)
         return _come_online(state, started, timeout, logs=f"{directory}/sites/*/supernode.log")
     except BaseException:
         _abandon(directory, started)
@@ -358,20 +342,18 @@ def serve_site_files(directory: Path, site_files: Sequence[Path], *, labels: Seq
     if (directory / STATE_FILE).exists():
         down(directory)  # a federation left running by an interrupted run
     directory.mkdir(parents=True, exist_ok=True)
-    state, started = _start_superlink(directory, runner="site", mode="sites", timeout=timeout, labels=list(labels))
+    state, started = _start_superlink(directory, runner="site", timeout=timeout, labels=list(labels))
     try:
         for site_file in site_files:
-            config = load_site_config(site_file)
-            name = config.site.name
-            _start_site(state, started, name, directory / "nodes" / name, data=Path(config.data.path),
-                        site_file=Path(site_file).resolve())
+            name = load_site_config(site_file).site.name
+            _start_site(state, started, name, directory / "nodes" / name, site_file=Path(site_file).resolve())
         return _come_online(state, started, timeout, logs=f"{directory}/nodes/*/supernode.log")
     except BaseException:
         _abandon(directory, started)
         raise
 
 
-def _start_superlink(directory: Path, *, runner: Runner, mode: Mode, timeout: float,
+def _start_superlink(directory: Path, *, runner: Runner, timeout: float,
                      **fields: Any) -> tuple[LocalFederation, list[subprocess.Popen[bytes]]]:
     """TLS files, the coordinator's connection and a running SuperLink; the state so far."""
     tls = make_tls(directory / "tls")
@@ -394,21 +376,20 @@ def _start_superlink(directory: Path, *, runner: Runner, mode: Mode, timeout: fl
     except BaseException:
         _abandon(directory, [link])
         raise
-    state = LocalFederation(directory=str(directory), runner=runner, mode=mode, address=address,
+    state = LocalFederation(directory=str(directory), runner=runner, address=address,
                             superlink_pid=link.pid, superlink_log=str(link_log), ca_cert=str(tls.ca_cert),
                             flwr_home=str(flwr_home), **fields)
     return state, [link]
 
 
 def _start_site(state: LocalFederation, started: list[subprocess.Popen[bytes]], name: str, home: Path, *,
-                data: Path, site_file: Path | None, extra_args: Sequence[str] = ()) -> None:
+                site_file: Path, extra_args: Sequence[str] = ()) -> None:
     """Register the site's new node key and start its SuperNode (or site runner)."""
     keys = make_node_key(home, "node_key")
     node_id = register_node(keys.public_key, name, state.env())
     runtime_port = free_port()
     log = home / "supernode.log"
-    # the node-config keys of fedmte.client.site_agent.SITE_FILE_KEY and fedmte.client.flower_app.DATA_PATH_KEY
-    node_config = f'site-file="{site_file}"' if site_file is not None else f'data-path="{data}"'
+    node_config = f'site-file="{site_file}"'  # fedmte.client.site_agent.SITE_FILE_KEY
     node_args = [
         "--root-certificates", state.ca_cert, "--superlink", state.address,
         "--auth-supernode-private-key", str(keys.private_key), "--host", HOST, "--port", str(runtime_port),
@@ -422,8 +403,8 @@ def _start_site(state: LocalFederation, started: list[subprocess.Popen[bytes]], 
     process = _spawn(args, log, flwr_env(home / "flwr-home"))
     started.append(process)
     state.sites.append(SiteProcess(
-        name=name, node_id=node_id, pid=process.pid, runtime_port=runtime_port, data=str(data),
-        site_file=None if site_file is None else str(site_file), private_key=str(keys.private_key),
+        name=name, node_id=node_id, pid=process.pid, runtime_port=runtime_port, site_file=str(site_file),
+        private_key=str(keys.private_key),
         public_key=str(keys.public_key), flwr_home=str(home / "flwr-home"), log=str(log), command=args,
     ))
 
@@ -529,51 +510,36 @@ def down(directory: Path) -> list[int]:
 
 
 def write_example_job(state: LocalFederation, scorers: Sequence[str] | None = None) -> Path:
-    """Write ``DIR/job.toml``: a job against this federation.
+    """Write ``DIR/job.toml``: a :class:`~fedmte.server.job.JobSpec` against this federation,
+    for ``fedmte run``. Over sites of raw inputs its candidates are example MLP packages signed
+    with the coordinator's key (``DIR/models/``); over features-kind sites, the sites' own
+    features (a ``site_features`` candidate)."""
+    from fedmte.client.site_config import load_site_config
+    from fedmte.client.site_config import toml_text
+    from fedmte.trial.local_sites import coordinator_key
 
-    Sites mode: a :class:`~fedmte.server.job.JobSpec` over example MLP packages signed with
-    the coordinator's key (``DIR/models/``), for ``fedmte run``. Features mode: a
-    :class:`~fedmte.server.job_runner.JobFile` whose classes are counted from the sites'
-    labels, a convenience of the loopback trial, where the coordinator happens to hold them.
-    """
     path = Path(state.directory) / "job.toml"
-    if state.mode == "sites":
-        from fedmte.server.coordinator import load_coordinator_key
-        from fedmte.trial.local_sites import toml_text
-
-        with np.load(state.sites[0].data, allow_pickle=False) as arrays:
+    config = load_site_config(state.sites[0].site_file)
+    if config.data.kind == "features":
+        candidates: list[Any] = [{"name": "site-features", "site_features": True}]
+    else:
+        with np.load(config.data.path, allow_pickle=False) as arrays:
             width = int(arrays["inputs"].shape[1])
-        assert state.coordinator_key is not None
-        packages = example_packages(Path(state.directory) / "models", load_coordinator_key(Path(state.coordinator_key)),
-                                    width)
-        document = {
-            "connection": state.connection,
-            "output": "report",
-            "purpose": "try fedmte on a loopback federation",
-            "labels": list(state.labels),
-            "candidates": [f"models/{name}" for name in packages],
-            "scorers": list(scorers or (EXAMPLE_DP_SCORERS if state.dp else EXAMPLE_SCORERS)),
-            "federation": {"flwr_home": state.flwr_home, "coordinator_key": state.coordinator_key,
-                           "min_sites": len(state.sites), "round_timeout": 120.0, "run_timeout": 600.0},
-        }
-        if state.secure is not None:  # the sites hold secure.toml: sum with the secure sum
-            document["secure"] = state.secure.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-        path.write_text("# A scoring job against the loopback federation (fedmte run job.toml).\n" + toml_text(document),
-                        encoding="utf-8")
-        return path
-    scorers = list(scorers or ("hscore", "leep", "gbc"))
-    num_classes = 2
-    has_probs = True
-    for site in state.sites:
-        with np.load(site.data, allow_pickle=False) as arrays:
-            if arrays["labels"].size:
-                num_classes = max(num_classes, int(arrays["labels"].max()) + 1)
-            has_probs = has_probs and "source_probs" in arrays.files
-    names = [name for name in scorers if has_probs or name != "leep"]
-    path.write_text(
-        f"connection = {json.dumps(state.connection)}\nflwr_home = {json.dumps(state.flwr_home)}\n"
-        f'out = "report.json"\nnum_classes = {num_classes}\nscorers = {json.dumps(names)}\n'
-        f"min_sites = {len(state.sites)}\n",
-        encoding="utf-8",
-    )
+        key, _ = coordinator_key(Path(state.coordinator_key).parent)
+        packages = example_packages(Path(state.directory) / "models", key, width)
+        candidates = [f"models/{name}" for name in packages]
+    document = {
+        "connection": state.connection,
+        "output": "report",
+        "purpose": "try fedmte on a loopback federation",
+        "labels": list(state.labels),
+        "candidates": candidates,
+        "scorers": list(scorers or (EXAMPLE_DP_SCORERS if state.dp else EXAMPLE_SCORERS)),
+        "federation": {"flwr_home": state.flwr_home, "coordinator_key": state.coordinator_key,
+                       "min_sites": len(state.sites), "round_timeout": 120.0, "run_timeout": 600.0},
+    }
+    if state.secure is not None:  # the site files have [secure] tables: sum with the secure sum
+        document["secure"] = state.secure.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    path.write_text("# A scoring job against the loopback federation (fedmte run job.toml).\n" + toml_text(document),
+                    encoding="utf-8")
     return path

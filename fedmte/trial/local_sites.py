@@ -2,27 +2,30 @@
 
 :func:`write_site` lays out one site the way :mod:`fedmte.client.site_agent` reads it::
 
-    <home>/site.toml       the site file: data, pinned keys, compute, policy, audit
-    <home>/data.npz        ``inputs`` (n, d) and ``labels`` (names or class indices)
-    <home>/keys/audit.key  the site's Ed25519 audit signing key (mode 600, never leaves)
+    <home>/site.toml       the site file (fedmte.client.site_config.SiteConfig), written through
+                           site_file_text, so it is validated by the model that reads it
+    <home>/data.npz        ``inputs`` (n, d) and ``labels`` (a site whose models run here), or
+                           ``features``, ``labels`` and optionally ``source_probs`` (precomputed)
+    <home>/keys/audit.key  the site's Ed25519 audit signing key (mode 600, never leaves; pinned
+                           by fingerprint in the site file)
     <home>/audit/          the tamper-evident audit log (created on first use)
     <home>/ledger/         the privacy ledger;  <home>/cache/  staged packages and features
 
 The policy names everything the installed catalogues offer (a trial federation should run
-any job), pins the coordinator's key twice (package signatures in ``[trust] keys``, job
-requests in ``[policy.coordinator_keys]``) and turns DP on by default. With ``dp=False`` the
-clip norm is set out of reach, so the released sums are exact and a federated score equals
-``fedmte.score`` on the pooled ``fedmte features``. ``policy`` overrides any policy key (a
-test narrows one site's allow-list this way).
+any job), lists the coordinator's key once in ``[trust.coordinators]`` (it signs packages,
+jobs and secure-sum requests alike) and turns DP on by default. With ``dp=False`` the clip
+norm is set out of reach, so the released sums are exact and a federated score equals
+``fedmte.score`` on the pooled features. ``policy`` overrides any policy key (a test narrows
+one site's allow-list this way). :func:`provision` adds the secure sum: an identity key and a
+``[secure]`` table in each site file.
 
-:func:`coordinator_key` creates (once) the coordinator's Ed25519 key that signs packages and
-job setups; :func:`example_packages` packs small MLP candidates with it.
+:func:`coordinator_key` creates (once) the coordinator's Ed25519 key;
+:func:`example_packages` packs small MLP candidates with it.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,11 +34,15 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmte.client.policy import DEFAULT_DELTA, DEFAULT_EPSILON_BUDGET, DEFAULT_EPSILON_PER_RELEASE
+from fedmte.client.site_config import site_file_text
 from fedmte.protocol.catalogue import STATISTICS, TRANSFORMS
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.inputs import uneven_split
+from fedmte.protocol.job_messages import SITE_FEATURES
+from fedmte.protocol.keys import fingerprint, load_private_key, public_key_text, write_private_key
 from fedmte.protocol.scorers import SCORERS
-from fedmte.server.coordinator import coordinator_fingerprint, load_coordinator_key, public_key_text
+from fedmte.protocol.secure_rounds import DeclaredBounds
+from fedmte.server.secure_aggregation import SecureJobSpec
 
 COORDINATOR_KEY = "coordinator.pem"
 DP_CLIP_NORM = 10.0
@@ -47,50 +54,14 @@ ARCHITECTURES = ("cnn", "mlp", "text_bag")
 """The site agent's built-in architectures (:data:`fedmte.client.architectures.ARCHITECTURES`)."""
 
 
-# --------------------------------------------------------------------------- TOML
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidInputError(f"a site file cannot hold {value}")
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))  # a JSON string is a TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):  # inside a list: an inline table
-        return "{ " + ", ".join(f"{key} = {_value(v)}" for key, v in value.items()) + " }"
-    raise InvalidInputError(f"cannot write {type(value).__name__} to a site file")
-
-
-def toml_text(document: Mapping[str, Any], prefix: str = "") -> str:
-    """A TOML rendering of nested dicts of strings, numbers, booleans and lists."""
-    scalars = [f"{key} = {_value(value)}" for key, value in document.items() if not isinstance(value, Mapping)]
-    text = ""
-    if prefix:
-        text += f"\n[{prefix}]\n"
-    text += "".join(line + "\n" for line in scalars)
-    for key, value in document.items():
-        if isinstance(value, Mapping):
-            text += toml_text(value, f"{prefix}.{key}" if prefix else key)
-    return text
-
-
 # --------------------------------------------------------------------------- keys
 
 def coordinator_key(directory: Path) -> tuple[Ed25519PrivateKey, Path]:
     """The coordinator's signing key in ``directory`` (created on first use)."""
-    from fedmte.client.packages import generate_signing_key, save_signing_key
-
     path = directory / COORDINATOR_KEY
     if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        save_signing_key(generate_signing_key(), path)
-    return load_coordinator_key(path), path
+        write_private_key(path)
+    return load_private_key(path), path
 
 
 # --------------------------------------------------------------------------- sites
@@ -106,18 +77,16 @@ def label_space(labels: Sequence[np.ndarray]) -> list[str]:
     return names
 
 
-def site_policy(*, coordinator: str, dp: bool, clip_norm: float | None = None,
-                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def site_policy(*, dp: bool, clip_norm: float | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The trial policy table (see the module docstring)."""
     policy: dict[str, Any] = {
         "allowed_scorers": sorted(SCORERS),
         "allowed_statistics": sorted(STATISTICS),
         "allowed_transforms": sorted(TRANSFORMS),
-        "allowed_architectures": list(ARCHITECTURES),
+        "allowed_architectures": [*ARCHITECTURES, SITE_FEATURES],
         "max_feature_dim": MAX_FEATURE_DIM,
         "clip_norm": float(clip_norm if clip_norm is not None else (DP_CLIP_NORM if dp else EXACT_CLIP_NORM)),
         "min_noisy_class_count": 0.0,
-        "coordinator_keys": {"coordinator": coordinator},
         "dp": {"enabled": dp, "epsilon_per_release": DEFAULT_EPSILON_PER_RELEASE,
                "epsilon_budget": DEFAULT_EPSILON_BUDGET, "delta": DEFAULT_DELTA},
     }
@@ -127,6 +96,18 @@ def site_policy(*, coordinator: str, dp: bool, clip_norm: float | None = None,
         else:
             policy[key] = value
     return policy
+
+
+def site_data(home: Path, arrays: Mapping[str, np.ndarray], labels: Sequence[str]) -> dict[str, Any]:
+    """Write ``home/data.npz`` and return its ``[data]`` table: raw ``inputs`` (models run at
+    the site) or precomputed ``features`` (a features-kind site)."""
+    if "labels" not in arrays or ("inputs" in arrays) == ("features" in arrays):
+        raise InvalidInputError("a site's data needs 'labels' and either 'inputs' (raw rows for the models) or "
+                                f"'features' (precomputed, optionally with 'source_probs'); got {sorted(arrays)}")
+    keep = ("inputs", "labels") if "inputs" in arrays else ("features", "labels", "source_probs")
+    np.savez(home / "data.npz", **{key: np.asarray(arrays[key]) for key in keep if key in arrays})
+    kind = "arrays" if "inputs" in arrays else "features"
+    return {"kind": kind, "path": "data.npz", "labels": list(labels)}
 
 
 def write_site(
@@ -141,28 +122,52 @@ def write_site(
     policy: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write one site folder (module docstring) and return its ``site.toml``."""
-    from fedmte.client.audit_log import generate_signing_key
-
-    if "inputs" not in arrays or "labels" not in arrays:
-        raise InvalidInputError(f"site {name}'s data needs 'inputs' and 'labels' arrays, got {sorted(arrays)}")
     home.mkdir(parents=True, exist_ok=True)
-    np.savez(home / "data.npz", inputs=np.asarray(arrays["inputs"]), labels=np.asarray(arrays["labels"]))
     key_path = home / "keys" / "audit.key"
-    if not key_path.exists():
-        generate_signing_key(key_path)
+    audit_key = load_private_key(key_path) if key_path.exists() else write_private_key(key_path)
     document = {
         "site": {"name": name, "cache_dir": "cache"},
-        "data": {"kind": "arrays", "path": "data.npz", "labels": list(labels)},
-        "trust": {"keys": [public_key_text(coordinator)]},
+        "data": site_data(home, arrays, labels),
+        "trust": {"coordinators": {"coordinator": public_key_text(coordinator)}},
         "compute": {"batch_size": 256, "threads": 1, "device": "cpu", "progress": False},
-        "policy": site_policy(coordinator=coordinator_fingerprint(coordinator), dp=dp, clip_norm=clip_norm,
-                              overrides=policy),
-        "audit": {"dir": "audit", "signing_key": "keys/audit.key", "ledger_dir": "ledger"},
+        "policy": site_policy(dp=dp, clip_norm=clip_norm, overrides=policy),
+        "audit": {"dir": "audit", "signing_key": "keys/audit.key", "ledger_dir": "ledger",
+                  "verification_key_sha256": fingerprint(audit_key)},
     }
     path = home / "site.toml"
-    path.write_text(f"# Site file of {name} (written by fedmte local up). The data owner edits it; no job can.\n"
-                    + toml_text(document), encoding="utf-8")
+    path.write_text(site_file_text(document, header=f"Site file of {name} (written by fedmte local up). "
+                                                    "The data owner edits it; no job can."), encoding="utf-8")
     return path
+
+
+def provision(site_files: Mapping[str, Path], coordinator_key: Path, *, bounds: DeclaredBounds,
+              require_secure_sum: bool = True, self_masks: bool = True, threshold: int | None = None,
+              model_hashes: Sequence[str] = ()) -> SecureJobSpec:
+    """The secure sum for a trial federation: in each site's folder an identity key, and in
+    its site file a ``[secure]`` table pinning every site's identity key, with ``bounds`` as
+    its floors. ``coordinator_key`` signs the secure-sum requests; it must be the key the site
+    files already trust. Returns the job's ``[secure]`` table.
+
+    In a real deployment each data owner makes its own identity key and writes its own
+    roster from keys exchanged out of band; this helper plays every party on one machine.
+    """
+    signer = public_key_text(load_private_key(coordinator_key))
+    identities: dict[str, str] = {}
+    for name, site_file in site_files.items():
+        key_path = Path(site_file).parent / "keys" / "identity.pem"
+        identities[name] = public_key_text(load_private_key(key_path) if key_path.exists() else write_private_key(key_path))
+    for name, site_file in site_files.items():
+        document = tomllib.loads(Path(site_file).read_text(encoding="utf-8"))
+        if signer not in document.get("trust", {}).get("coordinators", {}).values():
+            raise InvalidInputError(f"{site_file} does not trust the secure sum's coordinator key {coordinator_key}; "
+                                    "the secure sum is signed by a key listed in [trust.coordinators]")
+        document["secure"] = {"identity_key": "keys/identity.pem", "state_dir": "state",
+                              "require_secure_sum": require_secure_sum, "min_declared_rows": bounds.max_rows,
+                              "min_declared_feature_norm": bounds.feature_norm, "roster": dict(sorted(identities.items()))}
+        Path(site_file).write_text(site_file_text(document, header=f"Site file of {name} (written by fedmte local up), "
+                                                  "with its part in the secure sum."), encoding="utf-8")
+    return SecureJobSpec(signing_key=coordinator_key, roster=identities, threshold=threshold, self_masks=self_masks,
+                         bounds=bounds, model_hashes=tuple(model_hashes))
 
 
 def demo_site_inputs(sites: int, *, n: int = 600, dim: int = 6, classes: int = 3, seed: int = 0
@@ -214,5 +219,5 @@ def split_inputs(pooled: Mapping[str, np.ndarray], sites: int) -> list[dict[str,
             for rows in uneven_split(len(pooled["labels"]), sites)]
 
 
-__all__ = ["coordinator_key", "demo_site_inputs", "example_packages", "label_space", "site_policy", "split_inputs",
-           "toml_text", "write_site"]
+__all__ = ["coordinator_key", "demo_site_inputs", "example_packages", "label_space", "provision", "site_data",
+           "site_policy", "split_inputs", "write_site"]
