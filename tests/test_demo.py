@@ -199,6 +199,7 @@ def _check_outputs(out: Path, *, dp: bool) -> dict:
     return data
 
 
+@pytest.mark.slow  # a full fedmte demo run
 def test_demo_in_process_with_dp(zoo_cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--zoo-cache", str(zoo_cache), "--in-process"])
@@ -251,6 +252,7 @@ def _pooled_scores(out: Path, model: str, scorers: list[str], tmp: Path) -> dict
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow  # a full fedmte demo over a Flower federation
 def test_demo_over_a_federation_equals_pooled_scores_without_dp(zoo_cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--zoo-cache", str(zoo_cache), "--dp", "off"])

@@ -130,6 +130,7 @@ def test_each_site_sees_only_its_own_key() -> None:
         assert subpaths == [f"sites/{site}"]
 
 
+@pytest.mark.slow  # runs the entrypoints' --help
 def test_compose_flags_are_flags_the_entrypoints_know() -> None:
     services = _compose()["services"]
     helps = {
@@ -279,6 +280,7 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # runs the compose commands as processes
 def test_the_compose_commands_bring_a_site_online_over_tls(tmp_path: Path, processes: _Processes) -> None:
     services = _compose()["services"]
     credentials = tmp_path / "credentials"

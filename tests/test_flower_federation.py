@@ -71,6 +71,7 @@ def scoring_report(federation: LocalFederation, tmp_path_factory: pytest.TempPat
     return launch(job(federation, tmp_path_factory.mktemp("reports") / "report.json", SCORERS))
 
 
+@pytest.mark.slow  # starts a SuperLink and SuperNodes
 def test_federated_scores_equal_pooled_scores(scoring_report: JobReport) -> None:
     pooled = fedmte.score(DATA.features, DATA.labels, source_probs=DATA.source_probs, scorers=SCORERS)
     assert scoring_report.status == "finished" and scoring_report.sites == 3
@@ -79,6 +80,7 @@ def test_federated_scores_equal_pooled_scores(scoring_report: JobReport) -> None
         assert scoring_report.scores[name] == pytest.approx(pooled[name], rel=1e-6), name
 
 
+@pytest.mark.slow  # starts a SuperLink and SuperNodes
 def test_rounds_are_one_setup_plus_the_planned_rounds(scoring_report: JobReport) -> None:
     stats_rounds = [r for r in scoring_report.rounds if r.kinds]
     assert len(scoring_report.rounds) == 1 + scoring_report.planned_rounds
@@ -87,6 +89,7 @@ def test_rounds_are_one_setup_plus_the_planned_rounds(scoring_report: JobReport)
           + ", ".join(f"{r.name} {r.seconds:.2f}" for r in scoring_report.rounds))
 
 
+@pytest.mark.slow  # starts a SuperLink and SuperNodes
 def test_every_site_ran_the_job_and_recorded_it(federation: LocalFederation, scoring_report: JobReport) -> None:
     installed = site_runner.installed_fab_hash()
     for site in federation.sites:
@@ -96,6 +99,7 @@ def test_every_site_ran_the_job_and_recorded_it(federation: LocalFederation, sco
         assert all(d["accepted"] and d["fab_hash"] == installed for d in mine)
 
 
+@pytest.mark.slow  # starts a SuperLink and SuperNodes
 def test_an_unregistered_supernode_is_refused(federation: LocalFederation, tmp_path: Path) -> None:
     keys = make_node_key(tmp_path, "stranger")
     data = site_files(tmp_path / "data", [np.arange(10)])[0]
@@ -116,6 +120,7 @@ def test_an_unregistered_supernode_is_refused(federation: LocalFederation, tmp_p
     assert online_nodes(federation.env()) == {site.node_id for site in federation.sites}
 
 
+@pytest.mark.slow  # starts a SuperLink and SuperNodes
 def test_a_bundle_with_modified_client_code_is_refused_at_every_site(
     federation: LocalFederation, scoring_report: JobReport, tmp_path: Path
 ) -> None:
@@ -165,6 +170,7 @@ def test_a_different_flower_version_is_refused(monkeypatch: pytest.MonkeyPatch) 
         flower_exchange.check_flwr_internals()
 
 
+@pytest.mark.slow  # fedmte local up --stock, fedmte run, fedmte local down
 def test_cli_runs_a_job_on_stock_supernodes(tmp_path: Path) -> None:
     """``fedmte local up --stock``, ``fedmte run JOB.toml``, ``fedmte local down``: stock
     SuperNodes load the same ClientApp from the bundle themselves."""

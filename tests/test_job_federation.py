@@ -33,6 +33,8 @@ from fedmte.trial.local_federation import LocalFederation, down, up
 from fedmte.trial.local_sites import example_packages, toml_text
 from tests.job_helpers import LABELS, MODELS, SCORERS as JOB_SCORERS, SOURCE_SCORERS, pooled_reference, site_arrays
 
+pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
+
 ACCEPTED = ["tanh-head", "gelu-head", "tanh-nohead", "gelu-deep"]
 
 

@@ -188,6 +188,7 @@ def _chromium() -> str:
     return found
 
 
+@pytest.mark.slow  # headless Chromium
 def test_report_html_renders_in_headless_chromium_with_the_ranking_table(tmp_path: Path) -> None:
     report = _report(evil=True)
     _, html_path = write_report(report, tmp_path / "report")

@@ -49,6 +49,8 @@ from fedmte.trial.local_sites import toml_text
 from tests.datasets import DATASETS, site_split_without_class
 from tests.test_flower_federation import site_files
 
+pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
+
 DATA = DATASETS["basic"]
 SCORERS = ["hscore", "gbc", "logme", "nce"]
 SITES = 5

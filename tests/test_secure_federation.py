@@ -28,6 +28,8 @@ import fedmte
 from tests.datasets import DATASETS, site_split_without_class
 from tests.test_flower_federation import job, site_files
 
+pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
+
 DATA = DATASETS["basic"]
 SCORERS = ["hscore", "leep", "gbc", "logme", "nce"]
 
