@@ -11,7 +11,7 @@ the site. This runner closes that door. ``python -m fedmte.client.site_runner
 * a runner thread that claims those tasks (``AcquireTask``), pulls the message, context,
   run and FAB as bytes, and checks that ``sha256(fab) == run.fab_hash`` and that the hash
   is on the site's allowlist: by default only the hash of the fedmte bundle built from the
-  site's own installed copy (``fedmte/server/fab``), plus any ``--allow-fab`` hashes. A FAB
+  site's own installed copy (``fedmte/fab``), plus any ``--allow-fab`` hashes. A FAB
   that fails is never unpacked, installed or imported: the runner replies
   ``Error(INVALID_FAB, "refused by site ...")`` and marks the task failed, so the
   coordinator sees the refusal. An accepted message goes to the site's own
@@ -26,9 +26,9 @@ It also shortens Flower's waits (see FLOWER.md): the SuperNode's 3 s idle sleep 
 ``flwr.supernode.start_client_internal`` is replaced by a capped shim), and object pulls
 back off from 0.02 s instead of 1 s.
 
-All of this reaches into Flower internals (listed in :data:`INTERNALS`), so it is pinned
-to flwr ``FLWR_PINNED`` and :func:`check_flwr_internals` refuses to start on any other
-version or when one of them moved; a test runs it.
+All of this reaches into Flower internals, listed once in :data:`fedmte.flower_pin.INTERNALS`;
+:func:`fedmte.flower_pin.check_flwr_internals` refuses to start on any other flwr version or
+when one of them moved.
 """
 
 from __future__ import annotations
@@ -36,36 +36,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
-import importlib
-import importlib.resources
 import json
 import os
 import sys
 import threading
 import time
 import types
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FLWR_PINNED = "1.42.0"
-
-INTERNALS: dict[str, tuple[str, ...]] = {
-    "flwr.supernode.cli.flower_supernode": ("flower_supernode",),
-    "flwr.supernode.start_client_internal": ("start_client_internal", "time"),
-    "flwr.supernode.runtime.run_clientapp": ("pull_task_input", "push_message", "push_task_output"),
-    "flwr.supercore.runtime": ("RuntimeHttpClient",),
-    "flwr.supercore.interceptors": ("RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor"),
-    "flwr.supercore.retry": ("make_simple_http_retry_invoker",),
-    "flwr.supercore.inflatable.inflatable_utils": ("pull_objects", "pull_and_inflate_object_from_tree"),
-    "flwr.proto.runtime_pb2": ("AcquireTaskRequest", "SendTaskHeartbeatRequest"),
-    "flwr.supercore.constant": ("TaskType",),
-    "flwr.common.constant": ("ErrorCode", "SubStatus"),
-    "flwr.cli.build": ("build_fab_from_disk",),
-}
-"""Every Flower module attribute this runner uses beyond the public app API."""
+from fedmte.flower_pin import check_flwr_internals, installed_fab_hash, tune_pull_backoff
 
 IDLE_POLL = 0.05
 IDLE_POLL_MAX = 1.0
@@ -84,35 +66,6 @@ DRILL_EXIT_CODE = 75
 """Exit status of a site process ended by ``--drill-crash-on``."""
 HEARTBEAT_EVERY = 15.0
 """Seconds between task heartbeats while a message is being answered (Flower expects one per 30 s)."""
-
-
-class FlowerVersionError(RuntimeError):
-    """The installed Flower is not the version whose internals this runner was written against."""
-
-
-def check_flwr_internals() -> None:
-    """Raise :class:`FlowerVersionError` unless flwr is ``FLWR_PINNED`` with every internal in place."""
-    import flwr
-
-    if flwr.__version__ != FLWR_PINNED:
-        raise FlowerVersionError(
-            f"fedmte's site runner is pinned to flwr=={FLWR_PINNED}, found {flwr.__version__}; "
-            f"install flwr=={FLWR_PINNED} or review fedmte.client.site_runner for the new version"
-        )
-    for module_name, names in INTERNALS.items():
-        module = importlib.import_module(module_name)
-        missing = [name for name in names if not hasattr(module, name)]
-        if missing:
-            raise FlowerVersionError(f"{module_name} no longer has {missing}; review fedmte.client.site_runner")
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for puller in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        if not {"initial_backoff", "backoff_cap"} <= set(puller.__kwdefaults__ or {}):
-            raise FlowerVersionError(f"flwr's {puller.__name__} lost its backoff keyword defaults; review the site runner")
-    from flwr.supercore.constant import TaskType
-
-    if TaskType.CLIENT_APP != "flwr-clientapp":
-        raise FlowerVersionError(f"unexpected ClientApp task type {TaskType.CLIENT_APP!r}")
 
 
 class _CappedTime(types.SimpleNamespace):
@@ -145,29 +98,12 @@ class _CappedTime(types.SimpleNamespace):
 
 def tune_supernode(idle: float = IDLE_POLL, reply: float = REPLY_POLL) -> _CappedTime:
     """Shorten the SuperNode's polling sleeps and the object-pull backoff in this process."""
-    from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode import start_client_internal
 
     shim = _CappedTime(idle, reply)
     start_client_internal.time = shim  # type: ignore[assignment]
-    for puller in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        puller.__kwdefaults__["initial_backoff"] = PULL_INITIAL_BACKOFF
-        puller.__kwdefaults__["backoff_cap"] = PULL_BACKOFF_CAP
+    tune_pull_backoff(PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP)
     return shim
-
-
-def installed_fab_hash() -> str:
-    """sha256 of the fedmte FAB built from this installation's ``fedmte/server/fab``.
-
-    ``flwr build`` is deterministic (fixed zip dates, sorted files), so this equals the
-    hash of the bundle a coordinator submits from the same fedmte release, unmodified.
-    """
-    from flwr.cli.build import build_fab_from_disk
-
-    source = Path(str(importlib.resources.files("fedmte.server") / "fab"))
-    with warnings.catch_warnings():  # pathspec deprecation noise inside flwr's builder
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return hashlib.sha256(build_fab_from_disk(source)).hexdigest()
 
 
 @dataclass

@@ -8,9 +8,8 @@ round's messages with the public ``push_messages`` and polls ``pull_messages`` e
 A second delay sits in ``flwr.supercore.inflatable.inflatable_utils.pull_objects``: when a
 reply's metadata arrives before its arrays are uploaded, the puller backs off 1 s, then 2,
 4, ... (``PULL_INITIAL_BACKOFF = 1``). :func:`tune_pull_backoff` lowers those defaults in
-the ServerApp process. That reaches into Flower internals, so it is pinned to
-``FLWR_PINNED`` and :func:`check_flwr_internals` fails loudly when Flower changes (a test
-runs it). The sites' half of the latency (the SuperNode's 3 s idle polls, a new ClientApp
+the ServerApp process. That reaches into Flower internals, listed once in
+:mod:`fedmte.flower_pin`, whose check fails loudly when Flower changes. The sites' half of the latency (the SuperNode's 3 s idle polls, a new ClientApp
 process per message) is the site runner's business: :mod:`fedmte.client.site_runner`.
 """
 
@@ -19,16 +18,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
-import flwr
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedmte import flower_pin
 from fedmte.flower_records import payload_from_record, payload_to_record
 from fedmte.protocol.errors import FederationError, FedmteError
 from fedmte.protocol.wire import Payload, message_type
-
-FLWR_PINNED = "1.42.0"
-"""The exact Flower version whose internals :func:`tune_pull_backoff` adjusts."""
 
 POLL_INTERVAL = 0.01
 POLL_INTERVAL_MAX = 0.25
@@ -41,37 +37,9 @@ PULL_BACKOFF_CAP = 0.5
 """Object-pull backoff used instead of Flower's 1 s initial and 10 s cap."""
 
 
-def check_flwr_internals() -> None:
-    """Raise :class:`FederationError` unless the Flower internals we adjust are as expected."""
-    from flwr.supercore.inflatable import inflatable_utils
-
-    if flwr.__version__ != FLWR_PINNED:
-        raise FederationError(
-            f"fedmte's Flower transport is pinned to flwr=={FLWR_PINNED}, found {flwr.__version__}; "
-            f"install flwr=={FLWR_PINNED}"
-        )
-    from flwr.superlink.grid import http_grid
-
-    defaults = inflatable_utils.pull_objects.__kwdefaults__ or {}
-    if not {"initial_backoff", "backoff_cap"} <= set(defaults) or http_grid.pull_objects is not inflatable_utils.pull_objects:
-        raise FederationError(
-            "flwr's HttpGrid no longer pulls replies through pull_objects with initial_backoff/backoff_cap "
-            "keyword defaults; review fedmte.server.flower_exchange.tune_pull_backoff for this Flower version"
-        )
-
-
 def tune_pull_backoff(initial: float = PULL_INITIAL_BACKOFF, cap: float = PULL_BACKOFF_CAP) -> None:
     """Lower the object-pull backoff of every ``pull_objects`` call in this process."""
-    from flwr.supercore.inflatable import inflatable_utils
-
-    check_flwr_internals()
-    defaults = inflatable_utils.pull_objects.__kwdefaults__
-    defaults["initial_backoff"] = initial
-    defaults["backoff_cap"] = cap
-
-
-
-
+    flower_pin.tune_pull_backoff(initial, cap)
 
 
 class FlowerExchange:

@@ -1,7 +1,7 @@
 """The Flower edge of a job on the coordinator's side: submit the run, wait for its status.
 
 :func:`fedmte.server.coordinator.run_job` (``fedmte run JOB.toml``, ``fedmte probe``) submits
-the fedmte Flower app (``fedmte/server/fab``) with ``flwr run <fab> <connection>
+the fedmte Flower app (``fedmte/fab``) with ``flwr run <fab> <connection>
 --run-config <job>`` (:func:`submit_run`); the ServerApp (:mod:`fedmte.server.flower_app`)
 hands the run config's ``job`` to :func:`fedmte.server.coordinator.serve_job`, which writes
 ``run.json`` (:class:`~fedmte.server.report.RunStatus`) last. :func:`wait_for_status` waits
@@ -23,11 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmte.flower_pin import FAB_DIR
 from fedmte.protocol.errors import FederationError
 from fedmte.server.report import RunStatus, read_status
-
-FAB_DIR = Path(__file__).resolve().parent / "fab"
-"""The Flower app bundle's source: a pyproject.toml that names fedmte's ServerApp and ClientApp."""
 
 FLWR_CLI_TIMEOUT = 60.0
 
