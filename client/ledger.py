@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints, ValidationError
+from pydantic import Field, NonNegativeInt, StringConstraints, ValidationError
 
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.durable import atomic_write
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import GENESIS, Decimal, Hex64, LedgerHead, canonical_json, dec
@@ -41,18 +42,16 @@ BUDGET_REASON = "budget_exhausted"
 BUDGET_RULE = "dp.epsilon_budget"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class SourceSpend(_Frozen):
+class SourceSpend(StrictModel):
     """Spent mu^2 on one data source, and how many releases spent it."""
 
     mu_sq: Decimal
     releases: NonNegativeInt
 
 
-class CachedRelease(_Frozen):
+class CachedRelease(StrictModel):
     """A paid-for release: its bytes' address, its cost, and the classes it suppressed."""
 
     data_source: Annotated[str, StringConstraints(min_length=1)]
@@ -63,7 +62,7 @@ class CachedRelease(_Frozen):
     suppressed_classes: dict[str, list[NonNegativeInt]] = Field(default_factory=dict)
 
 
-class LedgerState(_Frozen):
+class LedgerState(StrictModel):
     schema_: Literal["fedmte.ledger.v1"] = Field(LEDGER_SCHEMA, alias="schema")
     site_id: str
     version: NonNegativeInt
@@ -75,7 +74,7 @@ class LedgerState(_Frozen):
         return hashlib.sha256(canonical_json(self.model_dump(mode="json", by_alias=True))).hexdigest()
 
 
-class LedgerFile(_Frozen):
+class LedgerFile(StrictModel):
     state: LedgerState
     state_sha256: Hex64
     history: list[Hex64]  # history[v] = hash of the state at version v (history[0]: empty)

@@ -59,6 +59,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedmte.protocol.encoding import StrictModel
 from fedmte.client.architectures import LoadedModel, load_verified, resolve
 from fedmte.client.audit_log import key_fingerprint, load_signing_key
 from fedmte.client.cache import CacheEntry, FeatureCache
@@ -125,11 +126,9 @@ MAX_SOURCE_NAME = 200
 Seal = Callable[[Payload], Payload]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SessionModel(_Strict):
+class SessionModel(StrictModel):
     label: str
     architecture: str
     weights_sha256: str

@@ -64,8 +64,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fedmte.protocol.encoding import StrictModel
 from fedmte.client.errors import SiteConfigError
 from fedmte.client.policy import Fingerprint, SitePolicy
 from fedmte.client.weights import WeightLimits
@@ -76,16 +77,14 @@ from fedmte.protocol.secure_sum import SITE_ID_PATTERN
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SiteInfo(_Strict):
+class SiteInfo(StrictModel):
     name: str = Field(default="site", min_length=1, max_length=128)
     cache_dir: Path = Path(".fedmte-cache")
 
 
-class _Source(_Strict):
+class _Source(StrictModel):
     """What every data source shares: where it is, its labels, and bad-row handling."""
 
     path: Path
@@ -170,7 +169,7 @@ class FeaturesSource(_Source):
 DataSource = Annotated[ImageFolderSource | TableSource | ArraySource | FeaturesSource, Field(discriminator="kind")]
 
 
-class TrustConfig(_Strict):
+class TrustConfig(StrictModel):
     """The coordinators this site trusts, each once, as ``name = "ed25519:..."``: the same keys
     verify model packages, job setups and secure-sum requests."""
 
@@ -198,7 +197,7 @@ class TrustConfig(_Strict):
         return {name: fingerprint(parse_public_key(key)) for name, key in self.coordinators.items()}
 
 
-class AuditSettings(_Strict):
+class AuditSettings(StrictModel):
     """The ``[audit]`` table: where the tamper-evident log, its key and the ledger live."""
 
     dir: Path = Path("audit")
@@ -209,7 +208,7 @@ class AuditSettings(_Strict):
         default=None, description="fingerprint of the audit key's public half; the site refuses another key")
 
 
-class SecureSettings(_Strict):
+class SecureSettings(StrictModel):
     """The ``[secure]`` table: this site's part in the secure sum (the coordinators it accepts
     requests from are ``[trust.coordinators]``; its site id is ``[site] name``)."""
 
@@ -235,7 +234,7 @@ class SecureSettings(_Strict):
         return value
 
 
-class ComputeConfig(_Strict):
+class ComputeConfig(StrictModel):
     batch_size: int = Field(default=256, ge=1, le=65_536)
     threads: int | None = Field(default=None, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -244,7 +243,7 @@ class ComputeConfig(_Strict):
     stats_rows: int = Field(default=2048, ge=1, le=1_048_576)
 
 
-class SiteConfig(_Strict):
+class SiteConfig(StrictModel):
     """The whole site file. ``policy`` is the data owner's policy with the trusted
     coordinators' fingerprints filled in from ``[trust]`` (the policy table never lists keys)."""
 

@@ -47,8 +47,10 @@ from typing import Annotated, Any, Literal, Union
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints, TypeAdapter, ValidationError
+from pydantic import Field, NonNegativeInt, StringConstraints, TypeAdapter, ValidationError
 
+from fedmte.protocol import encoding
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import InvalidInputError, VerificationError
 
 SCHEMA = "fedmte.audit.v1"
@@ -96,8 +98,7 @@ def canonical_json(value: Any) -> bytes:
 
 
 def _encode(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return encoding.canonical_json(value)
 
 
 def _no_float(text: str) -> Any:
@@ -159,25 +160,23 @@ class MerkleAccumulator:
 
 # --------------------------------------------------------------------------- records
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class ModelRef(_Frozen):
+class ModelRef(StrictModel):
     """A candidate model: the site's architecture id and the sha256 of its weights."""
 
     arch_id: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     weights_sha256: Hex64
 
 
-class DatasetRef(_Frozen):
+class DatasetRef(StrictModel):
     """Which data: the data source the budget is kept for, and the exact version read."""
 
     data_source: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     version_sha256: Hex64
 
 
-class StatBlock(_Frozen):
+class StatBlock(StrictModel):
     """One released block: what it is, its shape, and the noise it carries."""
 
     model_sha256: Hex64 | None = None
@@ -189,7 +188,7 @@ class StatBlock(_Frozen):
     noise_std: Decimal | None = None
 
 
-class PrivacyCharge(_Frozen):
+class PrivacyCharge(StrictModel):
     """What the release cost, in mu of Gaussian DP (mu^2 adds up), and what is left."""
 
     mechanism: Literal["gaussian", "none"]
@@ -209,21 +208,21 @@ class PrivacyCharge(_Frozen):
     suppressed_classes: dict[str, list[NonNegativeInt]] = Field(default_factory=dict)
 
 
-class PayloadRef(_Frozen):
+class PayloadRef(StrictModel):
     """The exact bytes that leave, by content address (a copy sits under payloads/)."""
 
     sha256: Hex64
     bytes: NonNegativeInt
 
 
-class LedgerHead(_Frozen):
+class LedgerHead(StrictModel):
     """A privacy ledger's version (one per charge) and the hash of its state at that version."""
 
     version: NonNegativeInt
     sha256: Hex64
 
 
-class RecordHeader(_Frozen):
+class RecordHeader(StrictModel):
     schema_: Literal["fedmte.audit.v1"] = Field(SCHEMA, alias="schema")
     seq: NonNegativeInt
     ts: Timestamp
@@ -232,7 +231,7 @@ class RecordHeader(_Frozen):
     site_id: SiteId
 
 
-class Intent(_Frozen):
+class Intent(StrictModel):
     """Written and flushed before anything is sent: who asked, why, what will leave."""
 
     kind: Literal["intent"] = "intent"
@@ -249,7 +248,7 @@ class Intent(_Frozen):
     payload: PayloadRef
 
 
-class Outcome(_Frozen):
+class Outcome(StrictModel):
     """What happened to an intent's payload."""
 
     kind: Literal["outcome"] = "outcome"
@@ -259,7 +258,7 @@ class Outcome(_Frozen):
     detail: Text = ""
 
 
-class Refusal(_Frozen):
+class Refusal(StrictModel):
     """A request the site said no to, and the rule that said it."""
 
     kind: Literal["refusal"] = "refusal"
@@ -275,7 +274,7 @@ class Refusal(_Frozen):
     models: list[ModelRef] = Field(default_factory=list)
 
 
-class Abort(_Frozen):
+class Abort(StrictModel):
     """A run the site stopped taking part in."""
 
     kind: Literal["abort"] = "abort"
@@ -284,7 +283,7 @@ class Abort(_Frozen):
     detail: Text = ""
 
 
-class CheckpointBody(_Frozen):
+class CheckpointBody(StrictModel):
     """A signed statement of the tree over every earlier record, and the ledger at that size."""
 
     kind: Literal["checkpoint"] = "checkpoint"
@@ -386,7 +385,7 @@ def ledger_digest(ledger: dict[str, str]) -> str:
     return hashlib.sha256(canonical_json(dict(ledger))).hexdigest()
 
 
-class Checkpoint(_Frozen):
+class Checkpoint(StrictModel):
     """The signed body of a checkpoint, as a witness reads it."""
 
     origin: str

@@ -38,13 +38,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from fedmte.protocol.encoding import canonical_json, StrictModel
 from fedmte.protocol.errors import ProtocolError, StatisticsError
 from fedmte.protocol.messages import RoundRequest, StatSpec, decode_round, encode_round
 from fedmte.protocol.requests import Stat
@@ -64,8 +64,6 @@ WEIGHTS_PREFIX = "weights/"
 HEX64 = r"^[0-9a-f]{64}$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def _parse(model: type[BaseModel], doc: Mapping[str, Any], what: str) -> Any:
@@ -91,7 +89,7 @@ def site_features_id(label: str) -> str:
     return hashlib.sha256(f"{SITE_FEATURES_SCHEMA}\n{label}".encode("utf-8")).hexdigest()
 
 
-class ModelOffer(_Strict):
+class ModelOffer(StrictModel):
     """One candidate as the coordinator offers it: a signed package (the weights travel as an
     array), or the features each site holds itself (``kind = "site_features"``)."""
 
@@ -114,7 +112,7 @@ class ModelOffer(_Strict):
         return self
 
 
-class SetupRequest(_Strict):
+class SetupRequest(StrictModel):
     """What the coordinator asks a site to prepare for; signed by the coordinator's key."""
 
     schema_: Literal["fedmte.job_setup.v1"] = Field(default=SETUP_SCHEMA, alias="schema")
@@ -128,12 +126,10 @@ class SetupRequest(_Strict):
 
     def signing_bytes(self) -> bytes:
         """Domain, newline, canonical JSON: what the coordinator's key signs."""
-        body = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False, allow_nan=False).encode("utf-8")
-        return SETUP_SIGNING_DOMAIN + b"\n" + body
+        return SETUP_SIGNING_DOMAIN + b"\n" + canonical_json(self.model_dump(mode="json", by_alias=True))
 
 
-class SignedSetup(_Strict):
+class SignedSetup(StrictModel):
     """The setup message's document: the request and the coordinator's Ed25519 signature."""
 
     request: SetupRequest
@@ -176,7 +172,7 @@ def parse_setup(payload: Payload) -> tuple[SignedSetup, dict[str, bytes]]:
     return signed, weights
 
 
-class ModelStatus(_Strict):
+class ModelStatus(StrictModel):
     """A site's answer for one offered model."""
 
     status: Literal["ready", "need_weights", "refused"]
@@ -186,7 +182,7 @@ class ModelStatus(_Strict):
     reason: str | None = Field(default=None, max_length=4096)
 
 
-class SetupReply(_Strict):
+class SetupReply(StrictModel):
     schema_: Literal["fedmte.job_setup_reply.v1"] = Field(default=SETUP_REPLY_SCHEMA, alias="schema")
     site: str = Field(min_length=1, max_length=128)
     models: dict[str, ModelStatus]
@@ -204,7 +200,7 @@ def block_key(model_id: str, key: str) -> str:
     return f"{model_id}/{key}"
 
 
-class JobRoundRequest(_Strict):
+class JobRoundRequest(StrictModel):
     """One statistics round of a job: every unfinished model's requests."""
 
     schema_: Literal["fedmte.job_round.v1"] = Field(default=ROUND_SCHEMA, alias="schema")
@@ -250,7 +246,7 @@ def split_statistics(total: Statistics, models: Sequence[str]) -> dict[str, Stat
     return {model: Statistics(blocks) for model, blocks in out.items()}
 
 
-class SiteMetrics(_Strict):
+class SiteMetrics(StrictModel):
     """A model's cost on one site's hardware, as the site reports it (no row counts)."""
 
     device: str | None = None
@@ -261,7 +257,7 @@ class SiteMetrics(_Strict):
     peak_device_bytes: int | None = Field(default=None, ge=0)
 
 
-class ReleaseCost(_Strict):
+class ReleaseCost(StrictModel):
     """What one release cost the site's data source, by the site's own ledger (GDP mu^2)."""
 
     mechanism: Literal["gaussian", "none"]
@@ -272,7 +268,7 @@ class ReleaseCost(_Strict):
     epsilon_budget: float | None = None
 
 
-class RoundReplyDoc(_Strict):
+class RoundReplyDoc(StrictModel):
     schema_: Literal["fedmte.job_round_reply.v1"] = Field(default=ROUND_REPLY_SCHEMA, alias="schema")
     round: int = Field(ge=1)
     metrics: dict[str, SiteMetrics] = Field(default_factory=dict, description="models run for the first time this job")
@@ -285,7 +281,7 @@ class RoundReplyDoc(_Strict):
 
 # --------------------------------------------------------------------------- finish
 
-class FinishRequest(_Strict):
+class FinishRequest(StrictModel):
     schema_: Literal["fedmte.job_finish.v1"] = Field(default=FINISH_SCHEMA, alias="schema")
     run_id: str = Field(min_length=1, max_length=64)
     status: Literal["finished", "failed"] = "finished"
@@ -296,7 +292,7 @@ class FinishRequest(_Strict):
         return _parse(cls, doc, "finish request")
 
 
-class FinishReply(_Strict):
+class FinishReply(StrictModel):
     schema_: Literal["fedmte.job_finish_reply.v1"] = Field(default=FINISH_REPLY_SCHEMA, alias="schema")
     site: str
     tree_size: int = Field(ge=0)

@@ -16,7 +16,9 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import ConfigDict, Field, JsonValue, model_validator
+
+from fedmte.protocol.encoding import canonical_json, StrictModel
 
 MANIFEST_SCHEMA = "fedmte.model_manifest.v1"
 
@@ -26,11 +28,9 @@ MAX_IMAGE_SIDE = 4096
 MAX_TEXT_TOKENS = 65536
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ImagePreprocessing(_Strict):
+class ImagePreprocessing(StrictModel):
     """Decode, convert to ``channels`` (1: grey, 3: RGB), resize to ``height`` x ``width``,
     scale to [0, 1], then subtract ``mean`` and divide by ``std`` per channel."""
 
@@ -51,7 +51,7 @@ class ImagePreprocessing(_Strict):
         return self
 
 
-class TextPreprocessing(_Strict):
+class TextPreprocessing(StrictModel):
     """Turn text into at most ``max_tokens`` token ids in [1, vocab_size); 0 pads.
 
     ``bytes``: id = UTF-8 byte + 1 (so ``vocab_size`` must be 257).
@@ -71,7 +71,7 @@ class TextPreprocessing(_Strict):
         return self
 
 
-class VectorPreprocessing(_Strict):
+class VectorPreprocessing(StrictModel):
     """A row of ``dim`` numbers, optionally standardised as (x - mean) / std."""
 
     kind: Literal["vector"] = "vector"
@@ -94,7 +94,7 @@ Preprocessing = Annotated[
 ]
 
 
-class SourceHead(_Strict):
+class SourceHead(StrictModel):
     """Where the source classifier's logits come out, and how many source classes it has."""
 
     output: str = Field(default="logits", min_length=1, max_length=64)
@@ -108,7 +108,7 @@ class SourceHead(_Strict):
         return self
 
 
-class ModelManifest(_Strict):
+class ModelManifest(StrictModel):
     """Everything the site needs to build, verify and run one candidate model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -140,11 +140,6 @@ class ModelManifest(_Strict):
         """Content address of the whole manifest (architecture, preprocessing, weights hash):
         the model's identity in caches, audit records and model-consistency checks."""
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
-
-
-def canonical_json(data: Any) -> bytes:
-    """The one byte encoding fedmte signs: sorted keys, ``,``/``:`` separators, UTF-8, no NaN."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -77,6 +77,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from fedmte.protocol.encoding import canonical_json, frame, StrictModel
 from fedmte.protocol.errors import ProtocolError, StatisticsError, VerificationError
 from fedmte.protocol.fixed_point import DEFAULT_LIMBS, BlockSpec, SumSpec
 from fedmte.protocol.inputs import PROBABILITY_TOLERANCE
@@ -94,7 +95,7 @@ from fedmte.protocol.wire import (
     STATS,
     Payload,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 ENVELOPE_SCHEMA = "fedmte.secure_request.v1"
 NONCE_HEX = 32  # 128-bit nonces
@@ -111,25 +112,9 @@ if set(get_args(Step)) != set(SECURE_QUERIES):  # the wire names and the signed 
     raise ImportError("fedmte.protocol.wire.SECURE_QUERIES and secure_rounds.Step disagree")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 # --------------------------------------------------------------------------- keys and encodings
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8, no NaN: the bytes a signature or digest covers."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def frame(*parts: bytes | str | int) -> bytes:
-    """Unambiguous concatenation: each part as an 8-byte big-endian length, then its bytes."""
-    out = bytearray()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part.to_bytes(8, "big") if isinstance(part, int) else part
-        out += len(data).to_bytes(8, "big") + data
-    return bytes(out)
-
 
 def arrays_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
     """sha256 over the arrays in name order: name, little-endian dtype, shape and bytes each."""
@@ -143,7 +128,7 @@ def arrays_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 # --------------------------------------------------------------------------- envelopes
 
-class Envelope(_Strict):
+class Envelope(StrictModel):
     """What the coordinator signs for one secure-sum message (see the module docstring)."""
 
     schema_: Literal["fedmte.secure_request.v1"] = Field(default=ENVELOPE_SCHEMA, alias="schema")
@@ -218,7 +203,7 @@ def request_digest(job_id: str, phase: int, model_hashes: Sequence[str], inner_q
 
 # --------------------------------------------------------------------------- step bodies
 
-class DeclaredBounds(_Strict):
+class DeclaredBounds(StrictModel):
     """The job's public bounds, from which every phase's fixed-point scales follow."""
 
     max_rows: int = Field(ge=1, le=2**40, description="the most rows any one site holds")
@@ -227,16 +212,16 @@ class DeclaredBounds(_Strict):
                           description="per-row bound on log-likelihoods that the broadcast arguments do not bound")
 
 
-class AdvertiseBody(_Strict):
+class AdvertiseBody(StrictModel):
     params: str = Field(description="SecureSumParams as JSON")
     bounds: DeclaredBounds
 
 
-class ShareBody(_Strict):
+class ShareBody(StrictModel):
     advertisements: list[str] = Field(description="the verified advertisements, each as JSON", max_length=256)
 
 
-class UploadBody(_Strict):
+class UploadBody(StrictModel):
     phase: int = Field(ge=0)
     inner_query: str
     inner_doc: dict[str, Any]
@@ -244,17 +229,17 @@ class UploadBody(_Strict):
                                       description="the share bundles routed to this site (first upload only)")
 
 
-class RevealBody(_Strict):
+class RevealBody(StrictModel):
     unmask: str = Field(description="UnmaskRequest as JSON")
     request_digest: Hex64
 
 
-class AbortBody(_Strict):
+class AbortBody(StrictModel):
     reason_code: str = Field(min_length=1, max_length=128)
     detail: str = Field(default="", max_length=4096)
 
 
-BODIES: dict[str, type[_Strict]] = {
+BODIES: dict[str, type[StrictModel]] = {
     SECURE_ADVERTISE: AdvertiseBody, SECURE_SHARE: ShareBody, SECURE_UPLOAD: UploadBody,
     SECURE_REVEAL: RevealBody, SECURE_ABORT: AbortBody,
 }

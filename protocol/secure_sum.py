@@ -108,6 +108,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedmte.protocol.encoding import frame
 from fedmte.protocol import shamir
 from fedmte.protocol.errors import ProtocolError, ThresholdError, VerificationError
 from fedmte.protocol.fixed_point import FixedPointCodec, SumSpec, ring_add, ring_sub
@@ -200,7 +201,7 @@ class Advertisement(_Wire):
 
     def signed_bytes(self) -> bytes:
         """The length-prefixed encoding the signature covers (everything but itself)."""
-        return _frame(
+        return frame(
             _ADVERTISEMENT_DOMAIN, self.job_id, self.params_digest, self.site_id, self.channel_key,
             len(self.mask_keys), *self.mask_keys, len(self.seed_commitments), *self.seed_commitments,
         )
@@ -570,11 +571,11 @@ class SiteSecureSum:
         shared = _exchange(self._channel_key, peer.channel_key, peer.site_id)
         return HKDF(
             algorithm=hashes.SHA256(), length=KEY_BYTES, salt=self._digest,
-            info=_frame(_INFO_CHANNEL, self.params.job_id, sender, recipient),
+            info=frame(_INFO_CHANNEL, self.params.job_id, sender, recipient),
         ).derive(shared)
 
     def _shares_aad(self, sender: str, recipient: str) -> bytes:
-        return _frame(_SHARES_AAD_DOMAIN, self.params.job_id, self._digest, sender, recipient)
+        return frame(_SHARES_AAD_DOMAIN, self.params.job_id, self._digest, sender, recipient)
 
 
 # --------------------------------------------------------------------------- coordinator
@@ -796,24 +797,8 @@ class CoordinatorSecureSum:
 
 # --------------------------------------------------------------------------- primitives
 
-def _frame(*parts: bytes | str | int) -> bytes:
-    """Unambiguous encoding: each part as 8-byte big-endian length then bytes (ints as 8 bytes)."""
-    out = bytearray()
-    for part in parts:
-        if isinstance(part, str):
-            data = part.encode("utf-8")
-        elif isinstance(part, int) and not isinstance(part, bool):
-            data = part.to_bytes(8, "big")
-        elif isinstance(part, bytes):
-            data = part
-        else:
-            raise TypeError(f"cannot frame {type(part).__name__}")
-        out += len(data).to_bytes(8, "big") + data
-    return bytes(out)
-
-
 def _seed_commitment(job_id: str, site_id: str, phase: int, seed: bytes) -> bytes:
-    return hashlib.sha256(_frame(_SEED_COMMITMENT_DOMAIN, job_id, site_id, phase, seed)).digest()
+    return hashlib.sha256(frame(_SEED_COMMITMENT_DOMAIN, job_id, site_id, phase, seed)).digest()
 
 
 def _exchange(private_key: X25519PrivateKey, public_bytes: bytes, owner: str) -> bytes:
@@ -830,14 +815,14 @@ def _pair_mask_seed(shared: bytes, params: SecureSumParams, digest: bytes, phase
     first, second = sorted((one, other), key=params.coordinate)
     return HKDF(
         algorithm=hashes.SHA256(), length=KEY_BYTES, salt=digest,
-        info=_frame(_INFO_PAIR_MASK, params.job_id, phase, first, second, spec_digest),
+        info=frame(_INFO_PAIR_MASK, params.job_id, phase, first, second, spec_digest),
     ).derive(shared)
 
 
 def _self_mask_seed(seed: bytes, digest: bytes, job_id: str, phase: int, site_id: str, spec_digest: bytes) -> bytes:
     return HKDF(
         algorithm=hashes.SHA256(), length=KEY_BYTES, salt=digest,
-        info=_frame(_INFO_SELF_MASK, job_id, phase, site_id, spec_digest),
+        info=frame(_INFO_SELF_MASK, job_id, phase, site_id, spec_digest),
     ).derive(seed)
 
 

@@ -88,13 +88,13 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
 from fedmte.protocol.scorers.ncti import TERMS as NCTI_TERMS  # re-exported for importers; the job reads helper_scorers
@@ -111,8 +111,6 @@ Aggregate = Literal["mean_rank", "median_rank", "borda", "single"]
 Ties = Literal["average", "min"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------- scorers
@@ -153,7 +151,7 @@ def _candidate_shorthand(value: Any) -> Any:
     return value
 
 
-class Candidate(_Strict):
+class Candidate(StrictModel):
     """A candidate model: a package folder (``path``), a package name in the model store, or both.
 
     A string in ``candidates`` containing a slash (or starting with ``.``) is a path,
@@ -181,7 +179,7 @@ class Candidate(_Strict):
         return self.name if self.name is not None else Path(str(self.path)).name
 
 
-class Constraints(_Strict):
+class Constraints(StrictModel):
     """Business constraints on measured model metadata; each rule that is set applies.
 
     A violation either flags the model (kept in the ranking, never recommended) or filters
@@ -212,7 +210,7 @@ class Constraints(_Strict):
         return self
 
 
-class RankingSettings(_Strict):
+class RankingSettings(StrictModel):
     """How the per-scorer ranks become one ranking; see :mod:`fedmte.server.ranking`."""
 
     aggregate: Aggregate = "mean_rank"
@@ -229,7 +227,7 @@ class RankingSettings(_Strict):
         return self
 
 
-class PrivacyRequest(_Strict):
+class PrivacyRequest(StrictModel):
     """The privacy the coordinator asks for. Each site's own policy has the last word: a site
     refuses a request its policy does not allow and may add more noise than asked."""
 
@@ -245,7 +243,7 @@ class PrivacyRequest(_Strict):
         return self
 
 
-class FederationSettings(_Strict):
+class FederationSettings(StrictModel):
     """Transport settings, passed through to the Flower job runner."""
 
     flwr_home: Path | None = Field(default=None, description="the folder holding config.toml (default: $FLWR_HOME)")
@@ -256,7 +254,7 @@ class FederationSettings(_Strict):
     run_timeout: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
 
 
-class JobSpec(_Strict):
+class JobSpec(StrictModel):
     """A validated job. Build it with :func:`load_job` (a file) or :func:`parse_job` (text)."""
 
     connection: str = Field(min_length=1, max_length=128, description="a [superlink.NAME] connection")

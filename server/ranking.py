@@ -61,6 +61,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.evaluation import evaluate_ranking
 from fedmte.protocol.scorers import SCORERS, ScorerSpec
@@ -70,8 +71,6 @@ MIB = 2**20  # the "MB" of max_peak_memory_mb
 Status = Literal["recommended", "eligible", "flagged", "filtered"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SiteMeasurement(BaseModel):
@@ -95,7 +94,7 @@ class SiteMeasurement(BaseModel):
         return self.peak_device_bytes if self.peak_device_bytes is not None else self.peak_rss_bytes
 
 
-class ModelMetadata(_Frozen):
+class ModelMetadata(StrictModel):
     """What the constraints and the report know about one model.
 
     ``license``, ``parameter_count`` and the descriptive fields come from the signed
@@ -127,7 +126,7 @@ class ModelMetadata(_Frozen):
         )
 
 
-class Violation(_Frozen):
+class Violation(StrictModel):
     """One business rule a model breaks, and what that does to it."""
 
     rule: str
@@ -135,7 +134,7 @@ class Violation(_Frozen):
     message: str
 
 
-class RankedModel(_Frozen):
+class RankedModel(StrictModel):
     """One candidate in the ranking (or filtered out of it)."""
 
     name: str
@@ -150,7 +149,7 @@ class RankedModel(_Frozen):
     metadata: ModelMetadata = Field(default_factory=ModelMetadata)
 
 
-class Agreement(_Frozen):
+class Agreement(StrictModel):
     """Kendall's tau-b between two scorers' scores over ``models`` models both scored."""
 
     a: str
@@ -159,7 +158,7 @@ class Agreement(_Frozen):
     models: int
 
 
-class Ranking(_Frozen):
+class Ranking(StrictModel):
     """The outcome of :func:`rank_models`: models in rank order, then the filtered ones."""
 
     aggregate: str

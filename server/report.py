@@ -31,8 +31,9 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.durable import replace_file
 from fedmte.protocol.errors import FederationError
 from fedmte.server.job import Constraints, JobSpec, PrivacyRequest
@@ -51,11 +52,9 @@ _NEG, _MID, _POS = (202, 0, 32), (247, 247, 247), (5, 113, 176)  # diverging: -1
 _FAILED = "#d9d9d9"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DisclosedStatistic(_Frozen):
+class DisclosedStatistic(StrictModel):
     """One statistics block a site sent: its kind, shape and size, for which model and round.
 
     ``masked``: it went into the secure sum, so the coordinator saw only the sum over sites.
@@ -71,7 +70,7 @@ class DisclosedStatistic(_Frozen):
     noised: bool = False
 
 
-class SitePrivacy(_Frozen):
+class SitePrivacy(StrictModel):
     """What one job cost a site in privacy, by the site's own ledger."""
 
     dp: bool
@@ -81,7 +80,7 @@ class SitePrivacy(_Frozen):
     epsilon_budget: float | None = Field(default=None, ge=0)
 
 
-class SiteDisclosure(_Frozen):
+class SiteDisclosure(StrictModel):
     """Everything one site released during the job, and what refused requests it refused."""
 
     name: str
@@ -95,7 +94,7 @@ class SiteDisclosure(_Frozen):
         return sum(s.nbytes for s in self.statistics)
 
 
-class PrivacySummary(_Frozen):
+class PrivacySummary(StrictModel):
     """The privacy asked for and what the sites applied."""
 
     requested: PrivacyRequest
@@ -104,7 +103,7 @@ class PrivacySummary(_Frozen):
     epsilon_spent_max: float | None
 
 
-class RoundInfo(_Frozen):
+class RoundInfo(StrictModel):
     """One round trip of the job (the job runner's round report)."""
 
     name: str
@@ -113,7 +112,7 @@ class RoundInfo(_Frozen):
     bytes_per_site: int = Field(default=0, ge=0)
 
 
-class Report(_Frozen):
+class Report(StrictModel):
     """``report.json``: see the module docstring."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -185,14 +184,14 @@ def build_report(
     )
 
 
-class RoundStatus(_Frozen):
+class RoundStatus(StrictModel):
     name: str
     seconds: float
     kinds: list[str] = Field(default_factory=list)
     bytes_per_site: int = 0
 
 
-class RunStatus(_Frozen):
+class RunStatus(StrictModel):
     """``run.json``: how a run over Flower ended, written by the ServerApp last (the launcher
     waits for it): finished with a summary, or failed with the error and each site's reason.
     The job's results are in ``report.json``; a probe run's verdicts are in ``probes``."""
