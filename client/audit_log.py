@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedmte.protocol.keys import fingerprint, load_private_key, write_private_key
 from fedmte.protocol.durable import atomic_write
 from fedmte.protocol import audit_format as fmt
 from fedmte.protocol import dp
@@ -83,35 +84,13 @@ CLOCK_SKEW_TOLERANCE = timedelta(minutes=5)
 # --------------------------------------------------------------------------- keys and time
 
 def generate_signing_key(path: Path | str) -> Ed25519PrivateKey:
-    """A new Ed25519 key, written as unencrypted PKCS#8 PEM readable by its owner only."""
-    path = Path(path)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    return key
+    """A new Ed25519 audit key, written 0600; an existing file is never overwritten."""
+    return write_private_key(path)
 
 
 def load_signing_key(path: Path | str) -> Ed25519PrivateKey:
     """The site's Ed25519 private key from a PEM file only its owner can read."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except OSError as error:
-        raise InvalidInputError(f"cannot read the signing key {path}: {error}") from None
-    if mode & 0o077:
-        raise InvalidInputError(f"{path} is readable by others (mode {oct(mode & 0o777)}); run chmod 600 {path}")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as error:
-        raise InvalidInputError(f"{path} is not an unencrypted PEM private key: {error}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise InvalidInputError(f"{path} holds a {type(key).__name__}; the audit log signs with Ed25519")
-    return key
+    return load_private_key(path)
 
 
 def public_key_pem(key: Ed25519PublicKey) -> bytes:
@@ -132,7 +111,7 @@ def load_public_key(path: Path | str) -> Ed25519PublicKey:
 
 def key_fingerprint(key: Ed25519PublicKey) -> str:
     """Hex SHA-256 of the raw public key: how records and policies name a key."""
-    return hashlib.sha256(fmt.public_key_bytes(key)).hexdigest()
+    return fingerprint(key)
 
 
 def _format_ts(moment: datetime) -> str:

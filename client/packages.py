@@ -32,7 +32,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedmte.protocol import keys
+from fedmte.protocol.errors import VerificationError
+from fedmte.protocol.keys import load_private_key, public_key_text, write_private_key
 from fedmte.client.errors import (
     PackageError,
     SignatureError,
@@ -60,7 +62,6 @@ SIGNATURE_FILE = "signature.json"
 PACKAGE_FILES = frozenset({MANIFEST_FILE, WEIGHTS_FILE, SIGNATURE_FILE})
 SIGNATURE_SCHEMA = "fedmte.package_signature.v1"
 SIGNING_DOMAIN = b"fedmte.model_package.v1"
-PUBLIC_KEY_PREFIX = "ed25519:"
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_SIGNATURE_BYTES = 16 * 1024
 KEY_ID_HEX = 16
@@ -99,19 +100,16 @@ def _raw(public_key: Ed25519PublicKey) -> bytes:
 
 
 def public_key_string(public_key: Ed25519PublicKey) -> str:
-    """``ed25519:<base64>``, the form a site pins in ``[trust] keys``."""
-    return PUBLIC_KEY_PREFIX + base64.b64encode(_raw(public_key)).decode("ascii")
+    """``ed25519:<base64>``, the form a site lists in ``[trust.coordinators]``."""
+    return public_key_text(public_key)
 
 
 def parse_public_key(text: str) -> Ed25519PublicKey:
-    """Parse ``ed25519:<base64 of 32 bytes>``."""
-    if not isinstance(text, str) or not text.startswith(PUBLIC_KEY_PREFIX):
-        raise SignatureError(f"public key {text!r} must look like 'ed25519:<base64 of 32 bytes>'")
+    """Parse ``ed25519:<base64 of 32 bytes>`` (:func:`fedmte.protocol.keys.parse_public_key`)."""
     try:
-        raw = base64.b64decode(text[len(PUBLIC_KEY_PREFIX) :], validate=True)
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except (binascii.Error, ValueError):
-        raise SignatureError(f"public key {text!r} is not base64 of 32 bytes") from None
+        return keys.parse_public_key(text)
+    except VerificationError as error:
+        raise SignatureError(str(error)) from None
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -125,24 +123,12 @@ def generate_signing_key() -> Ed25519PrivateKey:
 
 def save_signing_key(key: Ed25519PrivateKey, path: Path | str) -> None:
     """Write a PKCS#8 PEM file readable by its owner only; refuses to overwrite."""
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise PackageError(f"{path} exists; remove it or choose another path for the new key") from None
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(pem)
+    write_private_key(path, key)
 
 
 def load_signing_key(path: Path | str) -> Ed25519PrivateKey:
-    """Read a PKCS#8 PEM Ed25519 private key."""
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as error:
-        raise SignatureError(f"cannot read the signing key {path}: {error}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError(f"{path} is not an Ed25519 private key")
-    return key
+    """Read the coordinator's PKCS#8 PEM Ed25519 private key."""
+    return load_private_key(path)
 
 
 def _pinned(keys: Iterable[Ed25519PublicKey | str]) -> dict[str, Ed25519PublicKey]:
