@@ -42,7 +42,7 @@ def workspace(tmp_path: Path) -> dict[str, object]:
     np.savez(tmp_path / "data.npz", inputs=x, labels=y)
     (tmp_path / "site.toml").write_text(
         f'[data]\nkind = "arrays"\npath = "data.npz"\nlabels = ["no", "yes"]\n'
-        f'[trust]\nkeys = ["{public}"]\n[compute]\nbatch_size = 16\ndevice = "cpu"\nprogress = false\n'
+        f'[trust.coordinators]\ncoordinator = "{public}"\n[compute]\nbatch_size = 16\ndevice = "cpu"\nprogress = false\n'
     )
     return {"dir": tmp_path, "public": public, "x": x, "y": y}
 

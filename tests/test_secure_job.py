@@ -1,5 +1,5 @@
 """A multi-model job summed with the secure sum, in process: three site agents behind their
-:class:`~fedmte.client.secure_site.SecureSite` (``secure.toml`` beside each ``site.toml``,
+:class:`~fedmte.client.secure_site.SecureSite` (a ``[secure]`` table in each ``site.toml``,
 as ``fedmte local up`` and ``fedmte demo`` provision them), every message through its wire
 form. With DP off the secure scores equal ``fedmte.score`` on the pooled features, the
 coordinator holds only masked words, and the report says the secure sum was on.
@@ -13,14 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmte.client.secure_site import SecureSite, agent_statistics, config_path, load_secure_config
+from fedmte.client.secure_site import SecureSite, secure_config, site_for
+from fedmte.client.site_config import load_site_config
+from fedmte.protocol.keys import public_key_text
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.wire import SECURE_QUERIES, Payload
 from fedmte.server.coordinator import build_job_report, execute_job, job_aggregator, load_candidates
 from fedmte.server.job import job_from_dict
 from fedmte.server.report import render_html
-from fedmte.server.secure_aggregation import SecureAggregator, provision
-from fedmte.trial.local_sites import coordinator_key, example_packages, write_site
+from fedmte.server.secure_aggregation import SecureAggregator
+from fedmte.trial.local_sites import coordinator_key, example_packages, provision, write_site
 from tests.job_helpers import LABELS, MODELS, AgentExchange, pooled_reference, site_arrays
 
 CANDIDATES = ["tanh-head", "gelu-head"]
@@ -29,15 +31,14 @@ SCORERS = ["hscore", "leep", "gbc", "logme"]
 
 class SecureAgentExchange(AgentExchange):
     """:class:`AgentExchange` whose ``secure_*`` queries go to each site's :class:`SecureSite`
-    (found beside its site file, as a SuperNode with ``site-file`` finds it)."""
+    (made from the ``[secure]`` table of its site file, as a SuperNode with ``site-file`` makes it)."""
 
     def __init__(self, site_files: Sequence[Path], run_id: str) -> None:
         super().__init__(site_files, run_id)
         self.secure: dict[int, SecureSite] = {}
         for node, site_file in self.files.items():
-            path = config_path({"site-file": str(site_file)})
-            assert path is not None and path.parent == site_file.parent
-            self.secure[node] = SecureSite(load_secure_config(path), compute=agent_statistics(site_file))
+            self.secure[node] = site_for(site_file)  # computes through the agent, audits to its log
+            assert self.secure[node].config.site_id == load_site_config(site_file).site.name
         self.plain_stats = 0
 
     def reply(self, query: str, node: int, payload: Payload) -> Payload:
@@ -54,8 +55,15 @@ def test_a_secure_multi_model_job_equals_pooled_scores(tmp_path: Path) -> None:
     files = [write_site(home, name, part, LABELS, coordinator=key, dp=False)
              for (name, home), part in zip(homes.items(), parts)]
     bounds = DeclaredBounds(max_rows=10_000, feature_norm=100.0)
-    spec = provision(homes, tmp_path / "secure" / "coordinator.pem", bounds=bounds, require_secure_sum=True,
-                     audit_dir=None)
+    spec = provision(dict(zip(homes, files)), key_path, bounds=bounds, require_secure_sum=True)
+    # one site file holds it all: the secure sum's settings and the one trusted coordinator key
+    assert all(not (f.parent / "secure.toml").exists() for f in files)
+    for name, site_file in zip(homes, files):
+        config = load_site_config(site_file)
+        assert config.secure is not None and set(config.secure.roster) == set(homes)
+        assert config.secure.min_declared_rows == 10_000 and config.secure.require_secure_sum
+        assert config.trust.keys == (public_key_text(key),)  # listed once, for packages, jobs and the sum
+        assert secure_config(config).coordinators == dict(config.trust.coordinators)
     packages = example_packages(tmp_path / "models", key, 6, {c: MODELS[c] for c in CANDIDATES})
     job = job_from_dict({
         "connection": "unused", "output": str(tmp_path / "report"), "labels": LABELS, "purpose": "secure job test",
@@ -93,8 +101,7 @@ def test_a_secure_job_with_dp_stays_within_the_declared_bounds(tmp_path: Path) -
     homes = {f"site{k}": tmp_path / "sites" / f"site{k}" for k in range(3)}
     files = [write_site(home, name, part, LABELS, coordinator=key, dp=True, clip_norm=5.0)
              for (name, home), part in zip(homes.items(), site_arrays(3, n=600))]
-    spec = provision(homes, tmp_path / "secure" / "coordinator.pem",
-                     bounds=DeclaredBounds(max_rows=1000, feature_norm=5.0), audit_dir=None)
+    spec = provision(dict(zip(homes, files)), key_path, bounds=DeclaredBounds(max_rows=1000, feature_norm=5.0))
     packages = example_packages(tmp_path / "models", key, 6, {"tanh-head": MODELS["tanh-head"]})
     job = job_from_dict({
         "connection": "unused", "output": str(tmp_path / "report"), "labels": LABELS, "candidates": [str(packages["tanh-head"])],

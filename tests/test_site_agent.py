@@ -21,6 +21,7 @@ from fedmte.client.audit_log import read_records
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import IntentRecord, RefusalRecord
 from fedmte.protocol.errors import FederationError, ProtocolError
+from fedmte.protocol.keys import public_key_text
 from fedmte.protocol.job_messages import SETUP, JobRoundRequest, encode_job_round, parse_setup, setup_payload
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import SCORERS
@@ -31,7 +32,6 @@ from fedmte.server.coordinator import (
     build_job_report,
     execute_job,
     load_candidates,
-    public_key_text,
     sign_setup,
 )
 from fedmte.server.job import JobSpec, job_from_dict
@@ -239,7 +239,7 @@ def test_the_trial_federations_files_make_a_job_that_runs(tmp_path: Path) -> Non
     files = [write_site(tmp_path / "sites" / f"site{k}", f"site{k}", p, labels, coordinator=key, dp=True)
              for k, p in enumerate(parts)]
     state = LocalFederation(
-        directory=str(tmp_path), runner="site", mode="sites", address="127.0.0.1:1", superlink_pid=0, superlink_log="",
+        directory=str(tmp_path), runner="site", address="127.0.0.1:1", superlink_pid=0, superlink_log="",
         ca_cert="", flwr_home=str(tmp_path / "flwr"), coordinator_key=str(key_path), labels=labels,
         sites=[SiteProcess(name=f.parent.name, node_id=k, pid=0, runtime_port=0, 
                            site_file=str(f), private_key="", public_key="", flwr_home="", log="")

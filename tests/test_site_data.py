@@ -22,6 +22,7 @@ from fedmte.protocol.manifest import ImagePreprocessing, TextPreprocessing, Vect
 from fedmte.client.packages import generate_signing_key, public_key_string
 from fedmte.client.preprocess import image_batch, image_input, tokenize
 from fedmte.client.site_config import load_site_config, parse_site_config
+from fedmte.protocol.keys import fingerprint, parse_public_key
 
 GREY = ImagePreprocessing(height=6, width=5, channels=1, mean=(0.5,), std=(0.25,))
 RGB = ImagePreprocessing(height=6, width=5, channels=3, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
@@ -56,8 +57,8 @@ kind = "table"
 path = "notes.jsonl"
 text_column = "text"
 labels = ["x", "y"]
-[trust]
-keys = ["{key}"]
+[trust.coordinators]
+main = "{key}"
 [compute]
 batch_size = 32
 threads = 2
@@ -65,7 +66,11 @@ device = "cpu"
 [limits]
 max_tensors = 50
 [policy]
-anything = "owned by the policy module"
+allowed_scorers = ["logme"]
+max_feature_dim = 64
+clip_norm = 1.0
+[audit]
+dir = "log"
 """
     )
     config = load_site_config(tmp_path / "site.toml")
@@ -73,6 +78,13 @@ anything = "owned by the policy module"
     assert config.site.cache_dir == tmp_path / ".fedmte-cache"
     assert config.data.table_format == "jsonl"
     assert config.trust.keys == (key,) and config.limits.max_tensors == 50 and config.compute.threads == 2
+    # [policy] is validated where the file is read, and the policy pins the coordinators of [trust]
+    assert config.policy is not None and config.policy.allowed_scorers == {"logme"}
+    assert config.policy.coordinator_keys == {"main": fingerprint(parse_public_key(key))}
+    # [audit] is typed too: relative paths (defaults included) are taken from the file's folder
+    assert config.audit.dir == tmp_path / "log" and config.audit.signing_key == tmp_path / "keys" / "audit.key"
+    assert config.audit.ledger_dir == tmp_path / "ledger" and config.audit.verification_key_sha256 is None
+    assert config.secure is None
 
 
 @pytest.mark.parametrize(
@@ -81,7 +93,15 @@ anything = "owned by the policy module"
         ('[data]\nkind = "arrays"\npath = "x.npz"\nmax_rows = 3', "data.arrays.max_rows: Extra inputs"),
         ('[data]\nkind = "table"\npath = "x.csv"', "exactly one of text_column"),
         ('[data]\nkind = "table"\npath = "x.txt"\ntext_column = "t"', "cannot tell the format"),
-        ('[data]\nkind = "arrays"\npath = "x.npz"\n[trust]\nkeys = ["rsa:abc"]', "ed25519"),
+        ('[data]\nkind = "arrays"\npath = "x.npz"\n[trust.coordinators]\nmain = "rsa:abc"', "trust.coordinators: .*ed25519"),
+        ('[data]\nkind = "arrays"\npath = "x.npz"\n[trust]\nkeys = ["rsa:abc"]',
+         r"trust.keys is gone: list each coordinator once as \[trust.coordinators\]"),
+        ('[data]\nkind = "arrays"\npath = "x.npz"\n[policy]\nmax_feature_dim = 4\nclip_norm = 1.0\n'
+         '[policy.coordinator_keys]\nmain = "' + "0" * 64 + '"',
+         r"policy.coordinator_keys is gone: .*\[trust.coordinators\]"),
+        ('[data]\nkind = "arrays"\npath = "x.npz"\n[policy]\nanything = 1', "policy.anything: Extra inputs"),
+        ('[data]\nkind = "arrays"\npath = "x.npz"\n[audit]\nverification_key_sha256 = "abc"', "audit.verification_key_sha256"),
+        ('[data]\nkind = "features"\npath = "x.csv"', "a features source is an .npz archive"),
         ('[data]\nkind = "arrays"\npath = "x.npz"\n[compute]\ndevice = "tpu"', "compute.device"),
         ('[data]\nkind = "arrays"\npath = "x.npz"\n[limits]\nmax_tensors = 0', "limits.max_tensors"),
         ("[data\nkind=", "not valid TOML"),
