@@ -1,10 +1,14 @@
 """The secure sum inside the federation, without Flower processes.
 
-Sites are :class:`~fedmte.client.secure_site.SecureSite` objects configured from their own
-``secure.toml`` files (identity keys, pinned coordinator key, roster, audit log), and every
-message passes through the wire form Flower carries (``Payload.to_wire``/``from_wire``), as
-in ``test_federation_rounds.py``. A site that raises answers with an error, which the
-coordinator sees as that site failing the step, exactly as over Flower.
+Each site is a features-kind site file (``[data] kind = "features"``) with a ``[secure]``
+table (identity key, roster, floors; the coordinator key it accepts is the one in
+``[trust.coordinators]``), written by :func:`fedmte.trial.local_sites.write_site` and
+:func:`~fedmte.trial.local_sites.provision`. Its :class:`~fedmte.client.secure_site.SecureSite`
+computes through the site agent (:func:`~fedmte.client.secure_site.agent_statistics`) and
+audits to the agent's log. Every message passes through the wire form Flower carries
+(``Payload.to_wire``/``from_wire``), as in ``test_federation_rounds.py``. A site that raises
+answers with an error, which the coordinator sees as that site failing the step, exactly as
+over Flower.
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fedmte.client import site_agent
 from fedmte.client.audit_log import read_records, verify
-from fedmte.client.queries import answer
 from fedmte.client.secure_site import (
     SecureSite,
+    SecureSiteConfig,
+    _agent_audit,
+    agent_statistics,
     check_plain_statistics_allowed,
-    load_secure_config,
-    site_statistics,
+    secure_config,
+    site_for,
 )
+from fedmte.client.site_config import load_site_config
 from fedmte.protocol.errors import (
     BoundExceededError,
     FederationError,
@@ -35,12 +43,22 @@ from fedmte.protocol.errors import (
 )
 from fedmte.protocol.fixed_point import FixedPointCodec, SumSpec
 from fedmte.protocol.inputs import check_inputs
+from fedmte.protocol.job_messages import (
+    FINISH,
+    SETUP,
+    SITE_FEATURES,
+    ModelOffer,
+    SetupRequest,
+    block_key,
+    encode_job_round,
+    setup_payload,
+    site_features_id,
+)
+from fedmte.protocol.keys import fingerprint, public_key_text
 from fedmte.protocol.local import InMemorySite
-from fedmte.protocol.messages import encode_round
 from fedmte.protocol.plan import execute, make_plan
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
-from fedmte.protocol.keys import fingerprint
 from fedmte.protocol.secure_rounds import (
     AdvertiseBody,
     DeclaredBounds,
@@ -52,7 +70,6 @@ from fedmte.protocol.secure_rounds import (
 from fedmte.protocol.secure_sum import SecureSumParams, UnmaskRequest
 from fedmte.protocol.statistics import Statistics
 from fedmte.protocol.wire import (
-    DESCRIBE,
     SECURE_ADVERTISE,
     SECURE_REVEAL,
     SECURE_SHARE,
@@ -60,32 +77,39 @@ from fedmte.protocol.wire import (
     STATS,
     Payload,
 )
-from fedmte.server.rounds import run_scoring
-from fedmte.server.secure_aggregation import (
-    SecureAggregator,
-    load_coordinator_key,
-    load_roster,
-    provision,
-)
-
+from fedmte.server.coordinator import execute_job, load_candidates, sign_setup
+from fedmte.server.job import job_from_dict, load_job
+from fedmte.server.secure_aggregation import SecureAggregator, load_roster
 from fedmte.server.site_probe import probe_sites
+from fedmte.trial.local_sites import coordinator_key, provision, write_site
 
 import fedmte
 from tests.datasets import DATASETS, site_split_without_class
 
 DATA = DATASETS["basic"]
+LABELS = [f"k{c}" for c in range(DATA.num_classes)]  # the site files hold class indices into these
+FEATURES = "site-features"
+MODEL = site_features_id(FEATURES)
 SCORERS_USED = ["hscore", "leep", "gbc", "logme", "nce", "sfda"]
 ROUND_STATS = [Stat.of("count"), Stat.of("class_counts"), Stat.of("class_sums"), Stat.of("gram")]
+RUN = "r1"
 
 Intercept = Callable[[str, int, Payload], Payload]
 
 
-class SecureWireExchange:
-    """Nodes 100, 101, ... answering through the wire form; any node can be made to fail."""
+def keys_of(stats: Sequence[Stat]) -> list[str]:
+    """The keys a one-model job round's statistics travel under."""
+    return [block_key(MODEL, stat.key) for stat in stats]
 
-    def __init__(self, sites: Sequence[SecureSite], data: Sequence[Path]) -> None:
+
+class SecureWireExchange:
+    """Nodes 100, 101, ... answering through the wire form: ``secure_*`` queries to each
+    site's :class:`SecureSite`, the job's own queries to its site agent; any node can be made
+    to fail."""
+
+    def __init__(self, sites: Sequence[SecureSite], site_files: Sequence[Path]) -> None:
         self.sites = {100 + k: site for k, site in enumerate(sites)}
-        self.data = {100 + k: path for k, path in enumerate(data)}
+        self.files = {100 + k: path for k, path in enumerate(site_files)}
         self.failing: set[int] = set()
         self.failing_at: dict[int, str] = {}  # node -> the one query it does not answer
         self.intercept: Intercept | None = None
@@ -113,7 +137,7 @@ class SecureWireExchange:
                 if query.startswith("secure_"):
                     reply = self.sites[node].handle(query, received)
                 else:
-                    reply = answer(query, received, self.data[node])
+                    reply = site_agent.answer(query, received, self.files[node])
             except FedmteError as error:
                 failures[str(node)] = f"{type(error).__name__}: {error}"
                 continue
@@ -129,26 +153,32 @@ class SecureWireExchange:
 
 
 class Federation:
-    """N sites with their own files, a coordinator key and the roster, on disk under ``root``."""
+    """N features-kind sites, each one site file (data, the coordinator key, policy, audit log
+    and ``[secure]``), a coordinator key and the roster, on disk under ``root``."""
 
     def __init__(self, root: Path, rows: Sequence[np.ndarray], *, self_masks: bool = True,
                  bounds: DeclaredBounds | None = None) -> None:
         self.names = [f"site{k}" for k in range(len(rows))]
         self.dirs = {name: root / name for name in self.names}
-        self.data: list[Path] = []
-        for name, idx in zip(self.names, rows):
-            self.dirs[name].mkdir(parents=True)
-            path = self.dirs[name] / "data.npz"
-            np.savez(path, features=DATA.features[idx], labels=DATA.labels[idx], source_probs=DATA.source_probs[idx])
-            self.data.append(path)
+        self.key, self.key_path = coordinator_key(root)
+        self.files = [
+            write_site(self.dirs[name], name, {"features": DATA.features[idx], "labels": DATA.labels[idx],
+                                                "source_probs": DATA.source_probs[idx]}, LABELS,
+                       coordinator=self.key, dp=False)
+            for name, idx in zip(self.names, rows)
+        ]
         norm = float(np.max(np.linalg.norm(DATA.features, axis=1)))
         self.bounds = bounds or DeclaredBounds(max_rows=len(DATA.labels), feature_norm=norm)
-        self.spec = provision(self.dirs, root / "coordinator.pem", bounds=self.bounds, self_masks=self_masks)
-        self.configs = {name: load_secure_config(self.dirs[name] / "secure.toml") for name in self.names}
-        self.sites = [SecureSite(self.configs[name], compute=site_statistics(path))
-                      for name, path in zip(self.names, self.data)]
-        self.exchange = SecureWireExchange(self.sites, self.data)
-        self.key = load_coordinator_key(self.spec.signing_key)
+        self.spec = provision(dict(zip(self.names, self.files)), self.key_path, bounds=self.bounds,
+                              self_masks=self_masks)
+        self.configs = {name: secure_config(load_site_config(path)) for name, path in zip(self.names, self.files)}
+        self.sites = [site_for(path) for path in self.files]  # as a site runner makes them
+        self.exchange = SecureWireExchange(self.sites, self.files)
+
+    def fresh_site(self, name: str, config: SecureSiteConfig | None = None) -> SecureSite:
+        """The site's SecureSite made again, as after a restart of its process."""
+        path = self.files[self.names.index(name)]
+        return SecureSite(config or self.configs[name], compute=agent_statistics(path), audit=_agent_audit(path))
 
     def aggregator(self, **overrides: object) -> SecureAggregator:
         settings: dict[str, object] = {"signing_key": self.key, "roster": load_roster(self.spec.roster),
@@ -156,32 +186,51 @@ class Federation:
         settings.update(overrides)
         return SecureAggregator(**settings)  # type: ignore[arg-type]
 
+    def setup(self, run_id: str = RUN) -> None:
+        """Every site accepts job ``run_id`` over its own features (what execute_job's setup does)."""
+        request = SetupRequest(run_id=run_id, labels=LABELS, scorers=["hscore"], coordinator_key=public_key_text(self.key),
+                               models=[ModelOffer(model_id=MODEL, label=FEATURES, kind=SITE_FEATURES)])
+        payload = setup_payload(sign_setup(request, self.key), {})
+        for path in self.files:
+            reply = site_agent.answer(SETUP, payload, path, run_id=run_id)
+            assert reply.doc["models"][MODEL]["status"] == "ready"
+
     def audit(self, name: str) -> list[object]:
         return read_records(self.dirs[name] / "audit")
+
+    def rows(self, node: int) -> int:
+        with np.load(self.exchange.files[node].parent / "data.npz") as data:
+            return len(data["labels"])
 
 
 def site_rows(sites: int) -> list[np.ndarray]:
     return site_split_without_class(DATA, absent=0, sites=sites)
 
 
-def plain_statistics(paths: Sequence[Path], stats: Sequence[Stat]) -> Statistics:
-    request, arrays = encode_round(stats, round_index=1, num_classes=DATA.num_classes)
-    payload = Payload(doc=request.model_dump(mode="json"), arrays=arrays)
+def job_round(round_index: int = 1, stats: Sequence[Stat] = ROUND_STATS, run_id: str = RUN
+              ) -> tuple[object, dict[str, np.ndarray]]:
+    return encode_job_round({MODEL: list(stats)}, run_id=run_id, round_index=round_index, num_classes=DATA.num_classes)
+
+
+def plain_statistics(site_files: Sequence[Path], stats: Sequence[Stat]) -> Statistics:
+    """Each site agent's plain (unmasked) reply to the same round, added up."""
     total = Statistics.empty()
-    for path in paths:
-        total = total + Statistics.from_arrays(answer(STATS, payload, path).arrays)
+    for part in site_parts(site_files, stats):
+        total = total + part
     return total
 
 
-def assert_exact_sum(total: Statistics, paths: Sequence[Path], stats: Sequence[Stat], spec: SumSpec, sites: int) -> None:
+def site_parts(site_files: Sequence[Path], stats: Sequence[Stat]) -> list[Statistics]:
+    request, arrays = job_round(stats=stats)
+    payload = Payload(doc=request.model_dump(mode="json", by_alias=True), arrays=arrays)
+    return [Statistics.from_arrays(site_agent.answer(STATS, payload, path, run_id=RUN).arrays) for path in site_files]
+
+
+def assert_exact_sum(total: Statistics, site_files: Sequence[Path], stats: Sequence[Stat], spec: SumSpec, sites: int) -> None:
     """Int blocks equal; float blocks within the codec's bound of the exactly rounded sum (fsum)."""
-    parts = []
-    request, arrays = encode_round(stats, round_index=1, num_classes=DATA.num_classes)
-    payload = Payload(doc=request.model_dump(mode="json"), arrays=arrays)
-    for path in paths:
-        parts.append(Statistics.from_arrays(answer(STATS, payload, path).arrays))
+    parts = site_parts(site_files, stats)
     codec = FixedPointCodec(spec, max_sites=sites)
-    assert set(total) == {stat.key for stat in stats}
+    assert set(total) == set(keys_of(stats))
     for key in total:
         if total[key].dtype == np.int64:
             assert np.array_equal(total[key], sum(part[key] for part in parts)), key
@@ -198,14 +247,19 @@ def assert_exact_sum(total: Statistics, paths: Sequence[Path], stats: Sequence[S
 def test_secure_scores_equal_pooled_scores_with_the_stated_round_trips(tmp_path: Path, self_masks: bool) -> None:
     federation = Federation(tmp_path, site_rows(3), self_masks=self_masks)
     aggregator = federation.aggregator()
-    outcome = run_scoring(federation.exchange, scorers=SCORERS_USED, num_classes=DATA.num_classes, aggregator=aggregator)
+    job = job_from_dict({"connection": "unused", "labels": LABELS, "scorers": SCORERS_USED, "privacy": {"dp": False},
+                         "candidates": [{"name": FEATURES, "site_features": True}], "output": str(tmp_path / "out")})
+    outcome = execute_job(federation.exchange, job, load_candidates(job), federation.key, run_id=RUN, aggregator=aggregator)
     pooled = fedmte.score(DATA.features, DATA.labels, source_probs=DATA.source_probs, scorers=SCORERS_USED)
+    result = outcome.models[MODEL].result
+    assert result is not None and outcome.secure_sum
     for name in SCORERS_USED:
-        assert outcome.result.scores[name] == pytest.approx(pooled[name], rel=1e-6), name
-    rounds = outcome.plan.rounds
+        assert result.scores[name] == pytest.approx(pooled[name], rel=1e-6), name
+    rounds = outcome.planned_rounds
     per_phase = [SECURE_UPLOAD, SECURE_REVEAL] if self_masks else [SECURE_UPLOAD]
     assert [query for query, _ in federation.exchange.sent] == \
-        [DESCRIBE, SECURE_ADVERTISE, SECURE_SHARE] + per_phase * rounds
+        [SETUP, SECURE_ADVERTISE, SECURE_SHARE] + per_phase * rounds + [FINISH]
+    assert STATS not in {query for query, _ in federation.exchange.sent}  # nothing left a site unmasked
     assert aggregator.failures == {} and set(aggregator.sites) == set(federation.names)
 
 
@@ -252,16 +306,17 @@ def _ring_sum(vectors: Sequence[np.ndarray]) -> np.ndarray:
 
 def test_the_coordinator_receives_only_masked_uploads(tmp_path: Path) -> None:
     federation = Federation(tmp_path, site_rows(3))
+    federation.setup()
     aggregator = federation.aggregator()
     aggregator.begin_job(federation.exchange, 1)
-    request, arrays = encode_round(ROUND_STATS, round_index=1, num_classes=DATA.num_classes)
+    request, arrays = job_round()
     total = aggregator.sum_round(federation.exchange, request, arrays)
-    assert_exact_sum(total, federation.data, ROUND_STATS, aggregator.uploads_received[0][3], 3)
+    assert_exact_sum(total, federation.files, ROUND_STATS, aggregator.uploads_received[0][3], 3)
     uploads = aggregator.uploads_received
     assert sorted(site for site, *_ in uploads) == federation.names
     for site, phase, words, spec in uploads:
         node = federation.exchange.node_of(site)
-        plain = plain_statistics([federation.exchange.data[node]], ROUND_STATS)
+        plain = plain_statistics([federation.exchange.files[node]], ROUND_STATS)
         codec = FixedPointCodec(spec, max_sites=3)
         encoded = codec.encode(plain)
         assert words.shape == encoded.shape and phase == 0
@@ -286,21 +341,22 @@ def test_the_coordinator_receives_only_masked_uploads(tmp_path: Path) -> None:
 @pytest.mark.parametrize("self_masks", [True, False], ids=["self-masks", "one-round"])
 def test_a_dropout_after_key_sharing_gives_the_exact_sum_of_the_survivors(tmp_path: Path, self_masks: bool) -> None:
     federation = Federation(tmp_path, np.array_split(np.arange(len(DATA.labels)), 5), self_masks=self_masks)
+    federation.setup()
     aggregator = federation.aggregator()
     assert aggregator.threshold == 3
     aggregator.begin_job(federation.exchange, 2)
     dropped = federation.exchange.node_of("site2")
     federation.exchange.failing.add(dropped)
-    request, arrays = encode_round(ROUND_STATS, round_index=1, num_classes=DATA.num_classes)
+    request, arrays = job_round()
     total = aggregator.sum_round(federation.exchange, request, arrays)
-    survivors = [path for node, path in sorted(federation.exchange.data.items()) if node != dropped]
+    survivors = [path for node, path in sorted(federation.exchange.files.items()) if node != dropped]
     assert_exact_sum(total, survivors, ROUND_STATS, aggregator.uploads_received[0][3], 5)
-    assert int(total[ROUND_STATS[0].key]) == sum(len(np.load(p)["labels"]) for p in survivors)
+    assert int(total[keys_of(ROUND_STATS)[0]]) == sum(federation.rows(n) for n in federation.exchange.nodes if n != dropped)
     assert set(aggregator.failures) == {"site2"} and "no reply" in aggregator.failures["site2"]
     # the recovery step ran (it is the only way the masks shared with site2 leave the sum)
     assert [q for q, _ in federation.exchange.sent[-2:]] == [SECURE_UPLOAD, SECURE_REVEAL]
     # the next phase goes on without site2, and is exact again
-    request, arrays = encode_round(ROUND_STATS, round_index=2, num_classes=DATA.num_classes)
+    request, arrays = job_round(2)
     again = aggregator.sum_round(federation.exchange, request, arrays)
     assert_exact_sum(again, survivors, ROUND_STATS, aggregator.uploads_received[-1][3], 5)
 
@@ -308,22 +364,24 @@ def test_a_dropout_after_key_sharing_gives_the_exact_sum_of_the_survivors(tmp_pa
 def test_a_site_lost_between_upload_and_reveal_is_still_in_the_sum(tmp_path: Path) -> None:
     # Its upload arrived, so the others reveal its self-mask seed (never its mask key).
     federation = Federation(tmp_path, np.array_split(np.arange(len(DATA.labels)), 5))
+    federation.setup()
     aggregator = federation.aggregator()
     aggregator.begin_job(federation.exchange, 1)
     federation.exchange.failing_at[federation.exchange.node_of("site4")] = SECURE_REVEAL
-    request, arrays = encode_round(ROUND_STATS, round_index=1, num_classes=DATA.num_classes)
+    request, arrays = job_round()
     total = aggregator.sum_round(federation.exchange, request, arrays)
-    assert_exact_sum(total, federation.data, ROUND_STATS, aggregator.uploads_received[0][3], 5)
+    assert_exact_sum(total, federation.files, ROUND_STATS, aggregator.uploads_received[0][3], 5)
     assert set(aggregator.failures) == {"site4"}
 
 
 def test_below_the_threshold_the_job_aborts_releases_nothing_and_survivors_audit_it(tmp_path: Path) -> None:
     federation = Federation(tmp_path, np.array_split(np.arange(len(DATA.labels)), 5))
+    federation.setup()
     aggregator = federation.aggregator()
     aggregator.begin_job(federation.exchange, 1)
     lost = {"site0", "site3", "site4"}
     federation.exchange.failing |= {federation.exchange.node_of(name) for name in lost}
-    request, arrays = encode_round(ROUND_STATS, round_index=1, num_classes=DATA.num_classes)
+    request, arrays = job_round()
     with pytest.raises(FederationError, match="secure sum aborted, nothing released: only 2 of 5 sites uploaded") as caught:
         aggregator.sum_round(federation.exchange, request, arrays)
     assert set(caught.value.failures) == lost
@@ -355,9 +413,10 @@ def test_a_site_beyond_the_declared_rows_refuses_with_a_bound_error(tmp_path: Pa
     rows = site_rows(3)
     bounds = DeclaredBounds(max_rows=min(len(idx) for idx in rows[1:]) - 1, feature_norm=100.0)
     federation = Federation(tmp_path, rows, bounds=bounds)
+    federation.setup()
     aggregator = federation.aggregator()
     aggregator.begin_job(federation.exchange, 1)
-    request, arrays = encode_round(ROUND_STATS, round_index=1, num_classes=DATA.num_classes)
+    request, arrays = job_round()
     with pytest.raises(FederationError, match="nothing released") as caught:
         aggregator.sum_round(federation.exchange, request, arrays)
     reasons = caught.value.failures
@@ -416,7 +475,7 @@ def test_replayed_tampered_stale_and_unknown_signer_requests_are_refused_and_aud
     assert refusals[3].rule == "coordinators"
     assert site.jobs == ("job-refusals",)  # only the genuine request set anything up
     # the nonce survives a restart of the site (state_dir), so the replay stays refused
-    restarted = SecureSite(federation.configs["site0"], compute=site_statistics(federation.data[0]))
+    restarted = federation.fresh_site("site0")
     with pytest.raises(ProtocolError, match="replayed"):
         restarted.handle(SECURE_ADVERTISE, first)
 
@@ -449,6 +508,7 @@ def test_requests_that_differ_between_sites_cannot_be_summed(tmp_path: Path) -> 
     # another request digest, so its masks would not cancel; the honest aggregator leaves it
     # out (a dropout, recovered) and the site refuses to reveal shares for the other digest.
     federation = Federation(tmp_path, site_rows(3))
+    federation.setup()
     aggregator = federation.aggregator()
     aggregator.begin_job(federation.exchange, 1)
     victim = federation.exchange.node_of("site1")
@@ -458,16 +518,16 @@ def test_requests_that_differ_between_sites_cannot_be_summed(tmp_path: Path) -> 
             return payload
         envelope = Envelope.model_validate(payload.doc["envelope"])
         body = dict(envelope.body)
-        body["inner_doc"] = dict(body["inner_doc"], stats=body["inner_doc"]["stats"][:2] + body["inner_doc"]["stats"][3:])
+        stats = body["inner_doc"]["models"][MODEL]
+        body["inner_doc"] = dict(body["inner_doc"], models={MODEL: stats[:2] + stats[3:]})
         forged = envelope.model_copy(update={"body": body, "nonce": os.urandom(16).hex()})
         return sign_request(federation.key, forged, payload.arrays)
 
     federation.exchange.intercept = equivocate
-    request, arrays = encode_round(ROUND_STATS, round_index=1, num_classes=DATA.num_classes)
+    request, arrays = job_round()
     total = aggregator.sum_round(federation.exchange, request, arrays)
     assert "another request" in aggregator.failures["site1"]
-    honest = [path for node, path in sorted(federation.exchange.data.items()) if node != victim]
-    assert int(total[ROUND_STATS[0].key]) == sum(len(np.load(p)["labels"]) for p in honest)
+    assert int(total[keys_of(ROUND_STATS)[0]]) == sum(federation.rows(n) for n in federation.exchange.nodes if n != victim)
     # the victim masked phase 0 under another digest and refuses an unmask naming the coordinator's
     import time
 
@@ -482,32 +542,38 @@ def test_requests_that_differ_between_sites_cannot_be_summed(tmp_path: Path) -> 
 
 def test_a_site_that_requires_the_secure_sum_refuses_plain_statistics(tmp_path: Path) -> None:
     federation = Federation(tmp_path, site_rows(3))
-    node_config = {"data-path": str(federation.data[0])}
-    with pytest.raises(RefusalError, match="releases statistics only through the secure sum"):
-        check_plain_statistics_allowed(node_config)
-    check_plain_statistics_allowed({"data-path": str(tmp_path / "elsewhere" / "data.npz")})  # no secure.toml: plain ok
-    relaxed = federation.dirs["site1"] / "secure.toml"
+    with pytest.raises(RefusalError, match="releases statistics only through the secure sum") as caught:
+        check_plain_statistics_allowed(federation.files[0])
+    assert caught.value.rule == "secure.require_secure_sum"
+    plain = write_site(tmp_path / "elsewhere", "elsewhere", {"features": DATA.features, "labels": DATA.labels}, LABELS,
+                       coordinator=federation.key, dp=False)
+    check_plain_statistics_allowed(plain)  # no [secure] table: plain ok
+    relaxed = federation.files[1]
+    assert "require_secure_sum = true" in relaxed.read_text()
     relaxed.write_text(relaxed.read_text().replace("require_secure_sum = true", "require_secure_sum = false"))
-    check_plain_statistics_allowed({"data-path": str(federation.data[1])})
+    check_plain_statistics_allowed(relaxed)
+    broken = federation.files[2]
+    broken.write_text(broken.read_text() + "\n[secure.unknown]\n")
+    with pytest.raises(RefusalError, match="only through the secure sum"):  # a broken site file never opens it
+        check_plain_statistics_allowed(broken)
 
 
 def test_a_job_file_with_a_secure_table_resolves_the_coordinator_key_beside_it(tmp_path: Path) -> None:
-    from fedmte.server.job_runner import load_job_file, server_job
-
     federation = Federation(tmp_path / "sites", site_rows(3))
     roster = "".join(f'{name} = "{key}"\n' for name, key in federation.spec.roster.items())
     path = tmp_path / "job.toml"
-    path.write_text('connection = "local"\nout = "report.json"\nnum_classes = 4\nscorers = ["hscore"]\n\n'
+    path.write_text('connection = "local"\noutput = "report"\nlabels = ["k0", "k1", "k2", "k3"]\n'
+                    'candidates = [{ name = "feats", site_features = true }]\nscorers = ["hscore"]\n\n'
                     '[secure]\nsigning_key = "sites/coordinator.pem"\nself_masks = false\n\n'
                     '[secure.bounds]\nmax_rows = 1000\nfeature_norm = 50.0\n\n'
                     f"[secure.roster]\n{roster}")
-    spec = server_job(load_job_file(path)).secure
-    assert spec is not None and spec.signing_key == tmp_path / "sites" / "coordinator.pem"
+    spec = load_job(path).secure
+    assert spec is not None and spec.signing_key == tmp_path / "sites" / "coordinator.pem" == federation.key_path
     aggregator = SecureAggregator.from_spec(spec)
     assert aggregator.threshold == 2 and not aggregator.self_masks and aggregator.bounds.max_rows == 1000
     path.write_text(path.read_text().replace("[secure.roster]\n", "[secure.roster]\nsite9 = \"ed25519:AAAA\"\n"))
     with pytest.raises(VerificationError, match="is not base64 of 32 bytes"):
-        SecureAggregator.from_spec(server_job(load_job_file(path)).secure)  # type: ignore[arg-type]
+        SecureAggregator.from_spec(load_job(path).secure)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- site probe
@@ -536,7 +602,7 @@ def test_the_site_probe_fails_a_site_that_forgets_nonces_between_messages(tmp_pa
 
     def fresh_site(query: str, node: int, payload: Payload) -> Payload:
         if node == forgetful:
-            federation.exchange.sites[node] = SecureSite(config, compute=site_statistics(federation.data[1]))
+            federation.exchange.sites[node] = federation.fresh_site("site1", config)
         return payload
 
     federation.exchange.intercept = fresh_site
