@@ -1,8 +1,12 @@
-"""The coordinator's round driver and the site's query answers, without Flower.
+"""The coordinator's job driver and the site agent's answers over precomputed features, without Flower.
 
-An in-process exchange hands each payload to :func:`fedmte.client.queries.answer` through
-the same wire form Flower carries (packed buffers + JSON), so these tests cover everything
-but the Flower processes quickly; ``test_flower_federation.py`` covers those.
+Each site is a features-kind site file (``[data] kind = "features"``: an ``.npz`` of
+features, labels and source probabilities) written by
+:func:`fedmte.trial.local_sites.write_site`; the job scores them as a ``site_features``
+candidate through :func:`fedmte.server.coordinator.execute_job`. The in-process exchange
+(:class:`tests.job_helpers.AgentExchange`) hands each payload to the site agent through the
+same wire form Flower carries (packed buffers + JSON), so these tests cover everything but the
+Flower processes quickly; ``test_flower_federation.py`` covers those.
 """
 
 from __future__ import annotations
@@ -12,131 +16,178 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import fedmte
-from fedmte.client.queries import answer, load_site_data
-from fedmte.protocol.errors import FederationError, InvalidInputError, StatisticsError, UnknownStatisticError
-from fedmte.protocol.messages import encode_round
+from fedmte.client import site_agent
+from fedmte.protocol.errors import (
+    FederationError,
+    InvalidInputError,
+    ProtocolError,
+    RefusalError,
+    StatisticsError,
+    UnknownStatisticError,
+)
+from fedmte.protocol.job_messages import (
+    SETUP,
+    SITE_FEATURES,
+    ModelOffer,
+    SetupRequest,
+    block_key,
+    encode_job_round,
+    setup_payload,
+    site_features_id,
+)
+from fedmte.protocol.keys import public_key_text
 from fedmte.protocol.requests import Stat
-from fedmte.protocol.wire import INLINE_LIMIT, STATS, Payload, pack_arrays, unpack_arrays
-from fedmte.server.rounds import PlainSum, describe_sites, run_scoring
+from fedmte.protocol.wire import FINISH, INLINE_LIMIT, STATS, Payload, pack_arrays, unpack_arrays
+from fedmte.server.coordinator import execute_job, load_candidates, sign_setup
+from fedmte.server.job import JobSpec, job_from_dict
+from fedmte.server.rounds import PlainSum
+from fedmte.trial.local_sites import coordinator_key, write_site
 from tests.datasets import DATASETS, site_split_without_class
+from tests.job_helpers import AgentExchange
 
 DATA = DATASETS["basic"]
+LABELS = [f"k{c}" for c in range(DATA.num_classes)]  # the site files hold class indices into these
 SCORERS = ["hscore", "leep", "gbc", "logme", "nce", "sfda"]
+FEATURES = "site-features"
+MODEL = site_features_id(FEATURES)
 
 
-class WireExchange:
-    """Sites as ``.npz`` files, messages through the wire form, optional failing sites."""
+class FailingExchange(AgentExchange):
+    """:class:`AgentExchange` where some nodes answer every message with an error."""
 
-    def __init__(self, paths: Sequence[Path], failing: Mapping[int, str] | None = None) -> None:
-        self.paths = {node + 100: path for node, path in enumerate(paths)}
-        self.failing = dict(failing or {})
-        self.sent: list[tuple[str, str]] = []
+    def __init__(self, site_files: Sequence[Path], run_id: str, failing: Mapping[int, str]) -> None:
+        super().__init__(site_files, run_id)
+        self.failing = dict(failing)
 
-    @property
-    def nodes(self) -> Sequence[int]:
-        return sorted(self.paths)
-
-    def exchange(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> dict[int, Payload]:
-        self.sent.append((query, group))
-        replies, failures = {}, {}
-        for node, payload in payloads.items():
-            if node in self.failing:
-                failures[str(node)] = self.failing[node]
-                continue
-            received = Payload.from_wire(*payload.to_wire())
-            reply = answer(query, received, self.paths[node])
-            replies[node] = Payload.from_wire(*reply.to_wire())
-        if failures:
-            raise FederationError(f"round {group} failed", failures=failures)
-        return replies
+    def reply(self, query: str, node: int, payload: Payload) -> Payload:
+        if node in self.failing:
+            raise RefusalError(self.failing[node], reason_code="test:refused", rule="policy")
+        return super().reply(query, node, payload)
 
 
-def write_sites(tmp_path: Path, rows: Sequence[np.ndarray], **drop: bool) -> list[Path]:
-    paths = []
+def write_sites(root: Path, rows: Sequence[np.ndarray], *, source_probs: bool = True
+                ) -> tuple[Ed25519PrivateKey, list[Path]]:
+    """(coordinator key, site files): one features-kind site per row set, DP off."""
+    key, _ = coordinator_key(root / "coordinator")
+    files = []
     for k, idx in enumerate(rows):
-        arrays = {"features": DATA.features[idx], "labels": DATA.labels[idx], "source_probs": DATA.source_probs[idx]}
-        for key, dropped in drop.items():
-            if dropped:
-                arrays.pop(key)
-        path = tmp_path / f"site{k}.npz"
-        np.savez(path, **arrays)
-        paths.append(path)
-    return paths
+        arrays = {"features": DATA.features[idx], "labels": DATA.labels[idx]}
+        if source_probs:
+            arrays["source_probs"] = DATA.source_probs[idx]
+        files.append(write_site(root / f"site{k}", f"site{k}", arrays, LABELS, coordinator=key, dp=False))
+    return key, files
+
+
+def features_job(root: Path, scorers: Sequence[str], labels: Sequence[str] = LABELS) -> JobSpec:
+    return job_from_dict({"connection": "unused", "labels": list(labels), "scorers": list(scorers),
+                          "privacy": {"dp": False}, "candidates": [{"name": FEATURES, "site_features": True}],
+                          "output": str(root / "out"), "purpose": "federation rounds test"})
+
+
+def set_up(site_file: Path, key: Ed25519PrivateKey, run_id: str, labels: Sequence[str] = LABELS) -> None:
+    """One site accepts a site-features job (the setup execute_job sends)."""
+    request = SetupRequest(run_id=run_id, labels=list(labels), scorers=["hscore"], coordinator_key=public_key_text(key),
+                           models=[ModelOffer(model_id=MODEL, label=FEATURES, kind=SITE_FEATURES)])
+    reply = site_agent.answer(SETUP, setup_payload(sign_setup(request, key), {}), site_file, run_id=run_id)
+    assert reply.doc["models"][MODEL]["status"] == "ready"
+
+
+def round_payload(stats: Sequence[Stat], run_id: str, num_classes: int = DATA.num_classes) -> Payload:
+    request, arrays = encode_job_round({MODEL: list(stats)}, run_id=run_id, round_index=1, num_classes=num_classes)
+    return Payload(doc=request.model_dump(mode="json", by_alias=True), arrays=arrays)
 
 
 def test_federated_scores_equal_pooled_scores_and_rounds_are_as_planned(tmp_path: Path) -> None:
-    paths = write_sites(tmp_path, site_split_without_class(DATA, absent=0, sites=3))
-    exchange = WireExchange(paths)
-    outcome = run_scoring(exchange, scorers=SCORERS, num_classes=DATA.num_classes)
+    key, files = write_sites(tmp_path, site_split_without_class(DATA, absent=0, sites=3))
+    exchange = AgentExchange(files, "401")
+    job = features_job(tmp_path, SCORERS)
+    outcome = execute_job(exchange, job, load_candidates(job), key, run_id="401")
     pooled = fedmte.score(DATA.features, DATA.labels, source_probs=DATA.source_probs, scorers=SCORERS)
+    record = outcome.models[MODEL]
+    assert record.result is not None and not record.failures
     for name in SCORERS:
-        assert outcome.result.scores[name] == pytest.approx(pooled[name], rel=1e-9), name
-    # one setup round, then exactly the rounds the plan stated, each one round trip
-    assert exchange.sent[0] == ("describe", "setup")
-    assert [q for q, _ in exchange.sent[1:]] == [STATS] * outcome.plan.rounds
-    assert len(outcome.timings) == 1 + outcome.plan.rounds
-    assert outcome.sites == 3 and outcome.shape.dim == DATA.features.shape[1]
+        assert record.result.scores[name] == pytest.approx(pooled[name], rel=1e-9), name
+    # one setup round (no weights travel for site features), exactly the rounds the plan
+    # stated, each one round trip, then finish
+    assert exchange.sent[0] == (SETUP, "setup")
+    assert [q for q, _ in exchange.sent[1:]] == [STATS] * outcome.planned_rounds + [FINISH]
+    assert [r.name for r in outcome.rounds] == \
+        ["setup"] + [f"round {k + 1}" for k in range(outcome.planned_rounds)] + ["finish"]
+    assert len(outcome.sites) == 3 and record.dim == DATA.features.shape[1]
+    assert record.num_source_classes == DATA.source_probs.shape[1]
 
 
 def test_a_failing_site_stops_the_job_with_its_reason(tmp_path: Path) -> None:
-    paths = write_sites(tmp_path, np.array_split(np.arange(len(DATA.labels)), 3))
-    exchange = WireExchange(paths, failing={101: "refused by site: policy"})
-    with pytest.raises(FederationError, match="round setup failed") as caught:
-        run_scoring(exchange, scorers=["hscore"], num_classes=DATA.num_classes)
-    assert caught.value.failures == {"101": "refused by site: policy"}
+    key, files = write_sites(tmp_path, np.array_split(np.arange(len(DATA.labels)), 3))
+    exchange = FailingExchange(files, "402", failing={101: "refused by site: policy"})
+    job = features_job(tmp_path, ["hscore"])
+    with pytest.raises(FederationError, match="setup round setup failed") as caught:
+        execute_job(exchange, job, load_candidates(job), key, run_id="402")
+    assert caught.value.failures == {"101": "RefusalError: refused by site: policy"}
+    assert STATS not in {q for q, _ in exchange.sent}
 
 
 def test_sites_whose_data_disagree_in_shape_are_refused(tmp_path: Path) -> None:
     rows = np.array_split(np.arange(len(DATA.labels)), 2)
-    paths = write_sites(tmp_path, rows)
-    odd = tmp_path / "odd.npz"
-    np.savez(odd, features=DATA.features[rows[1], :5], labels=DATA.labels[rows[1]])
-    with pytest.raises(FederationError, match="do not agree in shape"):
-        describe_sites(WireExchange([paths[0], odd]))
+    key, files = write_sites(tmp_path, rows)
+    odd = write_site(tmp_path / "odd", "odd", {"features": DATA.features[rows[1], :5], "labels": DATA.labels[rows[1]],
+                                               "source_probs": DATA.source_probs[rows[1]]}, LABELS, coordinator=key,
+                     dp=False)
+    job = features_job(tmp_path, ["hscore"])
+    with pytest.raises(FederationError, match=f"the sites disagree on the outputs of {FEATURES}"):
+        execute_job(AgentExchange([files[0], odd], "403"), job, load_candidates(job), key, run_id="403")
 
 
 def test_a_site_refuses_labels_outside_the_jobs_classes(tmp_path: Path) -> None:
-    paths = write_sites(tmp_path, [np.arange(len(DATA.labels))])
-    request, arrays = encode_round([Stat.of("class_counts")], round_index=1, num_classes=DATA.num_classes - 1)
-    with pytest.raises(InvalidInputError, match="outside the job's 3 classes"):
-        answer(STATS, Payload(doc=request.model_dump(mode="json"), arrays=arrays), paths[0])
+    key, files = write_sites(tmp_path, [np.arange(len(DATA.labels))])
+    # a job whose label space lacks one of the site's classes: the setup fails at the site
+    job = features_job(tmp_path, ["hscore"], labels=LABELS[:-1])
+    with pytest.raises(FederationError, match="setup round setup failed") as caught:
+        execute_job(AgentExchange(files, "404"), job, load_candidates(job), key, run_id="404")
+    assert "integer labels must index the 3-name label space" in caught.value.failures["100"]
+    # and a round asking for fewer classes than the job set up is refused
+    set_up(files[0], key, "405")
+    with pytest.raises(ProtocolError, match="the round asks for 3 classes; the job has 4 labels"):
+        site_agent.answer(STATS, round_payload([Stat.of("class_counts")], "405", num_classes=3), files[0], run_id="405")
 
 
 def test_a_site_refuses_a_statistic_outside_its_catalogue(tmp_path: Path) -> None:
-    paths = write_sites(tmp_path, [np.arange(len(DATA.labels))])
-    request, arrays = encode_round([Stat.of("count")], round_index=1, num_classes=DATA.num_classes)
-    doc = request.model_dump(mode="json")
-    doc["stats"][0]["kind"] = "raw_rows"
+    key, files = write_sites(tmp_path, [np.arange(len(DATA.labels))])
+    set_up(files[0], key, "406")
+    payload = round_payload([Stat.of("count")], "406")
+    doc = dict(payload.doc)
+    doc["models"] = {MODEL: [dict(doc["models"][MODEL][0], kind="raw_rows")]}
     with pytest.raises(UnknownStatisticError, match="unknown statistic 'raw_rows'"):
-        answer(STATS, Payload(doc=doc, arrays=arrays), paths[0])
+        site_agent.answer(STATS, Payload(doc=doc, arrays=payload.arrays), files[0], run_id="406")
 
 
 def test_plain_sum_adds_every_sites_statistics(tmp_path: Path) -> None:
     rows = np.array_split(np.arange(len(DATA.labels)), 3)
-    exchange = WireExchange(write_sites(tmp_path, rows))
+    key, files = write_sites(tmp_path, rows)
+    for site_file in files:
+        set_up(site_file, key, "407")
     stats = [Stat.of("count"), Stat.of("class_sums")]
-    request, arrays = encode_round(stats, round_index=1, num_classes=DATA.num_classes)
-    total = PlainSum().sum_round(exchange, request, arrays)
-    assert int(total[stats[0].key]) == len(DATA.labels)
+    request, arrays = encode_job_round({MODEL: stats}, run_id="407", round_index=1, num_classes=DATA.num_classes)
+    total = PlainSum().sum_round(AgentExchange(files, "407"), request, arrays)
+    assert int(total[block_key(MODEL, stats[0].key)]) == len(DATA.labels)
     expected = np.eye(DATA.num_classes)[DATA.labels].T @ DATA.features
-    np.testing.assert_allclose(total[stats[1].key], expected, rtol=1e-12)
+    np.testing.assert_allclose(total[block_key(MODEL, stats[1].key)], expected, rtol=1e-12)
 
 
 def test_site_file_without_source_probs_makes_source_scorers_unavailable(tmp_path: Path) -> None:
-    paths = write_sites(tmp_path, np.array_split(np.arange(len(DATA.labels)), 2), source_probs=True)
-    with pytest.raises(InvalidInputError, match="leep needs the source model's class probabilities"):
-        run_scoring(WireExchange(paths), scorers=["leep"], num_classes=DATA.num_classes)
-
-
-def test_site_data_is_validated_when_loaded(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.npz"
-    np.savez(bad, features=np.full((3, 2), np.nan), labels=np.array([0, 1, 0]))
-    with pytest.raises(InvalidInputError, match="NaN or Inf"):
-        load_site_data(bad)
-    with pytest.raises(InvalidInputError, match="does not exist"):
-        load_site_data(tmp_path / "missing.npz")
+    key, files = write_sites(tmp_path, np.array_split(np.arange(len(DATA.labels)), 2), source_probs=False)
+    job = features_job(tmp_path, ["leep", "hscore"])
+    outcome = execute_job(AgentExchange(files, "408"), job, load_candidates(job), key, run_id="408")
+    record = outcome.models[MODEL]
+    assert record.num_source_classes == 0 and record.result is not None
+    assert set(record.result.scores) == {"hscore"}
+    assert "needs source-class probabilities" in record.failures["leep"]
+    only = features_job(tmp_path, ["leep"])
+    with pytest.raises(FederationError, match="no candidate can be scored by every site"):
+        execute_job(AgentExchange(files, "409"), only, load_candidates(only), key, run_id="409")
 
 
 def test_wire_packing_round_trips_and_refuses_a_forged_layout() -> None:
@@ -174,14 +225,21 @@ def test_flower_records_carry_payloads_both_ways_exactly(rows: int) -> None:
 
 
 def test_job_file_paths_are_relative_to_it_and_errors_name_the_key(tmp_path: Path) -> None:
-    from fedmte.server.job_runner import load_job_file, server_job
+    from fedmte.server.coordinator import ServerJob, server_job_text
+    from fedmte.server.job import load_job
 
+    coordinator_key(tmp_path / "keys")
     path = tmp_path / "job.toml"
-    path.write_text('connection = "local"\nflwr_home = "flwr"\nout = "out/report.json"\nnum_classes = 3\n'
-                    'scorers = ["hscore"]\n[options.hscore]\n')
-    job = load_job_file(path)
-    assert job.out == tmp_path / "out" / "report.json" and job.flwr_home == tmp_path / "flwr"
-    assert server_job(job).report == str(tmp_path / "out" / "report.json")
-    path.write_text('connection = "local"\nout = "r.json"\nnum_classes = 1\nscorerz = ["hscore"]\n')
-    with pytest.raises(InvalidInputError, match=r"num_classes: Input should be greater than or equal to 2.*scorerz"):
-        load_job_file(path)
+    path.write_text('connection = "local"\noutput = "out/report"\nlabels = ["a", "b", "c"]\nscorers = ["hscore"]\n'
+                    'candidates = [{ name = "feats", site_features = true }]\n'
+                    '[federation]\nflwr_home = "flwr"\ncoordinator_key = "keys/coordinator.pem"\n')
+    job = load_job(path)
+    assert job.output == tmp_path / "out" / "report" and job.federation.flwr_home == tmp_path / "flwr"
+    assert job.federation.coordinator_key == tmp_path / "keys" / "coordinator.pem"
+    server = ServerJob.model_validate_json(server_job_text(job))
+    assert server.job["output"] == str(tmp_path / "out" / "report")
+    assert server.coordinator_key == str(tmp_path / "keys" / "coordinator.pem")
+    path.write_text('connection = "local"\noutput = "r"\nlabels = ["a"]\nscorerz = ["hscore"]\n'
+                    'candidates = [{ name = "feats", site_features = true }]\n')
+    with pytest.raises(InvalidInputError, match=r"labels: List should have at least 2 items.*scorerz"):
+        load_job(path)

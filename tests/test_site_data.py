@@ -332,6 +332,39 @@ def test_label_space_must_be_given(tmp_path: Path) -> None:
         open_site_data(source(kind="arrays", path=str(tmp_path / "d.npz")), ["a", "a"])
 
 
+# --------------------------------------------------------------------------- precomputed features
+
+def test_features_data_is_validated_when_loaded(tmp_path: Path) -> None:
+    """A features-kind source (the site's own ``fedmte features`` output): non-finite rows and
+    rows whose source probabilities are not a distribution are skipped and counted (or refused
+    with on_error = "refuse"), a missing or unreadable file and missing arrays are data errors."""
+    features = np.arange(12, dtype=np.float64).reshape(4, 3)
+    features[1, 2] = np.nan
+    probs = np.full((4, 2), 0.5)
+    probs[2] = [0.9, 0.3]
+    np.savez(tmp_path / "f.npz", features=features, labels=np.array([0, 1, 0, 1]), source_probs=probs)
+    data = open_site_data(source(kind="features", path=str(tmp_path / "f.npz")), ["x", "y"])
+    assert data.input_kind == "features" and data.dim == 3 and data.num_source_classes == 2
+    report = data.new_report()
+    rows = list(data.rows(3, report))
+    kept = np.concatenate([f for f, _, _ in rows])
+    np.testing.assert_array_equal(kept, features[[0, 3]])
+    assert np.concatenate([y for _, y, _ in rows]).tolist() == [0, 1]
+    assert report.used == 2 and report.skipped == {"non-finite or non-probability values": 2}
+    refusing = open_site_data(source(kind="features", path=str(tmp_path / "f.npz"), on_error="refuse"), ["x", "y"])
+    with pytest.raises(BadRowsRefusedError, match="row 1: non-finite"):
+        list(refusing.rows(3, refusing.new_report()))
+    with pytest.raises(InputKindMismatchError, match="runs no model packages"):
+        data.check_compatible(VEC)
+    with pytest.raises(SiteDataError, match="cannot read missing.npz"):
+        open_site_data(source(kind="features", path=str(tmp_path / "missing.npz")), ["x", "y"])
+    np.savez(tmp_path / "nolabels.npz", features=features)
+    with pytest.raises(SiteDataError, match=r"has no array\(s\) \['labels'\]"):
+        open_site_data(source(kind="features", path=str(tmp_path / "nolabels.npz")), ["x", "y"])
+    with pytest.raises(LabelMappingError, match="integer labels must index the 1-name label space"):
+        open_site_data(source(kind="features", path=str(tmp_path / "f.npz")), ["x"])
+
+
 # --------------------------------------------------------------------------- fingerprints and tokens
 
 def test_fingerprint_tracks_files_settings_and_labels(tmp_path: Path) -> None:
