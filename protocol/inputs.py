@@ -126,7 +126,7 @@ def uneven_split(n: int, parts: int) -> list[np.ndarray]:
 
 def check_sites(sites: int | Sequence[Sequence[int]] | None, n: int) -> list[np.ndarray]:
     """Row indices per site: ``None`` is one site, an int an uneven split, or explicit lists
-    that together cover every row exactly once."""
+    that together cover every row exactly once (a site may hold none: it adds nothing)."""
     if sites is None:
         return [np.arange(n)]
     if isinstance(sites, (int, np.integer)) and not isinstance(sites, bool):
@@ -134,15 +134,17 @@ def check_sites(sites: int | Sequence[Sequence[int]] | None, n: int) -> list[np.
     parts = []
     for k, site in enumerate(sites):
         idx = np.asarray(site)
-        if idx.size == 0:
-            raise InvalidInputError(f"site {k} is empty; every site must hold at least one row")
+        if idx.size == 0:  # an empty list has no integer dtype of its own
+            idx = idx.astype(np.int64).reshape(0)
         if idx.ndim != 1 or idx.dtype.kind not in "iu":
             raise InvalidInputError(f"site {k} must be a 1-D array of row indices")
-        if idx.min() < 0 or idx.max() >= n:
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise InvalidInputError(f"site {k} has row indices outside 0..{n - 1}")
         parts.append(idx.astype(np.int64))
     if not parts:
         raise InvalidInputError("sites is an empty list; give at least one site")
+    if not any(part.size for part in parts):
+        raise InvalidInputError("no site holds a row; give each row to one site")
     allrows = np.concatenate(parts)
     if allrows.size != n or np.unique(allrows).size != n:
         raise InvalidInputError("the sites must cover every row exactly once (no row missing or repeated)")

@@ -60,10 +60,11 @@ def test_probabilities_must_be_probabilities() -> None:
         score(source_probs=negative)
 
 
-def test_empty_site_and_bad_splits() -> None:
+def test_an_empty_site_adds_nothing_and_bad_splits_are_refused() -> None:
     rows = np.arange(60)
-    with pytest.raises(InvalidInputError, match="site 1 is empty"):
-        score(sites=[rows, np.array([], dtype=int)])
+    assert score(sites=[rows, np.array([], dtype=int)]) == score(sites=[rows])
+    with pytest.raises(InvalidInputError, match="no site holds a row"):
+        score(sites=[np.array([], dtype=int)])
     with pytest.raises(InvalidInputError, match="exactly once"):
         score(sites=[rows[:30], rows[20:]])
     with pytest.raises(InvalidInputError, match="outside 0..59"):
