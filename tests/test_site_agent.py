@@ -1,13 +1,16 @@
 """Multi-model scoring jobs against site agents, in process (no Flower: see test_job_federation.py).
 
-Three sites, each a site file with its own data, pinned keys, policy, audit log and cache;
-the site agent opens and closes per message, as under a stock SuperNode. The coordinator is
+Three sites, each a site file with its own data, its one list of trusted coordinator keys
+(``[trust.coordinators]``), policy, audit log and cache; the site agent opens and closes per
+message, as under a stock SuperNode. The coordinator is
 :func:`fedmte.server.coordinator.execute_job`. Site 1's policy does not allow the scorer
 ``ped``; site 2's allows features at most 20 wide, so it refuses the candidate ``too-wide``.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,14 +21,18 @@ from typer.testing import CliRunner
 from fedmte.cli import app
 from fedmte.client import site_agent
 from fedmte.client.audit_log import read_records
+from fedmte.client.secure_site import SecureSite, _agent_audit, agent_statistics, secure_config
+from fedmte.client.site_config import load_site_config
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import IntentRecord, RefusalRecord
-from fedmte.protocol.errors import FederationError, ProtocolError
-from fedmte.protocol.keys import public_key_text
+from fedmte.protocol.errors import FederationError, ProtocolError, RefusalError, VerificationError
 from fedmte.protocol.job_messages import SETUP, JobRoundRequest, encode_job_round, parse_setup, setup_payload
+from fedmte.protocol.keys import fingerprint, public_key_text
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import SCORERS
-from fedmte.protocol.wire import STATS, Payload
+from fedmte.protocol.secure_rounds import AdvertiseBody, DeclaredBounds, Envelope, sign_request
+from fedmte.protocol.secure_sum import SecureSumParams
+from fedmte.protocol.wire import SECURE_ADVERTISE, STATS, Payload
 from fedmte.server.coordinator import (
     JobOutcome,
     SetupRequest,
@@ -35,7 +42,7 @@ from fedmte.server.coordinator import (
     sign_setup,
 )
 from fedmte.server.job import JobSpec, job_from_dict
-from fedmte.trial.local_sites import coordinator_key, example_packages, write_site
+from fedmte.trial.local_sites import coordinator_key, example_packages, provision, write_site
 from tests.job_helpers import LABELS, MODELS, SCORERS as JOB_SCORERS, SOURCE_SCORERS, AgentExchange, pooled_reference, site_arrays
 
 ACCEPTED = ["tanh-head", "gelu-head", "tanh-nohead", "gelu-deep"]
@@ -254,3 +261,70 @@ def test_the_trial_federations_files_make_a_job_that_runs(tmp_path: Path) -> Non
     assert report.privacy.dp_applied and all(s.privacy.dp for s in report.sites)
     assert {m.name for m in report.models} == {"mlp-small", "mlp-wide", "mlp-deep"}
     assert all(m.scores.get("hscore") is not None for m in report.models)
+
+
+def test_one_coordinator_key_drives_packages_jobs_and_the_secure_sum(tmp_path: Path) -> None:
+    """``[trust.coordinators]`` is the one list of keys: a site file written by write_site and
+    provision lists the coordinator's key once, and replacing that one entry moves the trust
+    for package signatures, job setups and secure-sum requests together."""
+    old, old_path = coordinator_key(tmp_path / "old")
+    new, _ = coordinator_key(tmp_path / "new")
+    files = {f"site{k}": write_site(tmp_path / f"site{k}", f"site{k}", arrays, LABELS, coordinator=old, dp=False)
+             for k, arrays in enumerate(site_arrays(3, n=300))}
+    bounds = DeclaredBounds(max_rows=1000, feature_norm=100.0)
+    provision(files, old_path, bounds=bounds)
+    site_file = files["site0"]
+    text = site_file.read_text()
+    assert text.count(public_key_text(old)) == 1  # listed once, in [trust.coordinators]
+    config = load_site_config(site_file)
+    assert config.trust.coordinators == {"coordinator": public_key_text(old)} and config.secure is not None
+    assert config.require_policy().coordinator_keys == {"coordinator": fingerprint(old)}  # filled in from [trust]
+    assert secure_config(config).coordinators == {"coordinator": public_key_text(old)}
+    packages = {**example_packages(tmp_path / "old-models", old, 6, {"tanh-head": MODELS["tanh-head"]}),
+                **example_packages(tmp_path / "new-models", new, 6, {"gelu-head": MODELS["gelu-head"]})}
+    job = job_from_dict({"connection": "unused", "labels": LABELS, "scorers": ["hscore"],
+                         "candidates": [{"name": name, "path": str(path)} for name, path in packages.items()]})
+    candidates = load_candidates(job)
+    ids = {p.label: p.model_id for p in candidates}
+
+    def setup(key: Ed25519PrivateKey, run_id: str) -> dict[str, dict[str, object]]:
+        request = SetupRequest(run_id=run_id, labels=LABELS, scorers=["hscore"], coordinator_key=public_key_text(key),
+                               models=[p.offer(attach=True) for p in candidates])
+        payload = setup_payload(sign_setup(request, key), {p.model_id: p.weights() for p in candidates})
+        return site_agent.answer(SETUP, payload, site_file, run_id=run_id).doc["models"]
+
+    def advertise(key: Ed25519PrivateKey, job_id: str) -> Payload:
+        params = SecureSumParams(job_id=job_id, sites=tuple(sorted(files)), threshold=2, phases=1)
+        envelope = Envelope(step=SECURE_ADVERTISE, job_id=job_id, round=0, nonce=os.urandom(16).hex(),
+                            issued_at=time.time(), signer=fingerprint(key),
+                            body=AdvertiseBody(params=params.model_dump_json(by_alias=True), bounds=bounds)
+                            .model_dump(mode="json"))
+        site = SecureSite(secure_config(load_site_config(site_file)), compute=agent_statistics(site_file),
+                          audit=_agent_audit(site_file))  # made afresh: it reads the site file as it is now
+        return site.handle(SECURE_ADVERTISE, sign_request(key, envelope))
+
+    # the old key drives all three
+    statuses = setup(old, "601")
+    assert statuses[ids["tanh-head"]]["status"] == "ready"
+    assert statuses[ids["gelu-head"]]["status"] == "refused" and statuses[ids["gelu-head"]]["rule"] == "trust.coordinators"
+    assert "advertisement" in advertise(old, "job-old-1").doc
+
+    # the data owner replaces the one key; nothing else in the file changes
+    site_file.write_text(text.replace(public_key_text(old), public_key_text(new)))
+    # (a) the package the old key signed is refused, even though this site staged it before
+    statuses = setup(new, "602")
+    assert statuses[ids["tanh-head"]]["status"] == "refused" and statuses[ids["tanh-head"]]["rule"] == "trust.coordinators"
+    assert statuses[ids["gelu-head"]]["status"] == "ready"
+    # (b) a job setup the old key signed is refused
+    with pytest.raises(RefusalError) as caught:
+        setup(old, "603")
+    assert caught.value.rule == "coordinator_keys"
+    # (c) a secure-sum request the old key signed is refused; the new key's is accepted
+    with pytest.raises(VerificationError, match="unknown coordinator key"):
+        advertise(old, "job-old-2")
+    assert "advertisement" in advertise(new, "job-new").doc
+    refusals = [r for r in read_records(site_file.parent / "audit") if isinstance(r, RefusalRecord)]
+    assert [(r.run_id, r.rule) for r in refusals] == [
+        ("601", "trust.coordinators"), ("602", "trust.coordinators"), ("603", "coordinator_keys"),
+        ("job-old-2", "coordinators"),
+    ]
