@@ -39,9 +39,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from torch import nn
 
+from fedmte.client.architecture_spec import (
+    TORCH_DTYPES,
+    Architecture,
+    ArchitectureConfig,
+    InputKind,
+    source_head,
+    with_logits,
+)
+from fedmte.client.architectures_extras import EXTRA_ARCHITECTURES, import_optional
 from fedmte.client.errors import (
     ArchitectureConfigError,
     MissingTensorError,
@@ -62,42 +71,29 @@ from fedmte.client.packages import (
 from fedmte.client.weights import WeightLimits
 from fedmte.protocol.errors import FedmteError
 
-InputKind = Literal["image", "text", "vector"]
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MAX_WIDTH = 65_536
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    num_source_classes: int = Field(default=0, ge=0, le=1_000_000)
-    dtype: Literal["float32", "float64"] = "float32"
-
-
-class MLPConfig(_Config):
+class MLPConfig(ArchitectureConfig):
     input_dim: int = Field(ge=1, le=1_000_000)
     hidden_dims: tuple[int, ...] = Field(min_length=1, max_length=32)
     activation: Literal["relu", "gelu", "tanh"] = "relu"
 
 
-class CNNConfig(_Config):
+class CNNConfig(ArchitectureConfig):
     in_channels: Literal[1, 3]
     channels: tuple[int, ...] = Field(min_length=1, max_length=16)
     batch_norm: bool = False
     feature_dim: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
 
 
-class TextBagConfig(_Config):
+class TextBagConfig(ArchitectureConfig):
     vocab_size: int = Field(ge=2, le=16_777_216)
     embed_dim: int = Field(ge=1, le=MAX_WIDTH)
     feature_dim: int = Field(ge=1, le=MAX_WIDTH)
 
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-
-
-def _head(width: int, classes: int) -> nn.Module | None:
-    return nn.Linear(width, classes) if classes else None
 
 
 class MLP(nn.Module):
@@ -109,7 +105,7 @@ class MLP(nn.Module):
             layers += [nn.Linear(width, hidden), ACTIVATIONS[config.activation]()]
             width = hidden
         self.body = nn.Sequential(*layers)
-        self.head = _head(width, config.num_source_classes)
+        self.head = source_head(width, config.num_source_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.body(x)
@@ -135,7 +131,7 @@ class CNN(nn.Module):
         if config.feature_dim is not None:
             self.project = nn.Sequential(nn.Linear(width, config.feature_dim), nn.ReLU())
             width = config.feature_dim
-        self.head = _head(width, config.num_source_classes)
+        self.head = source_head(width, config.num_source_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.body(x).mean(dim=(2, 3))
@@ -151,7 +147,7 @@ class TextBag(nn.Module):
         super().__init__()
         self.embedding = nn.EmbeddingBag(config.vocab_size, config.embed_dim, mode="mean", padding_idx=0)
         self.project = nn.Linear(config.embed_dim, config.feature_dim)
-        self.head = _head(config.feature_dim, config.num_source_classes)
+        self.head = source_head(config.feature_dim, config.num_source_classes)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         embedding = self.embedding(tokens)
@@ -162,41 +158,19 @@ class TextBag(nn.Module):
         return out
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """A registry entry: config model, builder, input kind and the width of each output.
-
-    ``check_input`` refuses preprocessing the network cannot take (beyond the input kind);
-    ``requires`` is (module, pip extra) for a family built by an optional library."""
-
-    config_model: type[_Config]
-    build: Callable[[Any], nn.Module]
-    input_kind: InputKind
-    output_dims: Callable[[Any], dict[str, int]]
-    summary: str
-    check_input: Callable[[Any, Any], None] | None = None
-    requires: tuple[str, str] | None = None
-
-
-def _with_logits(dims: dict[str, int], config: _Config) -> dict[str, int]:
-    if config.num_source_classes:
-        dims["logits"] = config.num_source_classes
-    return dims
-
-
 ARCHITECTURES: dict[str, Architecture] = {
     "mlp": Architecture(
         config_model=MLPConfig,
         build=MLP,
         input_kind="vector",
-        output_dims=lambda c: _with_logits({"features": c.hidden_dims[-1]}, c),
+        output_dims=lambda c: with_logits({"features": c.hidden_dims[-1]}, c),
         summary="multilayer perceptron on a feature vector",
     ),
     "cnn": Architecture(
         config_model=CNNConfig,
         build=CNN,
         input_kind="image",
-        output_dims=lambda c: _with_logits(
+        output_dims=lambda c: with_logits(
             {"pooled": c.channels[-1], "features": c.feature_dim or c.channels[-1]}, c
         ),
         summary="small convolutional network on images",
@@ -205,7 +179,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         config_model=TextBagConfig,
         build=TextBag,
         input_kind="text",
-        output_dims=lambda c: _with_logits({"embedding": c.embed_dim, "features": c.feature_dim}, c),
+        output_dims=lambda c: with_logits({"embedding": c.embed_dim, "features": c.feature_dim}, c),
         summary="embedding bag over byte or hashed-word tokens",
     ),
 }
@@ -213,9 +187,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def lookup(architecture: str) -> Architecture:
     """The registry entry of an id; an optional family only if its library imports."""
-    # the optional families import this module, hence the import here rather than at the top
-    from fedmte.client.architectures_extras import EXTRA_ARCHITECTURES, import_optional
-
     arch = ARCHITECTURES.get(architecture) or EXTRA_ARCHITECTURES.get(architecture)
     if arch is None:
         raise UnknownArchitectureError(

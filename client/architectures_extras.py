@@ -51,7 +51,7 @@ import torch
 from pydantic import Field, JsonValue, field_validator
 from torch import nn
 
-from fedmte.client.architectures import TORCH_DTYPES, Architecture, _Config, _head, _with_logits
+from fedmte.client.architecture_spec import TORCH_DTYPES, Architecture, ArchitectureConfig, source_head, with_logits
 from fedmte.client.errors import ArchitectureConfigError, OptionalDependencyError
 from fedmte.protocol.manifest import ImagePreprocessing, TextPreprocessing
 
@@ -88,7 +88,7 @@ HF_REFUSED_KEYS = frozenset({
 })
 
 
-class _HFConfig(_Config):
+class _HFConfig(ArchitectureConfig):
     families: ClassVar[tuple[str, ...]]
     architecture: ClassVar[str]
 
@@ -149,7 +149,7 @@ def hf_config_object(config: _HFConfig) -> Any:
 
 
 def _hf_dims(config: _HFConfig) -> dict[str, int]:
-    return _with_logits({"features": int(hf_config_object(config).hidden_size)}, config)
+    return with_logits({"features": int(hf_config_object(config).hidden_size)}, config)
 
 
 def _check_hf_text(config: HFTextConfig, pre: TextPreprocessing) -> None:
@@ -217,7 +217,7 @@ class _HFEncoder(nn.Module):
             raise ArchitectureConfigError(f"transformers built {type(backbone).__name__}, not {model_class.__name__}")
         self.backbone = backbone
         self.pooling = config.pooling
-        self.head = _head(int(hf.hidden_size), config.num_source_classes)
+        self.head = source_head(int(hf.hidden_size), config.num_source_classes)
 
     def _outputs(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.pooling == "cls":
@@ -294,7 +294,7 @@ TIMM_MODELS: dict[str, Backbone] = {
 }
 
 
-class _LibraryConfig(_Config):
+class _LibraryConfig(ArchitectureConfig):
     models: ClassVar[dict[str, Backbone]]
     library: ClassVar[str]
 
@@ -329,7 +329,7 @@ class TimmConfig(_LibraryConfig):
 
 
 def _library_dims(config: _LibraryConfig) -> dict[str, int]:
-    return _with_logits({"features": config.models[config.model].width}, config)
+    return with_logits({"features": config.models[config.model].width}, config)
 
 
 def _check_library_input(config: _LibraryConfig, pre: ImagePreprocessing) -> None:

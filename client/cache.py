@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmte.client.errors import CacheError
+from fedmte.protocol.catalogue import softmax
 
 CACHE_SCHEMA = "fedmte.feature_cache.v1"
 NPY_HEADER_BYTES = 128
@@ -143,8 +144,6 @@ class CacheEntry:
     def export_npz(self, path: Path | str, batch_size: int = 65_536) -> dict[str, tuple[int, ...]]:
         """Write ``features``, ``labels`` and (with a head) ``source_probs`` (softmax of the
         logits, float64) to an ``.npz``, streaming ``batch_size`` rows at a time."""
-        from fedmte.protocol.catalogue import softmax
-
         features, labels, logits = self.features(), self.labels(), self.logits()
         parts: dict[str, tuple[np.ndarray, np.dtype, Any]] = {
             "features": (features, features.dtype, lambda a: a),

@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from fedmte.client import site_agent
 from fedmte.client.audit_log import AuditLog, load_signing_key
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.errors import (
@@ -458,8 +459,6 @@ def agent_statistics(site_file: Path) -> Compute:
     and audits the sealed bytes that leave."""
 
     def compute(inner_query: str, payload: Payload, seal: Seal) -> Payload:
-        from fedmte.client import site_agent
-
         return site_agent.answer(inner_query, payload, site_file, seal=seal)
 
     return compute
@@ -475,8 +474,6 @@ def _agent_audit(site_file: Path) -> AuditWriter:
     """Write to the audit log the site agent holds open (one writer per log)."""
 
     def audit(write: Callable[[AuditLog], None]) -> None:
-        from fedmte.client import site_agent
-
         agent = site_agent.agent_for(site_file)
         try:
             write(agent.privacy.log)

@@ -94,7 +94,9 @@ from fedmte.server.report import (
     write_status,
 )
 from fedmte.server.rounds import Aggregator, Exchange, PlainSum
-from fedmte.server.secure_aggregation import load_coordinator_key
+from fedmte.server.job_runner import FAB_DIR, flwr_env, submit_run, wait_for_status
+from fedmte.server.secure_aggregation import SecureAggregator, load_coordinator_key
+from fedmte.server.site_probe import probe_sites
 
 MANIFEST_FILE, WEIGHTS_FILE, SIGNATURE_FILE = "manifest.json", "weights.safetensors", "signature.json"
 """A package folder's files (:mod:`fedmte.client.packages`)."""
@@ -630,8 +632,6 @@ def serve_job(grid: Any, text: str, run_id: int) -> Report | None:
 
 
 def _serve_probe(exchange: Exchange, job: JobSpec, run_id: int, start: float, status_path: Path) -> None:
-    from fedmte.server.site_probe import probe_sites
-
     if job.secure is None:
         raise InvalidInputError("probing the sites needs the job's [secure] table (its key, roster and bounds)")
     probe = probe_sites(exchange, job.secure, job_id=f"probe-{run_id}-{secrets.token_hex(4)}")
@@ -648,8 +648,6 @@ def job_aggregator(job: JobSpec, run_id: str) -> Aggregator | None:
     """The secure sum when the job has a ``[secure]`` table (None: the plain sum)."""
     if job.secure is None:
         return None
-    from fedmte.server.secure_aggregation import SecureAggregator
-
     return SecureAggregator.from_spec(job.secure, job_id=f"run-{run_id}-{secrets.token_hex(4)}")
 
 
@@ -678,8 +676,6 @@ def launch(job: JobSpec, *, probe: bool = False, fab_dir: Path | None = None, po
     (a probe run: when a site did not refuse a forgery), and :class:`InvalidInputError` for a
     job that cannot start (missing key or packages).
     """
-    from fedmte.server.job_runner import FAB_DIR, flwr_env, submit_run, wait_for_status
-
     text = server_job_text(job, probe=probe)
     output = Path(job.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
