@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmte.client.errors import CacheError
-from fedmte.protocol.catalogue import softmax
+from fedmte.protocol.catalogue import probs_from_logits
 
 CACHE_SCHEMA = "fedmte.feature_cache.v1"
 NPY_HEADER_BYTES = 128
@@ -150,7 +150,7 @@ class CacheEntry:
             "labels": (labels, labels.dtype, lambda a: a),
         }
         if logits is not None:
-            parts["source_probs"] = (logits, np.dtype(np.float64), lambda a: softmax(np.asarray(a, dtype=np.float64)))
+            parts["source_probs"] = (logits, np.dtype(np.float64), probs_from_logits)
         shapes = {}
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, (array, dtype, convert) in parts.items():

@@ -52,7 +52,7 @@ from fedmte.client.cache import CacheEntry, FeatureCache
 from fedmte.client.data import RowReport, SiteData, decoded_batches
 from fedmte.client.errors import SiteConfigError
 from fedmte.client.site_config import ComputeConfig
-from fedmte.protocol.catalogue import STATISTICS, Batch, accumulate, softmax
+from fedmte.protocol.catalogue import STATISTICS, Batch, accumulate
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.statistics import Statistics
 
@@ -299,13 +299,9 @@ class _Needs:
 
 
 def _batch(features: np.ndarray, labels: np.ndarray, logits: np.ndarray | None, num_classes: int, needs: _Needs) -> Batch:
-    """The catalogue's float64 batch; source probabilities are softmax(logits) in float64."""
-    return Batch(
-        features=np.asarray(features, dtype=np.float64) if needs.features else None,
-        labels=np.asarray(labels, dtype=np.int64),
-        num_classes=num_classes,
-        source_probs=None if logits is None or not needs.source_probs else softmax(np.asarray(logits, dtype=np.float64)),
-    )
+    """The catalogue's float64 batch of what the requested statistics need."""
+    return Batch.from_model_outputs(features if needs.features else None, labels,
+                                    logits if needs.source_probs else None, num_classes)
 
 
 class _SamplesPerSecond(ProgressColumn):

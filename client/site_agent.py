@@ -91,7 +91,7 @@ from fedmte.client.policy import SitePolicy, check_coordinator, violations
 from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note
-from fedmte.protocol.catalogue import Batch, softmax
+from fedmte.protocol.catalogue import Batch
 from fedmte.protocol.errors import FedmteError, PolicyRefusal, ProtocolError, RefusalError
 from fedmte.protocol.job_messages import (
     FINISH,
@@ -446,12 +446,8 @@ class SiteAgent:
         step = self.settings.stats_batch
         for start in range(0, entry.meta.rows, step):
             rows = slice(start, start + step)
-            yield Batch(
-                features=np.asarray(features[rows], dtype=np.float64),
-                labels=np.asarray(labels[rows], dtype=np.int64),
-                num_classes=num_classes,
-                source_probs=None if logits is None else softmax(np.asarray(logits[rows], dtype=np.float64)),
-            )
+            yield Batch.from_model_outputs(features[rows], labels[rows], None if logits is None else logits[rows],
+                                           num_classes)
 
     def _site_feature_batches(self, data: SiteData, num_classes: int) -> Iterator[Batch]:
         """A features-kind site's own rows as float64 batches (bad rows skipped or refused)."""

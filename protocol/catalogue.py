@@ -36,6 +36,18 @@ class Batch:
     def one_hot(self) -> np.ndarray:
         return np.eye(self.num_classes, dtype=np.float64)[self.labels]
 
+    @classmethod
+    def from_model_outputs(cls, features: np.ndarray | None, labels: np.ndarray, logits: np.ndarray | None,
+                           num_classes: int) -> Batch:
+        """The float64 batch of a model's outputs: its features, and the source head's
+        probabilities (softmax of the logits, in float64) when it has one."""
+        return cls(
+            features=None if features is None else np.asarray(features, dtype=np.float64),
+            labels=np.asarray(labels, dtype=np.int64),
+            num_classes=num_classes,
+            source_probs=None if logits is None else probs_from_logits(logits),
+        )
+
 
 # --------------------------------------------------------------------------- transforms
 
@@ -161,6 +173,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=1, keepdims=True)
     return shifted
+
+
+def probs_from_logits(logits: np.ndarray) -> np.ndarray:
+    """A source head's class probabilities: softmax of its logits in float64 (the one
+    conversion extraction, the cache export and the site agent all use)."""
+    return softmax(np.asarray(logits, dtype=np.float64))
 
 
 def linear_class_probs(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray], op: str) -> np.ndarray:
