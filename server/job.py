@@ -51,11 +51,11 @@ every error names the file and the offending key, e.g. ``job.toml: scorers[2]: u
 scorer 'logmee' (did you mean 'logme'?); choose from logme, hscore, ...``.
 
 An optional ``[secure]`` table (:class:`~fedmte.server.secure_aggregation.SecureJobSpec`)
-turns the secure sum on; it needs at least three sites, each holding a ``secure.toml``
-that pins ``signing_key``::
+turns the secure sum on; it needs at least three sites, each with a ``[secure]`` table in its
+site file and ``signing_key``'s public key in its ``[trust.coordinators]``::
 
     [secure]
-    signing_key = "secure/coordinator.pem"    # relative to the job file
+    signing_key = "keys/coordinator.pem"  # relative to the job file
     threshold = 2                         # default: a strict majority of the roster
     [secure.roster]                       # site id -> its identity key, exchanged out of band
     site0 = "ed25519:..."                 # (one line per site)

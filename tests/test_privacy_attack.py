@@ -1,4 +1,4 @@
-"""Threat T2 (research/PRIVACY.md section 2): a hostile model whose features copy its input.
+"""Threat T2 (a hostile model, README "Threat model"): a model whose features copy its input.
 
 The candidate model is a real signed package of the site's own ``mlp`` architecture whose
 weights are the identity (pixels are >= 0, so ReLU(I x + 0) = x): every feature row the site

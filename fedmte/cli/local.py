@@ -46,12 +46,11 @@ def up(
     typer.echo(f"SuperLink {state.address} (TLS, node authentication), {len(state.sites)} site(s) online, "
                   f"runner: {state.runner}")
     for site in state.sites:
-        typer.echo(f"  {site.name}: node {site.node_id}, " + (f"site file {site.site_file}" if site.site_file else
-                                                             f"features {site.data}"))
-    if state.mode == "sites":
-        typer.echo(f"Coordinator key {state.coordinator_key} (pinned by every site; DP {'on' if dp else 'off'})")
+        typer.echo(f"  {site.name}: node {site.node_id}, site file {site.site_file}")
+    typer.echo(f"Coordinator key {state.coordinator_key} (trusted once in every site file's [trust.coordinators]; "
+               f"DP {'on' if dp else 'off'})")
     if state.secure is not None:
-        typer.echo(f"Secure sum on for the example job: secure.toml beside each site.toml, threshold "
+        typer.echo(f"Secure sum on for the example job: a [secure] table in each site file, threshold "
                    f"{state.secure.threshold or majority_threshold(len(state.secure.roster))} of {len(state.secure.roster)}")
     typer.echo(f"Flower connection {state.connection!r} in FLWR_HOME={state.flwr_home}")
     typer.echo(f"Try: fedmte run {job}\nStop: fedmte local down --dir {directory}")

@@ -35,12 +35,12 @@ def _json(text: str, option: str) -> Any:
 def keygen(
     key_file: Annotated[Path, typer.Argument(help="where to write the new Ed25519 signing key (PKCS#8 PEM)")],
 ) -> None:
-    """Make a coordinator signing key; prints the public key that sites pin in \\[trust] keys."""
-    from fedmte.client.packages import generate_signing_key, public_key_string, save_signing_key
+    """Make a coordinator signing key; prints the public key that sites list in \\[trust.coordinators]."""
+    from fedmte.protocol.keys import fingerprint, public_key_text, write_private_key
 
-    key = generate_signing_key()
-    save_signing_key(key, key_file)
-    typer.echo(public_key_string(key.public_key()))
+    key = write_private_key(key_file)
+    typer.echo(public_key_text(key))
+    typer.echo(f"fingerprint {fingerprint(key)} (what refusals and audit records name this key by)", err=True)
 
 
 @model_app.command("pack")
@@ -95,7 +95,7 @@ def pack(
 @friendly_errors
 def inspect(
     package: Annotated[Path, typer.Argument(metavar="PKG", help="a package directory")],
-    site: Annotated[Path | None, typer.Option(help="site.toml whose \\[trust] keys and \\[limits] to verify with")] = None,
+    site: Annotated[Path | None, typer.Option(help="site.toml whose \\[trust.coordinators] and \\[limits] to verify with")] = None,
     public_key: Annotated[list[str] | None, typer.Option("--public-key", help="a pinned key ed25519:...; repeatable")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:

@@ -40,7 +40,7 @@ spent refuses, and the demo says which rule said no.
 
 Why the shifted copies: under the default policy (epsilon 1 per release) the noise on a
 Gram block is about z C^2 per entry with z = sqrt(blocks) / mu, some 30 for seven models;
-research/PRIVACY.md 4.8 asks for thousands of rows per site for stable rankings, and the
+stable rankings need thousands of rows per site (the privacy research notes, section 4.8), and the
 digits give the three sites 754 together. Nine copies give about 6,800 rows; in trials
 (noisy sums cleaned as :mod:`fedmte.protocol.dp_postprocess` does) the DP rankings then
 agree with the ground truth (Kendall tau about 0.4 to 0.8, against 0.8 to 0.9 for the exact

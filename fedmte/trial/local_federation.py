@@ -9,8 +9,8 @@
     DIR/coordinator/          the coordinator's Ed25519 key (signs packages and job setups)
     DIR/sites/<name>/         each site's site.toml, data.npz, audit key, node key pair,
                               FLWR_HOME and log (fedmte.trial.local_sites.write_site);
-                              with 3 or more sites also identity.pem and secure.toml
-    DIR/secure/               the secure sum's coordinator key (pinned in every secure.toml)
+                              with 3 or more sites also keys/identity.pem and a [secure]
+                              table in the site file
 
 Every site is a data owner's site: a ``site.toml`` whose policy trusts the coordinator's key
 (once, in ``[trust.coordinators]``), and whose audit log, ledger and cache live beside it; the
