@@ -36,11 +36,10 @@ def keygen(
     key_file: Annotated[Path, typer.Argument(help="where to write the new Ed25519 signing key (PKCS#8 PEM)")],
 ) -> None:
     """Make a coordinator signing key; prints the public key that sites list in \\[trust.coordinators]."""
-    from fedmte.protocol.keys import fingerprint, public_key_text, write_private_key
+    from fedmte.protocol.keys import public_key_text, write_private_key
 
     key = write_private_key(key_file)
     typer.echo(public_key_text(key))
-    typer.echo(f"fingerprint {fingerprint(key)} (what refusals and audit records name this key by)", err=True)
 
 
 @model_app.command("pack")
