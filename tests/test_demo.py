@@ -18,7 +18,6 @@ from fedmte.cli import app
 from fedmte.cli.score import statistics_by_round
 from fedmte.client.audit_log import verify
 from fedmte.client.packages import generate_signing_key, verify_package
-from fedmte.client.policy import parse_policy
 from fedmte.client.site_config import load_site_config
 from fedmte.protocol import symmetric
 from fedmte.protocol.dp_postprocess import clean_block, clean_sums, eigen_floor, pooled_sigma
@@ -187,8 +186,9 @@ def _check_outputs(out: Path, *, dp: bool) -> dict:
     for site in demo.site_names(3):
         site_file = out / "sites" / site / "site.toml"
         config = load_site_config(site_file)
-        policy = parse_policy(config.policy)
+        policy = config.require_policy()
         assert config.site.name == site and policy.dp.enabled is dp
+        assert policy.coordinator_keys == config.trust.fingerprints() and len(config.trust.keys) == 1  # one key, once
         assert set(policy.allowed_scorers) == set(demo.DEMO_SCORERS)
         for name in truth:
             verify_package(out / "models" / name, config.trust.keys)  # the site's own pins
@@ -258,9 +258,11 @@ def test_demo_over_a_federation_equals_pooled_scores_without_dp(zoo_cache: Path,
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--zoo-cache", str(zoo_cache), "--dp", "off"])
     assert result.exit_code == 0, result.output
     data = _check_outputs(out, dp=False)
-    assert data["privacy"]["secure_sum"] is True  # the demo's job carries [secure]; the sites hold secure.toml
+    assert data["privacy"]["secure_sum"] is True  # the demo's job carries [secure]; so does each site file
     assert all(s["masked"] for site in data["sites"] for s in site["statistics"])
-    assert len(list((out / "sites").glob("*/secure.toml"))) == 3
+    site_files = sorted((out / "sites").glob("*/site.toml"))
+    assert len(site_files) == 3 and not list((out / "sites").glob("*/secure.toml"))
+    assert all(load_site_config(path).secure is not None for path in site_files)
     assert not (out / "federation" / "federation.json").exists()  # stopped
     assert len(list((out / "federation" / "nodes").glob("*/decisions.jsonl"))) == 3  # each site runner's FAB checks
     assert (out / "witnesses").is_dir() and len(list((out / "witnesses").glob("*.txt"))) == 3
