@@ -94,6 +94,8 @@ dir = "log"
         ('[data]\nkind = "table"\npath = "x.csv"', "exactly one of text_column"),
         ('[data]\nkind = "table"\npath = "x.txt"\ntext_column = "t"', "cannot tell the format"),
         ('[data]\nkind = "arrays"\npath = "x.npz"\n[trust.coordinators]\nmain = "rsa:abc"', "trust.coordinators: .*ed25519"),
+        ('[data]\nkind = "arrays"\npath = "x.npz"\n[trust.coordinators]\nmain = "rsa:abc"\n'
+         '[policy]\nmax_feature_dim = 4\nclip_norm = 1.0', "invalid: trust.coordinators: main: .*ed25519"),
         ('[data]\nkind = "arrays"\npath = "x.npz"\n[trust]\nkeys = ["rsa:abc"]',
          r"trust.keys is gone: list each coordinator once as \[trust.coordinators\]"),
         ('[data]\nkind = "arrays"\npath = "x.npz"\n[policy]\nmax_feature_dim = 4\nclip_norm = 1.0\n'
