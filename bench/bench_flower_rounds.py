@@ -1,9 +1,11 @@
 """Seconds per round trip over real Flower processes on loopback, site runner against stock.
 
 Starts a loopback federation (``fedmte.trial.local_federation.up``: a SuperLink with TLS and
-node authentication, N SuperNodes), runs one scoring job whose plan takes ``--rounds``
-statistics rounds (a setup round comes first), stops the federation, and repeats for each
-runner kind. Printed per kind: seconds per round trip as the ServerApp measured it (mean of
+node authentication, N SuperNodes, each a site agent whose site file holds precomputed
+features, ``[data] kind = "features"``, DP off), runs one scoring job (a
+:class:`~fedmte.server.job.JobSpec` with the sites' features as its one ``site_features``
+candidate) whose plan takes ``--rounds`` statistics rounds (a setup round comes first, a
+finish round last), stops the federation, and repeats for each runner kind. Printed per kind: seconds per round trip as the ServerApp measured it (mean of
 the statistics rounds, and the setup round alone, which includes each site's first look at
 the bundle), the job's wall time from ``flwr run`` to the report, and the machine's load.
 
@@ -29,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedmte.server.job_runner import JobFile, launch  # noqa: E402
+from fedmte.server.coordinator import launch  # noqa: E402
+from fedmte.server.job import job_from_dict  # noqa: E402
 from fedmte.trial.local_federation import demo_site_data, down, up  # noqa: E402
 
 # scorer sets by number of statistics rounds (centring round included)
@@ -45,20 +48,26 @@ def bench(runner: str, sites: int, rounds: int, workdir: Path) -> dict[str, obje
         np.savez(path, **arrays)
         data.append(path)
     start = time.perf_counter()
-    state = up(workdir / runner, sites, data=data, runner=runner)  # type: ignore[arg-type]
+    state = up(workdir / runner, sites, data=data, runner=runner, dp=False)  # type: ignore[arg-type]
     startup = time.perf_counter() - start
     try:
-        job = JobFile(connection=state.connection, flwr_home=Path(state.flwr_home), out=workdir / f"{runner}.json",
-                      num_classes=10, scorers=PLANS[rounds], min_sites=sites, run_timeout=900)
+        job = job_from_dict({
+            "connection": state.connection, "output": str(workdir / f"{runner}-report"), "labels": list(state.labels),
+            "purpose": "bench: seconds per round trip", "candidates": [{"name": "site-features", "site_features": True}],
+            "scorers": PLANS[rounds], "privacy": {"dp": False},
+            "federation": {"flwr_home": state.flwr_home, "coordinator_key": state.coordinator_key,
+                           "min_sites": sites, "run_timeout": 900},
+        })
         start = time.perf_counter()
-        report = launch(job)
+        status = launch(job)
         wall = time.perf_counter() - start
     finally:
         down(Path(state.directory))
-    stats = [r.seconds for r in report.rounds if r.kinds]
+    stats = [r.seconds for r in status.rounds if r.kinds]
+    setup = next(r for r in status.rounds if r.name == "setup")
     return {
         "runner": runner, "sites": sites, "rounds": len(stats), "startup_s": round(startup, 2),
-        "setup_round_s": round(report.rounds[0].seconds, 3),
+        "setup_round_s": round(setup.seconds, 3),
         "seconds_per_round_trip": round(sum(stats) / len(stats), 3),
         "round_trips_s": [round(s, 3) for s in stats], "job_wall_s": round(wall, 2),
         "load_average": os.getloadavg(),

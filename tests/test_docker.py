@@ -4,9 +4,12 @@ the compose file's entrypoints run as plain processes on loopback.
 ``docker compose config`` cannot run on these machines (the docker CLI has no compose plugin),
 so the compose file is checked here: it parses, every service is hardened and non-root, data is
 mounted read-only and audit folders read-write, images are pinned, TLS and node authentication
-are on. Then the compose file's own commands (credential generation, SuperLink, registration,
-one site) run on loopback with their container paths mapped to temporary folders, and the site
-must come online over TLS.
+are on, and every site is a site agent started with its site file
+(``--node-config site-file="/credentials/site.toml"``). Then the compose file's own commands
+(credential generation, which also writes each site's ``site.toml``: features data, the
+coordinator's key pinned; SuperLink; registration; the three sites; the coordinator's
+``fedmte run /jobs/job.toml``) run on loopback with their container paths mapped to temporary
+folders: the sites must come online over TLS and the shipped job must score their features.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ import pytest
 import yaml
 from cryptography import x509
 from packaging.requirements import Requirement
+
+from fedmte.client.audit_log import read_records
+from fedmte.client.site_config import parse_site_config
+from fedmte.protocol.keys import fingerprint, load_private_key, public_key_text
+from fedmte.server.report import read_report
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -97,13 +105,34 @@ def test_site_data_is_read_only_and_the_audit_folder_read_write() -> None:
         assert mounts["/audit"] == (f"./sites/{site}/audit", False), site
         assert mounts["/credentials"][1] is True, site
         assert "--decision-log=/audit/decisions.jsonl" in _flags(services[site])
-        assert '--node-config=data-path="/data/data.npz"' in _flags(services[site])
+        assert '--node-config=site-file="/credentials/site.toml"' in _flags(services[site])
     for name, service in services.items():
         for source, target, read_only, _ in _mounts(service):
             if source == "credentials" and name != "credentials":
                 assert read_only, f"{name} mounts the credentials read-write"
-            if target in ("/data", "/jobs", "/models"):
+            if target in ("/data", "/jobs", "/models", "/keys"):
                 assert read_only, f"{name} mounts {target} read-write"
+
+
+def test_only_the_coordinator_side_holds_the_coordinators_key() -> None:
+    services = _compose()["services"]
+    holders = {name for name, service in services.items()
+               for source, target, _, sub in _mounts(service) if source == "credentials" and sub == "coordinator"}
+    assert holders == {"superlink", "coordinator"}  # the ServerApp signs setups; the CLI checks the key
+    for name in holders:
+        assert ("credentials", "/keys", True, "coordinator") in _mounts(services[name]), name
+
+
+def test_the_shipped_job_scores_the_sites_features_with_the_mounted_key() -> None:
+    from fedmte.server.job import load_job
+
+    job = load_job(DOCKER / "jobs" / "job.toml")
+    assert [c.site_features for c in job.candidates] == [True]
+    assert job.connection == "docker" and job.federation.min_sites == len(SITES)
+    assert str(job.federation.coordinator_key) == "/keys/coordinator.pem"
+    assert str(job.output).startswith("/reports/")  # the folder both the SuperLink and the coordinator mount
+    coordinator = {target for _, target, _, _ in _mounts(_compose()["services"]["coordinator"])}
+    assert {"/jobs", "/keys", "/reports"} <= coordinator
 
 
 def test_tls_and_node_authentication_are_on_everywhere() -> None:
@@ -267,9 +296,10 @@ def processes() -> Iterator[_Processes]:
 
 
 def _localise(text: str, mapping: dict[str, str]) -> str:
-    for container, local in sorted(mapping.items(), key=lambda item: -len(item[0])):
-        text = text.replace(container, local)
-    return text
+    """Map container paths (and hosts, ports) to local ones in one pass, each only where it
+    starts a word or a path: "/audit" in "/credentials/audit.key" stays."""
+    pattern = "|".join(re.escape(key) for key in sorted(mapping, key=len, reverse=True))
+    return re.sub(rf"(?<![\w/.-])(?:{pattern})", lambda found: mapping[found.group(0)], text)
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -281,7 +311,7 @@ def _env(home: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow  # runs the compose commands as processes
-def test_the_compose_commands_bring_a_site_online_over_tls(tmp_path: Path, processes: _Processes) -> None:
+def test_the_compose_commands_bring_the_sites_online_over_tls_and_run_the_shipped_job(tmp_path: Path, processes: _Processes) -> None:
     services = _compose()["services"]
     credentials = tmp_path / "credentials"
     credentials.mkdir()
@@ -302,13 +332,17 @@ def test_the_compose_commands_bring_a_site_online_over_tls(tmp_path: Path, proce
         assert oct((credentials / "sites" / site / "node_key").stat().st_mode & 0o777) == "0o600"
 
     # Every file a command names exists under the subpath its service mounts at /credentials.
-    def subpath_of(service: str) -> Path:
-        return credentials / next(sub for src, _, _, sub in _mounts(services[service]) if src == "credentials")
+    def subpath_of(service: str, target: str = "/credentials") -> Path:
+        return credentials / next(sub for src, at, _, sub in _mounts(services[service])
+                                  if src == "credentials" and at == target)
 
     for service in ("superlink", "register", "coordinator", *SITES):
-        for path in re.findall(r"/credentials/[\w.]+", json.dumps(services[service]["command"])):
+        named = json.dumps([services[service].get("entrypoint"), services[service]["command"]])
+        for path in re.findall(r"/credentials/[\w.]+", named):
             if "$" not in path:
                 assert (subpath_of(service) / path.removeprefix("/credentials/")).is_file(), f"{service}: {path}"
+    for path in re.findall(r"/keys/[\w.]+", (DOCKER / "jobs" / "job.toml").read_text()):  # the job's key
+        assert (subpath_of("coordinator", "/keys") / path.removeprefix("/keys/")).is_file(), path
 
     # 2. The SuperLink with the compose flags, on a free loopback port.
     port = _free_port()
@@ -335,29 +369,88 @@ def test_the_compose_commands_bring_a_site_online_over_tls(tmp_path: Path, proce
     registered = subprocess.run(["sh", "-c", register_script], env=register_env, capture_output=True, text=True, timeout=300)
     assert registered.returncode == 0, registered.stdout[-2000:] + registered.stderr[-2000:]
 
-    # 4. site1 with the compose flags and its own mounts.
-    data = tmp_path / "site1-data"
-    audit = tmp_path / "site1-audit"
-    data.mkdir()
-    audit.mkdir()
-    labels = np.arange(60) % 3
-    np.savez(data / "data.npz", features=np.random.default_rng(0).normal(size=(60, 4)), labels=labels)
-    site_map = {"/credentials": str(subpath_of("site1")), "superlink:9092": f"127.0.0.1:{port}",
-                "/data": str(data), "/audit": str(audit)}
-    site_args = [sys.executable, "-m", "fedmte.client.site_runner", *(_localise(f, site_map) for f in _flags(services["site1"])),
-                 "--port", str(_free_port())]
-    site = processes.start(site_args, _env(tmp_path / "site1-home"), tmp_path / "site1.log")
-    deadline = time.monotonic() + 90
-    while True:
-        assert site.poll() is None, (tmp_path / "site1.log").read_text()[-2000:]
-        found = re.search(r"SuperNode ID: (\d+)", (tmp_path / "site1.log").read_text(errors="replace"))
-        if found:
-            break
-        assert time.monotonic() < deadline, "site1 did not connect: " + (tmp_path / "site1.log").read_text()[-2000:]
+    # 4. Each site's site file, as the credentials service wrote it: a site agent over features.
+    keys = subpath_of("coordinator", "/keys")
+    assert keys == subpath_of("superlink", "/keys") == credentials / "coordinator"
+    coordinator_key = load_private_key(keys / "coordinator.pem")
+    for site in SITES:
+        home = subpath_of(site)
+        config = parse_site_config(tomllib.loads((home / "site.toml").read_text()), Path("/credentials"))
+        assert config.site.name == site and config.data.kind == "features"
+        assert config.data.path == Path("/data/data.npz") and config.site.cache_dir == Path("/cache")
+        assert config.audit.dir == Path("/audit/log") and config.audit.ledger_dir == Path("/audit/ledger")
+        assert config.audit.signing_key == Path("/credentials/audit.key")
+        assert oct((home / "audit.key").stat().st_mode & 0o777) == "0o600"
+        assert config.audit.verification_key_sha256 == fingerprint(load_private_key(home / "audit.key"))
+        assert list(config.trust.coordinators.values()) == [public_key_text(coordinator_key)]
+        assert config.policy is not None and "site_features" in config.policy.allowed_architectures
+        assert config.policy.dp.enabled and config.secure is None
+
+    # 5. The three sites with the compose flags and their own mounts (features data read-only).
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=3.0, size=(3, 4))
+    nodes = {}
+    for k, site in enumerate(SITES):
+        data, audit, cache = (tmp_path / f"{site}-{what}" for what in ("data", "audit", "cache"))
+        for folder in (data, audit, cache):
+            folder.mkdir()
+        labels = np.arange(200 + 50 * k) % 3
+        np.savez(data / "data.npz", features=centres[labels] + rng.normal(size=(len(labels), 4)), labels=labels)
+        site_map = {"/credentials": str(subpath_of(site)), "superlink:9092": f"127.0.0.1:{port}",
+                    "/data": str(data), "/audit": str(audit), "/cache": str(cache)}
+        site_file = subpath_of(site) / "site.toml"  # where the flags point, once /credentials is mapped
+        site_file.write_text(_localise(site_file.read_text(), site_map))
+        site_args = [sys.executable, "-m", "fedmte.client.site_runner",
+                     *(_localise(f, site_map) for f in _flags(services[site])), "--port", str(_free_port())]
+        assert f'--node-config=site-file="{site_file}"' in site_args
+        nodes[site] = processes.start(site_args, _env(tmp_path / f"{site}-home"), tmp_path / f"{site}.log")
+    deadline = time.monotonic() + 120
+    online: dict[str, str] = {}
+    while len(online) < len(SITES):
+        for site, process in nodes.items():
+            log = (tmp_path / f"{site}.log").read_text(errors="replace")
+            assert process.poll() is None, log[-2000:]
+            found = re.search(r"SuperNode ID: (\d+)", log)
+            if found:
+                online[site] = found.group(1)
+        assert time.monotonic() < deadline, f"only {sorted(online)} connected"
         time.sleep(0.3)
     listing = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "docker", "--format", "json"],
                              env=register_env, capture_output=True, text=True, timeout=120)
-    nodes = json.loads(listing.stdout[listing.stdout.find("{"):])["nodes"]
-    status = {node["node-id"]: node["status"] for node in nodes}
+    status = {node["node-id"]: node["status"] for node in json.loads(listing.stdout[listing.stdout.find("{"):])["nodes"]}
     assert len(status) == len(SITES)  # all three keys were registered
-    assert status[found.group(1)] == "online", listing.stdout[-1500:]
+    deadline = time.monotonic() + 60
+    while not all(status.get(node) == "online" for node in online.values()):
+        assert time.monotonic() < deadline, listing.stdout[-1500:]
+        time.sleep(0.5)
+        listing = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "docker", "--format", "json"],
+                                 env=register_env, capture_output=True, text=True, timeout=120)
+        status = {node["node-id"]: node["status"]
+                  for node in json.loads(listing.stdout[listing.stdout.find("{"):])["nodes"]}
+
+    # 6. The coordinator's entrypoint and `fedmte run /jobs/job.toml`, with /jobs, /keys and
+    #    /reports mapped (the SuperLink's ServerApp reads the key and writes the report at the
+    #    same paths as the coordinator).
+    jobs, reports = tmp_path / "jobs", tmp_path / "reports"
+    jobs.mkdir()
+    coordinator_map = {"/credentials": str(subpath_of("coordinator")), "/keys": str(keys), "/reports": str(reports),
+                       "/jobs": str(jobs)}
+    (jobs / "job.toml").write_text(_localise((DOCKER / "jobs" / "job.toml").read_text(), coordinator_map))
+    entrypoint = services["coordinator"]["entrypoint"]
+    assert entrypoint[:2] == ["sh", "-c"]
+    script = _localise(entrypoint[2].replace("$$", "$"), coordinator_map)
+    ran = subprocess.run(["sh", "-c", script, *entrypoint[3:], "run", str(jobs / "job.toml")],
+                         env=_env(tmp_path / "coordinator-home"), capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    report = read_report(reports / "site-features" / "report.json")
+    assert [s.name for s in report.sites] == list(SITES) and report.privacy.dp_applied
+    [model] = report.models
+    assert model.name == "site-features"
+    assert set(model.scores) | set(model.failures) == {"hscore", "gbc"}, model
+    assert "site-features" in ran.stdout
+    print(f"\nthe compose job over 3 site agents (DP on): scores {model.scores}, failures {model.failures}")
+    for site in SITES:
+        decided = [json.loads(line) for line in (tmp_path / f"{site}-audit" / "decisions.jsonl").read_text().splitlines()]
+        assert [d["message_type"] for d in decided][:2] == ["query.setup", "query.stats"]
+        assert decided[-1]["message_type"] == "query.finish" and all(d["accepted"] for d in decided)
+        assert any(r.kind == "intent" for r in read_records(tmp_path / f"{site}-audit" / "log"))

@@ -1,8 +1,10 @@
 """The secure sum's guarantees over real Flower processes: forgeries, masking, dropout, abort.
 
 One federation of five fedmte site runners (a SuperLink with TLS and SuperNode
-authentication, loopback) serves the module. Every site pins the coordinator's key and the
-five-site roster in its own ``secure.toml`` and audits to ``audit/``. ``site4`` runs the
+authentication, loopback) serves the module. Every site is a site agent whose ``site.toml``
+holds precomputed features (``[data] kind = "features"``, DP off), pins the coordinator's key
+in ``[trust.coordinators]`` and has a ``[secure]`` table with the five-site roster that
+requires the secure sum; it audits to ``audit/`` beside its site file. ``site4`` runs the
 dropout drill ``--drill-crash-on query.secure_upload``: its whole process (SuperNode
 included) ends, unanswered, when its first masked upload is requested, which is after it
 took part in the key setup and sent its Shamir shares.
@@ -12,10 +14,12 @@ In order, the tests show:
 1. a forged signer, a tampered message and a replayed message are each refused by every
    site, which audits each refusal (a signed control message is accepted in between);
 2. with ``site4`` crashing after key sharing, the job finishes with the threshold of 3 and
-   its scores are ``fedmte.score`` on the four survivors' pooled rows; the coordinator's
-   transcript holds, for every phase, one upload per survivor, and none of them is the
-   site's statistics: each is ring words that match the fixed-point encoding of the site's
-   own sums in almost no place;
+   its scores are ``fedmte.score`` on the four survivors' pooled rows; the coordinator
+   received, for every phase, one upload per survivor (its digests, ``received.jsonl``, are
+   those of the payload copies in each survivor's audit log, so those copies are the bytes
+   it held), and none of them is the site's statistics: each is ring words that match, in
+   almost no place, the fixed-point encoding of the site's own sums for the same request
+   (replayed in-process at a copy of the site), and whose bits look uniformly random;
 3. with ``site4`` restarted and the threshold raised to 5, the same crash leaves four
    sites, the job aborts with nothing released (no reveal is ever asked for), and each of
    the four survivors records the abort in its audit log.
@@ -23,31 +27,36 @@ In order, the tests show:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import hashlib
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from typer.testing import CliRunner
 
 import fedmte
 from fedmte.cli import app
 from fedmte.client.audit_log import read_records
-from fedmte.client.secure_site import site_statistics
 from fedmte.protocol.errors import FederationError
-from fedmte.protocol.fixed_point import FixedPointCodec
+from fedmte.protocol.fixed_point import FixedPointCodec, SumSpec
+from fedmte.protocol.job_messages import WIRE_MAGIC
+from fedmte.protocol.keys import load_private_key
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.statistics import Statistics
 from fedmte.protocol.wire import Payload
-from fedmte.server.job_runner import JobFile, JobReport, launch, read_report
-from fedmte.server.secure_aggregation import SecureJobSpec, provision, read_transcript
+from fedmte.server.coordinator import execute_job, launch, load_candidates
+from fedmte.server.job import JobSpec
+from fedmte.server.report import Report, RunStatus, read_report, read_status
+from fedmte.server.secure_aggregation import SecureJobSpec
 from fedmte.trial.local_federation import LocalFederation, down, restart_site, up
-from fedmte.trial.local_sites import toml_text
+from fedmte.client.site_config import toml_text
 from tests.datasets import DATASETS, site_split_without_class
-from tests.test_flower_federation import site_files
+from tests.job_helpers import AgentExchange
+from tests.test_flower_federation import decisions, job, received, site_features_scores, site_files, site_home
+from tests.test_secure_federation import require_secure_sum
 
 pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
 
@@ -66,31 +75,37 @@ class Federation:
     rows: list[np.ndarray]
 
     def home(self, index: int) -> Path:
-        return Path(self.state.sites[index].data).parent
+        return site_home(self.state, index)
 
-    def job(self, out: Path, **updates: object) -> JobFile:
-        return JobFile(
-            connection=self.state.connection, flwr_home=Path(self.state.flwr_home), out=out,
-            num_classes=DATA.num_classes, scorers=SCORERS, min_sites=SITES, round_timeout=ROUND_TIMEOUT,
-            run_timeout=300, secure=self.spec, **updates,
-        )
+    def job(self, output: Path, spec: SecureJobSpec | None = None) -> JobSpec:
+        return job(self.state, output, SCORERS, min_sites=SITES, round_timeout=ROUND_TIMEOUT,
+                   secure=(spec or self.spec).model_dump(mode="json"))
 
     def decisions(self, index: int, run_id: int | None) -> list[dict[str, object]]:
-        lines = (self.home(index) / "decisions.jsonl").read_text().splitlines()
-        return [d for d in map(json.loads, lines) if d["run_id"] == run_id]
+        return decisions(self.state, index, run_id)
+
+
+def from_wire_bytes(data: bytes) -> Payload:
+    """The payload whose :func:`~fedmte.protocol.job_messages.wire_bytes` are ``data``."""
+    assert data.startswith(WIRE_MAGIC)
+    at = len(WIRE_MAGIC)
+    size = int.from_bytes(data[at:at + 8], "big")
+    doc = data[at + 8:at + 8 + size].decode("utf-8")
+    at += 8 + size
+    size = int.from_bytes(data[at:at + 8], "big")
+    layout = data[at + 8:at + 8 + size].decode("utf-8")
+    return Payload.from_wire(doc, layout, data[at + 8 + size:])
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("secure-dropout")
     rows = site_split_without_class(DATA, absent=0, sites=SITES)
-    state = up(root / "local", SITES, data=site_files(root / "data", rows), runner="site",
+    state = up(root / "local", SITES, data=site_files(root / "data", rows), runner="site", dp=False,
                site_args={DROPPING: ["--drill-crash-on", CRASH_ON]})
     try:
         norm = float(np.max(np.linalg.norm(DATA.features, axis=1))) * 2
-        spec = provision({site.name: Path(site.data).parent for site in state.sites},
-                         Path(state.directory) / "secure" / "coordinator.pem",
-                         bounds=DeclaredBounds(max_rows=1000, feature_norm=norm))
+        spec = require_secure_sum(state, DeclaredBounds(max_rows=1000, feature_norm=norm))
         yield Federation(state, spec, rows)
     finally:
         down(Path(state.directory))
@@ -99,16 +114,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
 def test_forged_tampered_and_replayed_requests_are_refused_at_every_site(federation: Federation, tmp_path: Path) -> None:
     """``fedmte probe JOB.toml``: every forgery refused for its own reason, at every site."""
     job_file = tmp_path / "job.toml"
-    job_file.write_text(toml_text(federation.job(tmp_path / "unused.json").model_dump(mode="json", exclude_none=True)))
-    result = CliRunner().invoke(app, ["probe", str(job_file), "--out", str(tmp_path / "probe.json")])
+    job_file.write_text(toml_text(federation.job(tmp_path / "unused").model_dump(mode="json", exclude_none=True)))
+    result = CliRunner().invoke(app, ["probe", str(job_file), "--out", str(tmp_path / "probe")])
     assert result.exit_code == 0, result.output
     assert "every site refused every forged request" in result.output
-    report = read_report(tmp_path / "probe.json")
-    assert report.status == "finished" and report.probes is not None
+    status = read_status(tmp_path / "probe" / "run.json")
+    assert status.status == "finished" and status.probes is not None
     nodes = {site.node_id for site in federation.state.sites}
     by_probe: dict[str, dict[int, object]] = {}
-    for result in report.probes:
-        by_probe.setdefault(result.probe, {})[result.node] = result
+    for probe in status.probes:
+        by_probe.setdefault(probe.probe, {})[probe.node] = probe
     assert set(by_probe) == {"unknown_signer", "tampered", "control", "replayed"}
     for probe, results in by_probe.items():
         assert set(results) == nodes, probe
@@ -121,73 +136,126 @@ def test_forged_tampered_and_replayed_requests_are_refused_at_every_site(federat
         refusals = {r.reason_code for r in records if r.kind == "refusal"}
         assert {"secure:unknown_signer", "secure:bad_request", "secure:replay"} <= refusals
         assert any(r.kind == "abort" and r.reason_code == "secure:probe_finished" for r in records)
-        assert all(d["accepted"] for d in federation.decisions(index, report.run_id))
+        assert all(d["accepted"] for d in federation.decisions(index, status.run_id))
+
+
+@dataclass(frozen=True)
+class Dropout:
+    status: RunStatus
+    report: Report
+    output: Path
 
 
 @pytest.fixture(scope="module")
-def dropout_report(federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> tuple[JobReport, Path]:
-    out = tmp_path_factory.mktemp("dropout")
-    return launch(federation.job(out / "report.json", transcript=out / "transcript.npz")), out / "transcript.npz"
+def dropout_report(federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> Dropout:
+    output = tmp_path_factory.mktemp("dropout")
+    status = launch(federation.job(output))
+    return Dropout(status, read_report(output / "report.json"), output)
 
 
 def test_a_site_crashing_after_key_sharing_leaves_the_exact_sum_of_the_survivors(
-    federation: Federation, dropout_report: tuple[JobReport, Path]
+    federation: Federation, dropout_report: Dropout
 ) -> None:
-    report, _ = dropout_report
+    status, report = dropout_report.status, dropout_report.report
     survivors = np.concatenate(federation.rows[:DROPPING])
     expected = fedmte.score(DATA.features[survivors], DATA.labels[survivors],
                             source_probs=DATA.source_probs[survivors], scorers=SCORERS)
     everyone = fedmte.score(DATA.features, DATA.labels, source_probs=DATA.source_probs, scorers=SCORERS)
-    assert report.status == "finished" and report.secure is not None
-    assert report.secure["sites"] == [f"site{k}" for k in range(DROPPING)] and report.secure["threshold"] == 3
-    assert list(report.secure["failures"]) == [f"site{DROPPING}"]
-    assert report.secure["failures"][f"site{DROPPING}"].startswith("secure_upload:")
+    assert status.status == "finished" and report.privacy.secure_sum
+    left_out = [note for note in report.notes if "secure sum left out" in note]
+    assert len(left_out) == 1 and f"left out site{DROPPING} " in left_out[0] and "secure_upload:" in left_out[0]
+    scores = site_features_scores(report)
     for name in SCORERS:
-        assert report.scores[name] == pytest.approx(expected[name], rel=1e-6), name
-    assert any(report.scores[n] != pytest.approx(everyone[n], rel=1e-6) for n in SCORERS)  # site4's rows are out
-    crashed = federation.decisions(DROPPING, report.run_id)
-    assert [d["message_type"] for d in crashed] == ["query.describe", "query.secure_advertise",
+        assert scores[name] == pytest.approx(expected[name], rel=1e-6), name
+    assert any(scores[n] != pytest.approx(everyone[n], rel=1e-6) for n in SCORERS)  # site4's rows are out
+    crashed = federation.decisions(DROPPING, status.run_id)
+    assert [d["message_type"] for d in crashed] == ["query.setup", "query.secure_advertise",
                                                     "query.secure_share", CRASH_ON]
     assert not crashed[-1]["accepted"] and "drill" in str(crashed[-1]["reason"])
     for index in range(DROPPING):  # the survivors revealed what recovers site4's masks, every phase
-        kinds = [d["message_type"] for d in federation.decisions(index, report.run_id)]
-        assert kinds.count("query.secure_reveal") == report.planned_rounds
+        kinds = [d["message_type"] for d in federation.decisions(index, status.run_id)]
+        assert kinds.count("query.secure_reveal") == status.planned_rounds
+    # 3 of 5 unmask (a strict majority): the survivors, four, are enough
+    assert federation.spec.threshold is None and SITES // 2 + 1 == 3 < DROPPING
 
 
-def test_the_coordinator_received_only_masked_words(federation: Federation,
-                                                    dropout_report: tuple[JobReport, Path]) -> None:
-    report, transcript = dropout_report
-    phases = read_transcript(transcript)
-    assert sorted(phases) == list(range(report.planned_rounds))
+class _RecordingAgents(AgentExchange):
+    """In-process site agents that keep every reply (the plain statistics a site computes)."""
+
+    def __init__(self, site_files: list[Path], run_id: str) -> None:
+        super().__init__(site_files, run_id)
+        self.replies: dict[tuple[str, str], dict[int, Payload]] = {}
+
+    def exchange(self, query: str, payloads: Mapping[int, Payload], *, group: str) -> dict[int, Payload]:
+        replies = super().exchange(query, payloads, group=group)
+        self.replies[(query, group)] = replies
+        return replies
+
+
+def _plain_first_round(federation: Federation, job_spec: JobSpec, tmp: Path) -> dict[str, Payload]:
+    """Each survivor's plain reply to the job's first statistics round, computed by a site agent
+    at a copy of its site (site file, data, keys; fresh audit log and cache) over the plain
+    sum. The first round's request depends only on the plan, so it asks what the secure job's
+    first phase asked."""
+    copies = []
+    for index in range(DROPPING):
+        home, copy = federation.home(index), tmp / f"site{index}"
+        copy.mkdir(parents=True)
+        shutil.copy(home / "site.toml", copy / "site.toml")
+        shutil.copy(home / "data.npz", copy / "data.npz")
+        shutil.copytree(home / "keys", copy / "keys")
+        copies.append(copy / "site.toml")
+    agents = _RecordingAgents(copies, "replay")
+    plain = job_spec.model_copy(update={"secure": None})
+    execute_job(agents, plain, load_candidates(plain), load_private_key(federation.state.coordinator_key),
+                run_id="replay")
+    return {f"site{node - 100}": reply for node, reply in agents.replies[("stats", "1")].items()}
+
+
+def test_the_coordinator_received_only_masked_words(federation: Federation, dropout_report: Dropout,
+                                                    tmp_path: Path) -> None:
+    status = dropout_report.status
+    uploads = [r for r in received(dropout_report.output) if r["query"] == "secure_upload"]
+    phases: dict[str, dict[str, Payload]] = {}
+    for reply in uploads:
+        index = int(str(reply["site"]).removeprefix("site"))
+        copy = (federation.home(index) / "audit" / "payloads" / f"{reply['sha256']}.bin").read_bytes()
+        assert hashlib.sha256(copy).hexdigest() == reply["sha256"] and len(copy) == reply["bytes"]
+        phases.setdefault(str(reply["group"]), {})[str(reply["site"])] = from_wire_bytes(copy)
+    assert list(phases) == [f"{k}-upload" for k in range(1, status.planned_rounds + 1)]
+    plain = _plain_first_round(federation, federation.job(dropout_report.output), tmp_path)
     bits = []
-    for phase in phases.values():
-        assert sorted(phase.uploads) == [f"site{k}" for k in range(DROPPING)]
-        for site, (words, spec) in phase.uploads.items():
-            index = int(site.removeprefix("site"))
-            plain = site_statistics(Path(federation.state.sites[index].data))(
-                phase.inner_query, Payload(doc=phase.request.doc, arrays=phase.request.arrays), lambda reply: reply)
-            codec = FixedPointCodec(spec, max_sites=SITES)
-            encoded = codec.encode(Statistics.from_arrays(plain.arrays))
-            assert words.dtype == np.uint64 and words.shape == encoded.shape
-            assert np.mean(words == encoded) < 0.01, site  # not the site's sums, in (almost) no place
+    for group, sites in phases.items():
+        assert sorted(sites) == [f"site{k}" for k in range(DROPPING)], group  # site4 crashed before uploading
+        for site, upload in sites.items():
+            assert set(upload.arrays) == {"words"} and upload.doc["phase"] == int(group.split("-")[0]) - 1
+            words = np.asarray(upload.arrays["words"]).view(np.uint64)
+            spec = SumSpec.model_validate(upload.doc["spec"])
+            assert words.shape == (spec.limbs, sum(block.size for block in spec.blocks)), site
+            if group == "1-upload":  # the same request as the replay: compare with the site's own sums
+                encoded = FixedPointCodec(spec, max_sites=SITES).encode(Statistics.from_arrays(plain[site].arrays))
+                assert words.dtype == np.uint64 and words.shape == encoded.shape
+                assert np.mean(words == encoded) < 0.01, site  # not the site's sums, in (almost) no place
             bits.append(np.unpackbits(words.view(np.uint8)))
     assert abs(np.concatenate(bits).mean() - 0.5) < 0.02  # masked words look uniformly random
 
 
 def test_below_the_threshold_the_job_aborts_and_the_survivors_audit_it(
-    federation: Federation, dropout_report: tuple[JobReport, Path], tmp_path: Path
+    federation: Federation, dropout_report: Dropout, tmp_path: Path
 ) -> None:
     restart_site(Path(federation.state.directory), f"site{DROPPING}")
     strict = federation.spec.model_copy(update={"threshold": SITES})
-    out = tmp_path / "report.json"
+    output = tmp_path / "strict"
     with pytest.raises(FederationError, match="secure sum aborted, nothing released"):
-        launch(federation.job(out).model_copy(update={"secure": strict}))
-    failed = read_report(out)
-    assert failed.status == "failed" and failed.scores == {} and failed.secure is not None
+        launch(federation.job(output, strict))
+    failed = read_status(output / "run.json")
+    assert failed.status == "failed" and not (output / "report.json").exists()
     assert f"site{DROPPING}" in failed.failures and "threshold" in str(failed.error)
-    job_id = failed.secure["job_id"]
     for index in range(DROPPING):
         kinds = [d["message_type"] for d in federation.decisions(index, failed.run_id)]
-        assert "query.secure_reveal" not in kinds and kinds[-1] == "query.secure_abort"
-        aborts = [r for r in read_records(federation.home(index) / "audit") if r.kind == "abort" and r.run_id == job_id]
+        assert "query.secure_reveal" not in kinds and "query.secure_abort" in kinds, kinds
+        assert kinds[:kinds.index("query.secure_abort")] == ["query.setup", "query.secure_advertise",
+                                                              "query.secure_share", "query.secure_upload"], kinds
+        aborts = [r for r in read_records(federation.home(index) / "audit")
+                  if r.kind == "abort" and r.run_id.startswith(f"run-{failed.run_id}-")]
         assert [r.reason_code for r in aborts] == ["secure:below_threshold"]

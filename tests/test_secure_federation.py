@@ -1,32 +1,37 @@
 """The secure sum over real Flower processes on loopback.
 
 One federation serves the module: a SuperLink with TLS and SuperNode authentication, three
-fedmte site runners, started once and stopped in the fixture's ``finally``. Each site gets an
-identity key and its own ``secure.toml`` (pinned coordinator key, roster, audit log) beside
-its data file, which makes it refuse plain statistics. A secure scoring job then gives the
-scores ``fedmte.score`` gives on the pooled rows, with the round trips the protocol states,
-and a plain job is refused at every site. Forgeries, masked uploads, a site crashing after
-key sharing and an abort below the threshold are shown over five real site runners in
+fedmte site runners, started once and stopped in the fixture's ``finally``. Each site is a
+site agent whose ``site.toml`` holds precomputed features (``[data] kind = "features"``, DP
+off) and a ``[secure]`` table (identity key, roster, floors on the declared bounds) that
+requires the secure sum, so the site refuses plain statistics. A secure job scoring the
+sites' features (one ``site_features`` candidate) then gives the scores ``fedmte.score``
+gives on the pooled rows, with the round trips the protocol states, and a plain job is
+refused at every site. Forgeries, masked uploads, a site crashing after key sharing and an
+abort below the threshold are shown over five real site runners in
 ``test_secure_dropout.py``; every corner of the protocol in-process in ``test_secure_rounds.py``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fedmte.protocol.errors import FederationError
-from fedmte.protocol.secure_rounds import DeclaredBounds
-from fedmte.server.job_runner import JobReport, launch
-from fedmte.server.secure_aggregation import SecureJobSpec, provision
-from fedmte.trial.local_federation import LocalFederation, down, up
 
 import fedmte
+from fedmte.client.site_config import load_site_config
+from fedmte.protocol.errors import FederationError
+from fedmte.protocol.secure_rounds import DeclaredBounds
+from fedmte.server.coordinator import launch
+from fedmte.server.report import Report, RunStatus, read_report
+from fedmte.server.secure_aggregation import SecureJobSpec
+from fedmte.trial.local_federation import LocalFederation, down, up
+from fedmte.trial.local_sites import provision
 from tests.datasets import DATASETS, site_split_without_class
-from tests.test_flower_federation import job, site_files
+from tests.test_flower_federation import decisions, job, received, site_features_scores, site_files
 
 pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
 
@@ -34,15 +39,32 @@ DATA = DATASETS["basic"]
 SCORERS = ["hscore", "leep", "gbc", "logme", "nce"]
 
 
+def require_secure_sum(state: LocalFederation, bounds: DeclaredBounds) -> SecureJobSpec:
+    """Provision the sites' ``[secure]`` tables again, now requiring the secure sum (``up``
+    provisions it with plain jobs still allowed); the identity keys stay. Done before any
+    job reaches the sites, which read their site files on the first message."""
+    return provision({site.name: Path(site.site_file) for site in state.sites}, Path(state.coordinator_key),
+                     bounds=bounds, require_secure_sum=True)
+
+
+@dataclass(frozen=True)
+class Secured:
+    status: RunStatus
+    report: Report
+    output: Path
+
+
 @pytest.fixture(scope="module")
 def secure_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalFederation, SecureJobSpec]]:
     root = tmp_path_factory.mktemp("secure-federation")
     data = site_files(root / "data", site_split_without_class(DATA, absent=0, sites=3))
-    state = up(root / "local", 3, data=data, runner="site")
+    state = up(root / "local", 3, data=data, runner="site", dp=False)
     try:
         bounds = DeclaredBounds(max_rows=1000, feature_norm=float(np.max(np.linalg.norm(DATA.features, axis=1))) * 2)
-        spec = provision({site.name: Path(site.data).parent for site in state.sites},
-                         Path(state.directory) / "secure" / "coordinator.pem", bounds=bounds)
+        spec = require_secure_sum(state, bounds)
+        for site in state.sites:
+            config = load_site_config(site.site_file)
+            assert config.data.kind == "features" and config.secure is not None and config.secure.require_secure_sum
         yield state, spec
     finally:
         down(Path(state.directory))
@@ -50,44 +72,58 @@ def secure_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
 
 @pytest.fixture(scope="module")
 def secure_report(secure_federation: tuple[LocalFederation, SecureJobSpec],
-                  tmp_path_factory: pytest.TempPathFactory) -> JobReport:
+                  tmp_path_factory: pytest.TempPathFactory) -> Secured:
     state, spec = secure_federation
-    out = tmp_path_factory.mktemp("secure-reports") / "report.json"
-    return launch(job(state, out, SCORERS).model_copy(update={"secure": spec}))
+    output = tmp_path_factory.mktemp("secure-reports")
+    status = launch(job(state, output, SCORERS, secure=spec.model_dump(mode="json")))
+    return Secured(status, read_report(output / "report.json"), output)
 
 
-def test_secure_job_scores_equal_pooled_scores(secure_report: JobReport) -> None:
+def test_secure_job_scores_equal_pooled_scores(secure_report: Secured) -> None:
     pooled = fedmte.score(DATA.features, DATA.labels, source_probs=DATA.source_probs, scorers=SCORERS)
-    assert secure_report.status == "finished" and secure_report.sites == 3
+    status, report = secure_report.status, secure_report.report
+    assert status.status == "finished" and status.sites == 3
+    scores = site_features_scores(report)
     for name in SCORERS:
-        assert secure_report.scores[name] == pytest.approx(pooled[name], rel=1e-6), name
-    summary = secure_report.secure
-    assert summary is not None and summary["sites"] == ["site0", "site1", "site2"] and summary["failures"] == {}
-    assert summary["threshold"] == 2 and summary["phases_run"] == secure_report.planned_rounds
-    steps = [step["name"] for step in summary["steps"]]
-    assert steps[:2] == ["secure setup (advertise)", "secure setup (share)"]
-    assert len(steps) == 2 + 2 * secure_report.planned_rounds  # upload + reveal per phase (self masks)
-    print(f"\nsecure job over 3 site runners: setup {summary['setup_seconds']:.2f} s (2 round trips), "
-          f"{secure_report.seconds_per_round_trip:.2f} s per statistics round (upload + reveal), "
-          f"{secure_report.total_seconds:.1f} s in all")
+        assert scores[name] == pytest.approx(pooled[name], rel=1e-6), name
+    assert report.privacy.secure_sum and [s.name for s in report.sites] == ["site0", "site1", "site2"]
+    assert all(stat.masked for site in report.sites for stat in site.statistics)
+    assert not any("secure sum left out" in note for note in report.notes)  # every site is in every sum
+    # The round trips the coordinator made, from its digest of every reply: the job's setup, the
+    # secure setup (advertise, share), then upload + reveal per phase (self masks), and finish;
+    # every site answered each one.
+    rounds = status.planned_rounds
+    groups: dict[str, set[str]] = {}
+    for reply in received(secure_report.output):
+        groups.setdefault(f"{reply['query']} {reply['group']}", set()).add(str(reply["site"]))
+    assert list(groups) == ["setup setup", "secure_advertise secure-setup-1", "secure_share secure-setup-2",
+                            *(f"secure_{step} {k}-{step}" for k in range(1, rounds + 1) for step in ("upload", "reveal")),
+                            "finish finish"]
+    assert all(sites == {"site0", "site1", "site2"} for sites in groups.values())
+    stats = [r for r in status.rounds if r.kinds]
+    assert len(stats) == rounds
+    print(f"\nsecure job over 3 site runners: {status.seconds_per_round_trip:.2f} s per statistics round "
+          f"(upload + reveal), {status.total_seconds:.1f} s in all, of which "
+          f"{status.total_seconds - sum(r.seconds for r in status.rounds):.2f} s outside the job's rounds "
+          "(the secure setup's two round trips and the ServerApp's start)")
 
 
 def test_every_site_answered_only_signed_secure_steps(secure_federation: tuple[LocalFederation, SecureJobSpec],
-                                                      secure_report: JobReport) -> None:
+                                                      secure_report: Secured) -> None:
     state, _ = secure_federation
-    rounds = secure_report.planned_rounds
-    for site in state.sites:
-        lines = (Path(site.data).parent / "decisions.jsonl").read_text().splitlines()
-        mine = [json.loads(line) for line in lines if json.loads(line)["run_id"] == secure_report.run_id]
-        assert [d["message_type"] for d in mine] == ["query.describe", "query.secure_advertise", "query.secure_share"] \
-            + ["query.secure_upload", "query.secure_reveal"] * rounds
+    status = secure_report.status
+    for index in range(len(state.sites)):
+        mine = decisions(state, index, status.run_id)
+        assert [d["message_type"] for d in mine] == ["query.setup", "query.secure_advertise", "query.secure_share"] \
+            + ["query.secure_upload", "query.secure_reveal"] * status.planned_rounds + ["query.finish"]
         assert all(d["accepted"] for d in mine)
 
 
 def test_a_plain_job_is_refused_by_sites_that_require_the_secure_sum(
-    secure_federation: tuple[LocalFederation, SecureJobSpec], secure_report: JobReport, tmp_path: Path
+    secure_federation: tuple[LocalFederation, SecureJobSpec], secure_report: Secured, tmp_path: Path
 ) -> None:
     state, _ = secure_federation
     with pytest.raises(FederationError, match="releases statistics only through the secure sum") as caught:
-        launch(job(state, tmp_path / "plain.json", ["nce"]))
+        launch(job(state, tmp_path / "plain", ["nce"]))
     assert set(caught.value.failures) == {str(site.node_id) for site in state.sites}
+    assert not (tmp_path / "plain" / "report.json").exists()
