@@ -208,7 +208,7 @@ def verify_signature(
         raise SignatureError(f"signature.json is malformed: {str(error).splitlines()[0]}") from None
     if not pinned:
         raise UntrustedKeyError(
-            "the site pins no package-signing keys; add the coordinator's public key to [trust] keys in site.toml"
+            "the site trusts no coordinator key; add the coordinator's public key to [trust.coordinators] in site.toml"
         )
     public_key = pinned.get(signature.key_id)
     if public_key is None:

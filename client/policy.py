@@ -224,4 +224,4 @@ def check_coordinator(policy: SitePolicy, key_fingerprint: str) -> str:
         if pinned == key_fingerprint:
             return name
     raise PolicyRefusal([("coordinator_keys", f"coordinator key {key_fingerprint[:16]}... is not pinned by this "
-                                              "site; the data owner must add it to coordinator_keys")])
+                                              "site; the data owner must list it in [trust.coordinators] of the site file")])

@@ -253,7 +253,7 @@ class SecureSite:
             return error
 
         if signer not in self._pinned:
-            raise refuse("secure:unknown_signer", "coordinators", VerificationError(
+            raise refuse("secure:unknown_signer", "trust.coordinators", VerificationError(
                 f"request signed by unknown coordinator key {signer[:16]}...; this site pins {len(self._pinned)} "
                 "coordinator key(s) in [trust.coordinators] of its site file: the data owner must add the key to accept it"
             ))
@@ -302,9 +302,9 @@ class SecureSite:
             raise ProtocolError(f"job {params.job_id!r} was already set up at this site; setup runs once per job")
         if self.config.require_self_masks and not params.self_masks:
             raise RefusalError("this site takes part only in jobs with self masks (require_self_masks = true)",
-                               reason_code="secure:self_masks_required", rule="require_self_masks")
-        floors = [("min_declared_rows", "max_rows", body.bounds.max_rows, self.config.min_declared_rows),
-                  ("min_declared_feature_norm", "feature_norm", body.bounds.feature_norm,
+                               reason_code="secure:self_masks_required", rule="secure.require_self_masks")
+        floors = [("secure.min_declared_rows", "max_rows", body.bounds.max_rows, self.config.min_declared_rows),
+                  ("secure.min_declared_feature_norm", "feature_norm", body.bounds.feature_norm,
                    self.config.min_declared_feature_norm)]
         for rule, name, declared, floor in floors:
             if declared < floor:
@@ -384,7 +384,7 @@ class SecureSite:
 
     def _abort(self, session: _Session, body: AbortBody) -> Payload:
         self._end(session, body.reason_code, body.detail)
-        return Payload(doc={"recorded": self.config.audit_dir is not None})
+        return Payload(doc={"recorded": self._audit_writer is not None or self.config.audit_dir is not None})
 
     def _end(self, session: _Session, reason_code: str, detail: str) -> None:
         """Forget the job (its keys and shares) and record the abort."""

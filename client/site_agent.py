@@ -7,10 +7,10 @@ cache; nothing a coordinator sends can change them. The agent answers the three 
 of a job (:mod:`fedmte.protocol.job_messages`):
 
 ``setup``
-    Checks that the coordinator's key is pinned by the policy (``coordinator_keys``) and
-    that it signed the request, that the policy allows every scorer the job names, then
+    Checks that the coordinator's key is one the site file trusts (``[trust.coordinators]``)
+    and that it signed the request, that the policy allows every scorer the job names, then
     each offered model package: its id is the hash of its manifest, its signature verifies
-    under a key pinned in ``[trust] keys``, the site can build its architecture, the policy
+    under a trusted coordinator key, the site can build its architecture, the policy
     allows that architecture and its feature width (``allowed_architectures``,
     ``max_feature_dim``), and it reads this site's kind of data. A package the site staged
     earlier (``<cache_dir>/packages/<model id>``) is verified again from disk; a new one is

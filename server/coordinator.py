@@ -344,7 +344,9 @@ def _plan_model(record: ModelRecord, job: JobSpec) -> None:
     usable = []
     for name in job.scorers_to_run:
         if SCORERS[name].needs_source_probs and not has_probs:
-            record.failures[name] = "needs source-class probabilities; this model has no source classifier head"
+            record.failures[name] = ("needs source-class probabilities; the sites hold none for these features"
+                                     if record.package.site_features else
+                                     "needs source-class probabilities; this model has no source classifier head")
         else:
             usable.append(name)
     if not usable:

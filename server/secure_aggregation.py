@@ -20,7 +20,7 @@ Round trips
   with self masks (the default), and in the one-round mode (``self_masks=False``) only when a
   site dropped out. So a phase costs two round trips with self masks and one without.
 
-The phase count is the plan's round count (:func:`fedmte.server.rounds.run_scoring` calls
+The phase count is the job's round count (:func:`fedmte.server.coordinator.execute_job` calls
 :meth:`begin_job` with it); keys for every phase are agreed in the one setup.
 
 Dropouts and aborts

@@ -175,7 +175,7 @@ def test_package_signed_by_an_unpinned_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_site_without_pinned_keys_refuses_everything(package: Path) -> None:
-    with pytest.raises(UntrustedKeyError, match="pins no package-signing keys"):
+    with pytest.raises(UntrustedKeyError, match=r"trusts no coordinator key; add .*\[trust.coordinators\]"):
         verify_package(package, [])
 
 

@@ -472,7 +472,7 @@ def test_replayed_tampered_stale_and_unknown_signer_requests_are_refused_and_aud
         "secure:replay", "secure:bad_request", "secure:bad_request", "secure:unknown_signer", "secure:stale",
         "secure:bad_request",
     ]
-    assert refusals[3].rule == "coordinators"
+    assert refusals[3].rule == "trust.coordinators"
     assert site.jobs == ("job-refusals",)  # only the genuine request set anything up
     # the nonce survives a restart of the site (state_dir), so the replay stays refused
     restarted = federation.fresh_site("site0")
@@ -489,7 +489,7 @@ def test_a_job_declaring_bounds_below_a_sites_floors_is_refused_before_any_data_
         probing.begin_job(federation.exchange, 1)
     assert all("declares max_rows = 10, below this site's floor 240" in r for r in caught.value.failures.values())
     refusals = [r for r in federation.audit("site0") if r.kind == "refusal"]
-    assert [(r.reason_code, r.rule) for r in refusals] == [("secure:bounds_below_floor", "min_declared_rows")]
+    assert [(r.reason_code, r.rule) for r in refusals] == [("secure:bounds_below_floor", "secure.min_declared_rows")]
 
 
 def test_a_job_naming_a_site_outside_the_sites_own_roster_is_refused(tmp_path: Path) -> None:

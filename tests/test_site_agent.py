@@ -326,5 +326,5 @@ def test_one_coordinator_key_drives_packages_jobs_and_the_secure_sum(tmp_path: P
     refusals = [r for r in read_records(site_file.parent / "audit") if isinstance(r, RefusalRecord)]
     assert [(r.run_id, r.rule) for r in refusals] == [
         ("601", "trust.coordinators"), ("602", "trust.coordinators"), ("603", "coordinator_keys"),
-        ("job-old-2", "coordinators"),
+        ("job-old-2", "trust.coordinators"),
     ]
