@@ -27,10 +27,11 @@ from fedmte.protocol.errors import FederationError
 from fedmte.protocol.scorers import SCORERS
 from fedmte.server.coordinator import load_coordinator_key, run_job
 from fedmte.server.job import JobSpec, job_from_dict
-from fedmte.server.job_runner import JobReport
+from fedmte.server.report import RunStatus, read_status
 from fedmte.server.report import Report, read_report
 from fedmte.trial.local_federation import LocalFederation, down, up
-from fedmte.trial.local_sites import example_packages, toml_text
+from fedmte.client.site_config import toml_text
+from fedmte.trial.local_sites import example_packages
 from tests.job_helpers import LABELS, MODELS, SCORERS as JOB_SCORERS, SOURCE_SCORERS, pooled_reference, site_arrays
 
 pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
@@ -80,8 +81,8 @@ def main_job(federation: LocalFederation, packages: dict[str, Path], tmp_path_fa
     return report, output, time.perf_counter() - start
 
 
-def status(output: Path) -> JobReport:
-    return JobReport.model_validate_json((output / "run.json").read_text())
+def status(output: Path) -> RunStatus:
+    return read_status(output / "run.json")
 
 
 def test_federated_scores_equal_fedmte_score_on_pooled_features(
