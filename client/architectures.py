@@ -59,7 +59,6 @@ from fedmte.client.errors import (
     UnexpectedTensorError,
     UnknownArchitectureError,
 )
-from fedmte.protocol.manifest import ModelManifest, SourceHead
 from fedmte.client.packages import (
     PackageReport,
     VerifiedPackage,
@@ -70,6 +69,7 @@ from fedmte.client.packages import (
 )
 from fedmte.client.weights import WeightLimits
 from fedmte.protocol.errors import FedmteError
+from fedmte.protocol.manifest import ModelManifest, SourceHead
 
 MAX_WIDTH = 65_536
 

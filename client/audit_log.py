@@ -43,8 +43,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedmte.protocol.keys import fingerprint, load_private_key, write_private_key
-from fedmte.protocol.durable import atomic_write
 from fedmte.protocol import audit_format as fmt
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import (
@@ -67,7 +65,9 @@ from fedmte.protocol.audit_format import (
     StatBlock,
     dec,
 )
+from fedmte.protocol.durable import atomic_write
 from fedmte.protocol.errors import InvalidInputError, VerificationError
+from fedmte.protocol.keys import fingerprint, load_private_key, write_private_key
 
 LOG_FILE = "log.jsonl"
 PAYLOADS_DIR = "payloads"
@@ -120,10 +120,6 @@ def _format_ts(moment: datetime) -> str:
 
 def _parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text)  # the record schema has already fixed the "...ssssssZ" form
-
-
-
-
 
 
 # --------------------------------------------------------------------------- replay

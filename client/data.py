@@ -46,7 +46,6 @@ from fedmte.client.errors import (
     LabelMappingError,
     SiteDataError,
 )
-from fedmte.protocol.manifest import ImagePreprocessing, Preprocessing, TextPreprocessing, VectorPreprocessing, canonical_json
 from fedmte.client.preprocess import (
     RowError,
     check_image_array,
@@ -58,6 +57,13 @@ from fedmte.client.preprocess import (
 )
 from fedmte.client.site_config import ArraySource, DataSource, FeaturesSource, ImageFolderSource, TableSource
 from fedmte.protocol.inputs import PROBABILITY_TOLERANCE
+from fedmte.protocol.manifest import (
+    ImagePreprocessing,
+    Preprocessing,
+    TextPreprocessing,
+    VectorPreprocessing,
+    canonical_json,
+)
 
 FINGERPRINT_SCHEMA = "fedmte.dataset_fingerprint.v1"
 MAX_EXAMPLES = 20

@@ -26,10 +26,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, StringConstraints, ValidationError
 
-from fedmte.protocol.encoding import StrictModel
-from fedmte.protocol.durable import atomic_write
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import GENESIS, Decimal, Hex64, LedgerHead, canonical_json, dec
+from fedmte.protocol.durable import atomic_write
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import BudgetExceededError, InvalidInputError, VerificationError
 
 LEDGER_SCHEMA = "fedmte.ledger.v1"
@@ -40,8 +40,6 @@ RELEASES_DIR = "releases"
 CAP_RELATIVE_SLACK = 1e-12
 BUDGET_REASON = "budget_exhausted"
 BUDGET_RULE = "dp.epsilon_budget"
-
-
 
 
 class SourceSpend(StrictModel):
@@ -94,10 +92,6 @@ class Receipt:
     head: LedgerHead
     payload_sha256: str
     suppressed_classes: dict[str, list[int]]
-
-
-
-
 
 
 class Ledger:

@@ -43,9 +43,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedmte.protocol import keys
-from fedmte.protocol.errors import VerificationError
-from fedmte.protocol.keys import load_private_key, public_key_text, write_private_key
 from fedmte.client.errors import (
     PackageError,
     SignatureError,
@@ -53,8 +50,11 @@ from fedmte.client.errors import (
     UntrustedKeyError,
     WeightsHashMismatchError,
 )
-from fedmte.protocol.manifest import ModelManifest, strict_json_loads
 from fedmte.client.weights import WeightLimits, parse_safetensors, read_bounded
+from fedmte.protocol import keys
+from fedmte.protocol.errors import VerificationError
+from fedmte.protocol.keys import load_private_key, public_key_text, write_private_key
+from fedmte.protocol.manifest import ModelManifest, strict_json_loads
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"

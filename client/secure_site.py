@@ -50,12 +50,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from fedmte.client import site_agent
 from fedmte.client.audit_log import AuditLog, load_signing_key
 from fedmte.client.site_config import SiteConfig, load_site_config
@@ -99,7 +100,6 @@ from fedmte.protocol.wire import (
     SECURE_UPLOAD,
     Payload,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 NONCES_FILE = "secure_nonces.txt"
 

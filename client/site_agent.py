@@ -59,12 +59,10 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedmte.protocol.encoding import StrictModel
 from fedmte.client.architectures import LoadedModel, load_verified, resolve
 from fedmte.client.audit_log import key_fingerprint, load_signing_key
 from fedmte.client.cache import CacheEntry, FeatureCache
 from fedmte.client.data import FeatureData, SiteData, open_site_data
-from fedmte.protocol.durable import atomic_write
 from fedmte.client.errors import (
     ArchitectureConfigError,
     PackageError,
@@ -76,7 +74,6 @@ from fedmte.client.errors import (
     UntrustedKeyError,
 )
 from fedmte.client.extract import ExtractionSettings, ModelMetrics, extract
-from fedmte.protocol.manifest import ModelManifest
 from fedmte.client.packages import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -92,17 +89,19 @@ from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note
 from fedmte.protocol.catalogue import Batch
+from fedmte.protocol.durable import atomic_write
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import FedmteError, PolicyRefusal, ProtocolError, RefusalError
 from fedmte.protocol.job_messages import (
     FINISH,
     SETUP,
+    SITE_FEATURES,
     FinishReply,
     FinishRequest,
     JobRoundRequest,
     ModelOffer,
     ModelStatus,
     ReleaseCost,
-    SITE_FEATURES,
     RoundReplyDoc,
     SetupReply,
     SetupRequest,
@@ -112,6 +111,7 @@ from fedmte.protocol.job_messages import (
     parse_setup,
     wire_bytes,
 )
+from fedmte.protocol.manifest import ModelManifest
 from fedmte.protocol.wire import STATS, Payload
 
 SITE_FILE_KEY = "site-file"
@@ -124,8 +124,6 @@ PACKAGES_DIR = "packages"
 JOBS_DIR = "jobs"
 MAX_SOURCE_NAME = 200
 Seal = Callable[[Payload], Payload]
-
-
 
 
 class SessionModel(StrictModel):

@@ -66,17 +66,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fedmte.protocol.encoding import StrictModel
 from fedmte.client.errors import SiteConfigError
 from fedmte.client.policy import Fingerprint, SitePolicy
 from fedmte.client.weights import WeightLimits
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import FedmteError
 from fedmte.protocol.keys import fingerprint, parse_public_key
 from fedmte.protocol.secure_sum import SITE_ID_PATTERN
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
 
 
 class SiteInfo(StrictModel):

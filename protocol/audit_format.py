@@ -161,7 +161,6 @@ class MerkleAccumulator:
 # --------------------------------------------------------------------------- records
 
 
-
 class ModelRef(StrictModel):
     """A candidate model: the site's architecture id and the sha256 of its weights."""
 

@@ -84,7 +84,6 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
-
 from pydantic_core import PydanticCustomError
 
 from fedmte.protocol.errors import InvalidInputError

@@ -44,13 +44,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from fedmte.protocol.encoding import canonical_json, StrictModel
+from fedmte.protocol.encoding import StrictModel, canonical_json
 from fedmte.protocol.errors import ProtocolError, StatisticsError
 from fedmte.protocol.messages import RoundRequest, StatSpec, decode_round, encode_round
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.statistics import Statistics
 from fedmte.protocol.wire import FINISH, SETUP, Payload
-
 
 SETUP_SCHEMA = "fedmte.job_setup.v1"
 SETUP_REPLY_SCHEMA = "fedmte.job_setup_reply.v1"
@@ -62,8 +61,6 @@ SETUP_SIGNING_DOMAIN = b"fedmte.job_setup.v1"
 WIRE_MAGIC = b"FMTMSG1\n"
 WEIGHTS_PREFIX = "weights/"
 HEX64 = r"^[0-9a-f]{64}$"
-
-
 
 
 def _parse(model: type[BaseModel], doc: Mapping[str, Any], what: str) -> Any:

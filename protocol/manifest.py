@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, JsonValue, model_validator
 
-from fedmte.protocol.encoding import canonical_json, StrictModel
+from fedmte.protocol.encoding import StrictModel, canonical_json
 
 MANIFEST_SCHEMA = "fedmte.model_manifest.v1"
 
@@ -26,8 +26,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MAX_IMAGE_SIDE = 4096
 MAX_TEXT_TOKENS = 65536
-
-
 
 
 class ImagePreprocessing(StrictModel):

@@ -77,7 +77,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from fedmte.protocol.encoding import canonical_json, frame, StrictModel
+from pydantic import Field, ValidationError
+
+from fedmte.protocol.encoding import StrictModel, canonical_json, frame
 from fedmte.protocol.errors import ProtocolError, StatisticsError, VerificationError
 from fedmte.protocol.fixed_point import DEFAULT_LIMBS, BlockSpec, SumSpec
 from fedmte.protocol.inputs import PROBABILITY_TOLERANCE
@@ -95,7 +97,6 @@ from fedmte.protocol.wire import (
     STATS,
     Payload,
 )
-from pydantic import Field, ValidationError
 
 ENVELOPE_SCHEMA = "fedmte.secure_request.v1"
 NONCE_HEX = 32  # 128-bit nonces
@@ -110,8 +111,6 @@ Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Step = Literal["secure_advertise", "secure_share", "secure_upload", "secure_reveal", "secure_abort"]
 if set(get_args(Step)) != set(SECURE_QUERIES):  # the wire names and the signed steps must be one list
     raise ImportError("fedmte.protocol.wire.SECURE_QUERIES and secure_rounds.Step disagree")
-
-
 
 
 # --------------------------------------------------------------------------- keys and encodings

@@ -108,8 +108,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedmte.protocol.encoding import frame
 from fedmte.protocol import shamir
+from fedmte.protocol.encoding import frame
 from fedmte.protocol.errors import ProtocolError, ThresholdError, VerificationError
 from fedmte.protocol.fixed_point import FixedPointCodec, SumSpec, ring_add, ring_sub
 from fedmte.protocol.statistics import Statistics

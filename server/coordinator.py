@@ -48,9 +48,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedmte.protocol.manifest import ModelManifest, strict_json_loads
 from fedmte.protocol import dp
-from fedmte.protocol.keys import public_key_text
 from fedmte.protocol.audit_format import parse_note
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError, VerificationError
 from fedmte.protocol.job_messages import (
@@ -73,20 +71,23 @@ from fedmte.protocol.job_messages import (
     split_statistics,
     wire_bytes,
 )
+from fedmte.protocol.keys import public_key_text
+from fedmte.protocol.manifest import ModelManifest, strict_json_loads
 from fedmte.protocol.plan import PlanRun, ScoringResult, execute_many, make_plan
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import SCORERS
 from fedmte.protocol.statistics import Statistics
 from fedmte.protocol.wire import SECURE_UPLOAD, Payload
 from fedmte.server.job import JobSpec
+from fedmte.server.job_runner import FAB_DIR, flwr_env, submit_run, wait_for_status
 from fedmte.server.ranking import ModelMetadata, rank_models
 from fedmte.server.report import (
     DisclosedStatistic,
     Report,
     RoundInfo,
-    SiteDisclosure,
     RoundStatus,
     RunStatus,
+    SiteDisclosure,
     SitePrivacy,
     build_report,
     read_report,
@@ -94,7 +95,6 @@ from fedmte.server.report import (
     write_status,
 )
 from fedmte.server.rounds import Aggregator, Exchange, PlainSum
-from fedmte.server.job_runner import FAB_DIR, flwr_env, submit_run, wait_for_status
 from fedmte.server.secure_aggregation import SecureAggregator, load_coordinator_key
 from fedmte.server.site_probe import probe_sites
 

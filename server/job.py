@@ -111,8 +111,6 @@ Aggregate = Literal["mean_rank", "median_rank", "borda", "single"]
 Ties = Literal["average", "min"]
 
 
-
-
 # --------------------------------------------------------------------------- scorers
 
 def _check_scorer(name: str) -> str:

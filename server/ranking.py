@@ -71,8 +71,6 @@ MIB = 2**20  # the "MB" of max_peak_memory_mb
 Status = Literal["recommended", "eligible", "flagged", "filtered"]
 
 
-
-
 class SiteMeasurement(BaseModel):
     """One model's cost at one site, as the site measured it during its extraction pass.
 

@@ -33,8 +33,8 @@ from typing import Any, Final, Literal
 
 from pydantic import ConfigDict, Field
 
-from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.durable import replace_file
+from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import FederationError
 from fedmte.server.job import Constraints, JobSpec, PrivacyRequest
 from fedmte.server.ranking import Agreement, RankedModel, Ranking
@@ -50,8 +50,6 @@ _CELL_W, _CELL_H, _LABEL_CHAR_W, _MAX_LABEL_CHARS = 92, 26, 7.2, 32
 _LOW, _HIGH = (239, 243, 255), (8, 69, 148)  # sequential blue: worst -> best
 _NEG, _MID, _POS = (202, 0, 32), (247, 247, 247), (5, 113, 176)  # diverging: -1, 0, +1
 _FAILED = "#d9d9d9"
-
-
 
 
 class DisclosedStatistic(StrictModel):

@@ -68,6 +68,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from fedmte.protocol.errors import (
     FederationError,
     FedmteError,
@@ -77,8 +79,7 @@ from fedmte.protocol.errors import (
 )
 from fedmte.protocol.fixed_point import SumSpec
 from fedmte.protocol.job_messages import JobRoundRequest
-from fedmte.protocol.keys import load_private_key
-from fedmte.protocol.keys import fingerprint, parse_public_key
+from fedmte.protocol.keys import fingerprint, load_private_key, parse_public_key
 from fedmte.protocol.secure_rounds import (
     AbortBody,
     AdvertiseBody,
@@ -110,7 +111,6 @@ from fedmte.protocol.wire import (
     STATS,
     Payload,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class SecureJobSpec(BaseModel):

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import typer
-from rich.markup import escape
 from rich.console import Console
+from rich.markup import escape
 
 from fedmte.protocol.errors import FedmteError
 

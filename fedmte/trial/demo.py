@@ -70,11 +70,11 @@ from fedmte.client.ledger import Ledger
 from fedmte.client.policy import DEFAULT_DELTA, DEFAULT_EPSILON_BUDGET, DEFAULT_EPSILON_PER_RELEASE
 from fedmte.client.site_config import AuditSettings, load_site_config, site_file_text
 from fedmte.protocol.catalogue import Batch, accumulate
-from fedmte.protocol.errors import InvalidInputError, VerificationError
 from fedmte.protocol.durable import replace_file
+from fedmte.protocol.errors import InvalidInputError, VerificationError
 from fedmte.protocol.evaluation import MIN_MODELS, RankingMetrics, evaluate_ranking, parse_scores
-from fedmte.protocol.plan import PlanRun, make_plan
 from fedmte.protocol.keys import fingerprint, load_private_key, public_key_text, write_private_key
+from fedmte.protocol.plan import PlanRun, make_plan
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.secure_sum import majority_threshold
 from fedmte.server.job import JobSpec, load_job
@@ -453,8 +453,8 @@ def run_job(setup: DemoSetup, transport: Transport = "federation", progress: Dem
     if transport == "in-process":
         say.detail(f"running the job: {DEMO_ROUNDS} statistics rounds for {len(setup.models)} models")
         return run_job_in_process(setup.job, setup.site_files)
-    from fedmte.trial import local_federation as lf
     from fedmte.server.coordinator import run_job as coordinator_run_job
+    from fedmte.trial import local_federation as lf
 
     directory = setup.out / FEDERATION_DIR
     say.detail("starting a SuperLink and one SuperNode per site (TLS, node authentication)")

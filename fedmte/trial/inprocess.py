@@ -19,7 +19,13 @@ from pathlib import Path
 
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError
 from fedmte.protocol.wire import Payload
-from fedmte.server.coordinator import build_job_report, execute_job, load_candidates, load_coordinator_key, write_job_outputs
+from fedmte.server.coordinator import (
+    build_job_report,
+    execute_job,
+    load_candidates,
+    load_coordinator_key,
+    write_job_outputs,
+)
 from fedmte.server.job import JobSpec
 from fedmte.server.report import Report, write_report
 

@@ -514,8 +514,7 @@ def write_example_job(state: LocalFederation, scorers: Sequence[str] | None = No
     for ``fedmte run``. Over sites of raw inputs its candidates are example MLP packages signed
     with the coordinator's key (``DIR/models/``); over features-kind sites, the sites' own
     features (a ``site_features`` candidate)."""
-    from fedmte.client.site_config import load_site_config
-    from fedmte.client.site_config import toml_text
+    from fedmte.client.site_config import load_site_config, toml_text
     from fedmte.trial.local_sites import coordinator_key
 
     path = Path(state.directory) / "job.toml"

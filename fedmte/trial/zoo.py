@@ -61,11 +61,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as load_safetensors
 
-from fedmte.protocol.durable import replace_file
 from fedmte.client.architectures import ARCHITECTURES, CNNConfig, initial_weights, pack_model, parameter_count
-from fedmte.protocol.manifest import ImagePreprocessing, ModelManifest
 from fedmte.client.packages import tensors_to_bytes
+from fedmte.protocol.durable import replace_file
 from fedmte.protocol.errors import FedmteError, InvalidInputError
+from fedmte.protocol.manifest import ImagePreprocessing, ModelManifest
 
 ZOO_SCHEMA = "fedmte.zoo.v1"
 INDEX_FILE = "zoo.json"

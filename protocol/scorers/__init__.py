@@ -7,10 +7,21 @@ computed from sums of per-site statistics, with the reason.
 
 from __future__ import annotations
 
-from fedmte.protocol.scorers import gbc, hscore, linear_mse, logme, source_label, transrate
-from fedmte.protocol.scorers import ped, sfda
-from fedmte.protocol.scorers import etran, gbc_pca, ncti
-from fedmte.protocol.scorers import nleep, pactran
+from fedmte.protocol.scorers import (
+    etran,
+    gbc,
+    gbc_pca,
+    hscore,
+    linear_mse,
+    logme,
+    ncti,
+    nleep,
+    pactran,
+    ped,
+    sfda,
+    source_label,
+    transrate,
+)
 from fedmte.protocol.scorers.base import ScorerSpec
 
 SCORERS: dict[str, ScorerSpec] = {
