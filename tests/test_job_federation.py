@@ -30,7 +30,7 @@ from fedmte.server.job import JobSpec, job_from_dict
 from fedmte.server.report import RunStatus, read_status
 from fedmte.server.report import Report, read_report
 from fedmte.trial.local_federation import LocalFederation, down, up
-from fedmte.client.site_config import toml_text
+from fedmte.client.site_config import load_site_config, toml_text
 from fedmte.trial.local_sites import example_packages
 from tests.job_helpers import LABELS, MODELS, SCORERS as JOB_SCORERS, SOURCE_SCORERS, pooled_reference, site_arrays
 
@@ -208,9 +208,11 @@ def test_fedmte_audit_verify_passes_at_every_site_with_the_coordinators_witness(
 def test_a_secure_job_equals_pooled_scores_and_says_the_secure_sum_was_on(
     federation: LocalFederation, packages: dict[str, Path], main_job: tuple[Report, Path, float], tmp_path: Path
 ) -> None:
-    # `fedmte local up` put secure.toml beside each site.toml; its example job carries [secure]
+    # `fedmte local up` put a [secure] table in each site file; its example job carries [secure]
     assert federation.secure is not None and sorted(federation.secure.roster) == ["site0", "site1", "site2"]
-    assert all((Path(s.site_file or "").parent / "secure.toml").is_file() for s in federation.sites)
+    configs = [load_site_config(s.site_file) for s in federation.sites]
+    assert all(c.secure is not None and c.secure.roster == federation.secure.roster for c in configs)
+    assert all(not (Path(s.site_file).parent / "secure.toml").exists() for s in federation.sites)
     names = ["tanh-head", "gelu-head"]
     scorers = ["hscore", "leep", "gbc", "logme"]
     job = make_job(federation, packages, tmp_path / "secure", names, scorers=scorers)
