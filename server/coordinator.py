@@ -604,6 +604,7 @@ def serve_job(grid: Any, text: str, run_id: int) -> Report | None:
         raise InvalidInputError(f"the run config's 'job' is not a fedmte job: {error.error_count()} problem(s)") from None
     output = Path(job.output)
     status_path = output / STATUS_FILE
+    aggregator: Aggregator | None = None
     try:
         tune_pull_backoff()
         federation = job.federation
@@ -614,13 +615,14 @@ def serve_job(grid: Any, text: str, run_id: int) -> Report | None:
             return None
         key = load_coordinator_key(Path(spec.coordinator_key))
         packages = load_candidates(job)
-        outcome = execute_job(exchange, job, packages, key, run_id=str(run_id), aggregator=job_aggregator(job, str(run_id)))
+        aggregator = job_aggregator(job, str(run_id))
+        outcome = execute_job(exchange, job, packages, key, run_id=str(run_id), aggregator=aggregator)
         report = build_job_report(job, outcome)
         write_report(report, output)
         write_job_outputs(outcome, output)
     except FedmteError as error:
         write_status(RunStatus(status="failed", run_id=run_id, error=str(error), total_seconds=time.perf_counter() - start,
-                               failures=getattr(error, "failures", {})), status_path)
+                               failures=getattr(error, "failures", {}), secure=_secure_summary(aggregator)), status_path)
         raise
     trips = [r.seconds for r in outcome.rounds if r.kinds]
     write_status(RunStatus(
@@ -628,9 +630,13 @@ def serve_job(grid: Any, text: str, run_id: int) -> Report | None:
         rounds=[RoundStatus(name=r.name, seconds=r.seconds, kinds=r.kinds, bytes_per_site=r.bytes_per_site)
                 for r in outcome.rounds],
         seconds_per_round_trip=sum(trips) / len(trips) if trips else None,
-        total_seconds=time.perf_counter() - start,
+        total_seconds=time.perf_counter() - start, secure=_secure_summary(aggregator),
     ), status_path)
     return report
+
+
+def _secure_summary(aggregator: Aggregator | None) -> dict[str, Any] | None:
+    return aggregator.summary() if isinstance(aggregator, SecureAggregator) else None
 
 
 def _serve_probe(exchange: Exchange, job: JobSpec, run_id: int, start: float, status_path: Path) -> None:

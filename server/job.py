@@ -436,8 +436,9 @@ def job_from_dict(raw: Mapping[str, Any], *, source: str = "job", base: Path | N
     return job if base is None else job.resolved(base)
 
 
-def load_job(path: Path) -> JobSpec:
+def load_job(path: Path | str) -> JobSpec:
     """Read ``path`` (UTF-8 TOML), validate it and resolve its relative paths against its folder."""
+    path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"job file {path} does not exist")
     try:

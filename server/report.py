@@ -204,6 +204,8 @@ class RunStatus(StrictModel):
     total_seconds: float = 0.0
     error: str | None = None
     failures: dict[str, str] = Field(default_factory=dict)
+    secure: dict[str, Any] | None = Field(default=None, description="a secure-sum job: who summed, the threshold, "
+                                          "each secure step's round trip (SecureAggregator.summary)")
     probes: list[ProbeResult] | None = Field(default=None, description="a probe run: what each site did with each probe")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

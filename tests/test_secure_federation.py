@@ -102,6 +102,10 @@ def test_secure_job_scores_equal_pooled_scores(secure_report: Secured) -> None:
     assert all(sites == {"site0", "site1", "site2"} for sites in groups.values())
     stats = [r for r in status.rounds if r.kinds]
     assert len(stats) == rounds
+    summary = status.secure  # the secure sum's own account: who summed, under which threshold, each step
+    assert summary is not None and summary["sites"] == ["site0", "site1", "site2"] and summary["threshold"] == 2
+    assert summary["self_masks"] and summary["phases"] == summary["phases_run"] == rounds and not summary["failures"]
+    assert [step["name"] for step in summary["steps"]][:2] == ["secure setup (advertise)", "secure setup (share)"]
     print(f"\nsecure job over 3 site runners: {status.seconds_per_round_trip:.2f} s per statistics round "
           f"(upload + reveal), {status.total_seconds:.1f} s in all, of which "
           f"{status.total_seconds - sum(r.seconds for r in status.rounds):.2f} s outside the job's rounds "
