@@ -221,6 +221,56 @@ class Ledger:
 
     # ------------------------------------------------------------------ charging
 
+    def reserve(self, data_source: str, mu_release: float, mu_cap: float) -> Receipt:
+        """Spend ``mu_release`` on ``data_source`` now, before anything is computed: an attempt
+        costs its budget whether or not it ends in a release, so a failure cannot be probed
+        for free. :meth:`keep` later stores the bytes of a release that succeeded."""
+        if not (mu_release > 0 and math.isfinite(mu_release)):
+            raise InvalidInputError(f"a release costs a positive, finite mu, got {mu_release}")
+        self.check(data_source, mu_release, mu_cap)
+        state = self._file.state
+        before = self.spent_mu_sq(data_source)
+        after = dp.compose_sq(before, mu_release)
+        previous = state.sources.get(data_source)
+        sources = dict(state.sources)
+        sources[data_source] = SourceSpend(mu_sq=dec(after), releases=(previous.releases if previous else 0) + 1)
+        self._commit(sources=sources, releases=dict(state.releases))
+        return Receipt(
+            data_source=data_source, fingerprint="", cached=False, mu_release=mu_release, mu_sq_before=before,
+            mu_sq_after=after, mu_cap=mu_cap, head=self.head, payload_sha256="", suppressed_classes={},
+        )
+
+    def keep(self, reserved: Receipt, fingerprint: str, payload: bytes, *,
+             suppressed_classes: dict[str, list[int]] | None = None) -> Receipt:
+        """Keep the bytes of a release paid for by :meth:`reserve`, so an identical request
+        gets them back at no new cost. The bytes are written first, then the state; a crash in
+        between leaves an unreferenced file and the charge, never bytes without a charge.
+
+        The reservation's version is amended in place rather than followed by another: the
+        audit log records the ledger's head only with the release's intent, after this, so it
+        never saw the reserved state, and one charge stays one version."""
+        if reserved.head != self.head:
+            raise InvalidInputError("keep() amends the reservation just made; the ledger moved on since")
+        if fingerprint in self._file.state.releases:
+            raise InvalidInputError(f"request {fingerprint[:16]}... was already paid for; use lookup()")
+        payload_sha = hashlib.sha256(payload).hexdigest()
+        blob = self.directory / RELEASES_DIR / f"{payload_sha}.bin"
+        if not blob.exists():
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(blob, payload)
+        state = self._file.state
+        releases = dict(state.releases)
+        releases[fingerprint] = CachedRelease(
+            data_source=reserved.data_source, payload_sha256=payload_sha, bytes=len(payload),
+            mu_release=dec(reserved.mu_release), version=state.version, suppressed_classes=suppressed_classes or {},
+        )
+        self._commit(sources=dict(state.sources), releases=releases, amend=True)
+        return Receipt(
+            data_source=reserved.data_source, fingerprint=fingerprint, cached=False, mu_release=reserved.mu_release,
+            mu_sq_before=reserved.mu_sq_before, mu_sq_after=reserved.mu_sq_after, mu_cap=reserved.mu_cap,
+            head=self.head, payload_sha256=payload_sha, suppressed_classes=suppressed_classes or {},
+        )
+
     def charge(
         self,
         fingerprint: str,
@@ -231,42 +281,24 @@ class Ledger:
         *,
         suppressed_classes: dict[str, list[int]] | None = None,
     ) -> Receipt:
-        """Spend ``mu_release`` on ``data_source`` and keep ``payload`` for identical requests.
-
-        The bytes are written first, then the new state replaces the old atomically; a crash
-        in between leaves an unreferenced file and the old state, never a charge without bytes.
-        """
+        """:meth:`reserve` then :meth:`keep`: spend ``mu_release`` and keep ``payload``."""
         if fingerprint in self._file.state.releases:
             raise InvalidInputError(f"request {fingerprint[:16]}... was already paid for; use lookup()")
-        if not (mu_release > 0 and math.isfinite(mu_release)):
-            raise InvalidInputError(f"a release costs a positive, finite mu, got {mu_release}")
-        self.check(data_source, mu_release, mu_cap)
-        payload_sha = hashlib.sha256(payload).hexdigest()
-        blob = self.directory / RELEASES_DIR / f"{payload_sha}.bin"
-        if not blob.exists():
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(blob, payload)
+        reserved = self.reserve(data_source, mu_release, mu_cap)
+        return self.keep(reserved, fingerprint, payload, suppressed_classes=suppressed_classes)
+
+    def _commit(self, *, sources: dict[str, SourceSpend], releases: dict[str, CachedRelease], amend: bool = False) -> None:
+        """The next version of the state, chained to this one (``amend``: this version again,
+        chained to the previous one), written atomically."""
         state = self._file.state
-        before = self.spent_mu_sq(data_source)
-        after = dp.compose_sq(before, mu_release)
-        previous = state.sources.get(data_source)
-        sources = dict(state.sources)
-        sources[data_source] = SourceSpend(mu_sq=dec(after), releases=(previous.releases if previous else 0) + 1)
-        releases = dict(state.releases)
-        releases[fingerprint] = CachedRelease(
-            data_source=data_source, payload_sha256=payload_sha, bytes=len(payload), mu_release=dec(mu_release),
-            version=state.version + 1, suppressed_classes=suppressed_classes or {},
-        )
-        new_state = LedgerState(site_id=state.site_id, version=state.version + 1, prev_sha256=self._file.state_sha256,
-                                sources=sources, releases=releases)
+        history = self._file.history[:-1] if amend else self._file.history
+        version = state.version if amend else state.version + 1
+        prev = state.prev_sha256 if amend else self._file.state_sha256
+        new_state = LedgerState(site_id=state.site_id, version=version, prev_sha256=prev, sources=sources,
+                                releases=releases)
         sha = new_state.sha256()
-        self._file = LedgerFile(state=new_state, state_sha256=sha, history=[*self._file.history, sha])
+        self._file = LedgerFile(state=new_state, state_sha256=sha, history=[*history, sha])
         self._save()
-        return Receipt(
-            data_source=data_source, fingerprint=fingerprint, cached=False, mu_release=mu_release,
-            mu_sq_before=before, mu_sq_after=after, mu_cap=mu_cap, head=self.head, payload_sha256=payload_sha,
-            suppressed_classes=suppressed_classes or {},
-        )
 
     def _save(self) -> None:
         atomic_write(self.directory / LEDGER_FILE, canonical_json(self._file.model_dump(mode="json", by_alias=True)))

@@ -17,8 +17,14 @@ only defence that holds for any weights is in the site's own code, after the mod
    (:func:`noise_generator`), never from numpy's global state.
 4. Classes whose *noisy* count is below ``policy.min_noisy_class_count`` have their
    class rows zeroed (shapes never depend on the data).
-5. The ledger charges mu to the data source before anything leaves; an identical request
-   gets the same bytes back at no cost; a request past the cap is refused and audited.
+5. The ledger charges mu to the data source when the attempt starts, before the broadcast
+   arrays are checked or a row is read; an identical request gets the same bytes back at no
+   cost; a request past the cap is refused and audited. A failure after the charge is
+   :class:`ReleaseFailed`, one text whatever the data; the reason stays in the audit log.
+
+No row can turn a statistic into an error: broadcast arrays are finite and bounded
+(:func:`check_broadcast`, :data:`MAX_BROADCAST_ABS`), and a row whose contribution is still not
+finite is left out and counted (:func:`guarded_sums`), which the add/remove noise covers.
 
 :class:`SitePrivacy` runs these steps for a :class:`ReleaseRequest` and, in
 :meth:`SitePrivacy.disclose`, wraps the send in the audit log's intent and outcome records.
@@ -43,7 +49,7 @@ from fedmte.client.ledger import Ledger
 from fedmte.client.policy import SitePolicy, check_coordinator, violations
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import DatasetRef, ModelRef, PrivacyCharge, StatBlock, canonical_json, dec
-from fedmte.protocol.catalogue import Batch, accumulate, expected_shape
+from fedmte.protocol.catalogue import Batch, batch_sums, expected_shape
 from fedmte.protocol.errors import (
     BudgetExceededError,
     InvalidInputError,
@@ -62,6 +68,29 @@ CLASS_INDEXED = frozenset({
     "gmm_soft_joint", "class_prob_outer_sums",
 })
 _DTYPES = {"float64": np.dtype("<f8"), "int64": np.dtype("<i8")}
+MAX_BROADCAST_ABS = 1e8
+"""The largest magnitude a broadcast array entry (offset, basis, shift, classifier weights,
+mixture means and precisions) may have. With rows clipped, every logit, exponent and moment
+built from such arrays stays far inside float64, so no statistic can overflow on some rows
+and not on others: a huge weight can no longer turn one row's value into an error."""
+RELEASE_FAILED = "release:failed"
+
+
+class ReleaseFailed(RefusalError):
+    """A release that could not be computed. Its text is the same whatever the data and the
+    reason (which stays in the site's audit log), and its privacy cost was charged first."""
+
+    MESSAGE = ("refused by site: the release could not be computed, so nothing was released; its privacy cost "
+               "was charged when the attempt started and the reason is in the site's audit log")
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE, reason_code=RELEASE_FAILED, rule="release")
+
+
+def reply_text(error: BaseException) -> str:
+    """The text of the error reply a failure becomes on the wire (the site runner sends
+    ``<type>: <message>``), so the audit log can hold the exact bytes that leave."""
+    return f"{type(error).__name__}: {error}"
 
 
 # --------------------------------------------------------------------------- clipping
@@ -127,6 +156,7 @@ class ClipCounts:
     clipped: int = 0
     nonfinite_features: int = 0
     repaired_probs: int = 0
+    dropped_rows: int = 0  # rows whose statistics were not finite, left out of the sums
 
 
 def clip_batch(batch: Batch, clip_norm: float, counts: ClipCounts | None = None) -> Batch:
@@ -307,6 +337,56 @@ class PlannedBlock:
                          noise_std=dec(self.sigma) if self.sensitivity is not None else None)
 
 
+def check_broadcast(request: ReleaseRequest) -> None:
+    """Refuse a request whose broadcast arrays are not finite or exceed
+    :data:`MAX_BROADCAST_ABS`; decided from the request alone, before any row is read."""
+    for model in request.models:
+        for stat in model.unique_stats():
+            named = [(f"{stat.kind}.{name}", array) for name, array in stat.args]
+            named += [(f"{step.op}.{name}", array) for step in stat.view for name, array in step.args]
+            for label, array in named:
+                values = np.asarray(array)
+                if values.dtype.kind not in "fiub":
+                    raise RefusalError(f"refused by site: broadcast array {label} has dtype {values.dtype}; send numbers",
+                                       reason_code="broadcast:dtype", rule="broadcast.bounds")
+                values = values.astype(np.float64, copy=False)
+                if values.size and not (np.isfinite(values).all() and np.abs(values).max() <= MAX_BROADCAST_ABS):
+                    raise RefusalError(
+                        f"refused by site: broadcast array {label} holds values that are not finite or exceed "
+                        f"{MAX_BROADCAST_ABS:g} in magnitude; rescale it (features are clipped to the policy's clip norm)",
+                        reason_code="broadcast:out_of_bounds", rule="broadcast.bounds")
+
+
+def guarded_sums(stats: Sequence[Stat], batches: Iterable[Batch], counts: ClipCounts) -> dict[str, np.ndarray]:
+    """Sum the statistics over the batches so that no row can make a sum non-finite: a batch
+    whose sums are finite is added whole; otherwise its rows are added one by one and a row
+    whose contribution is not finite is left out (and counted, for the site's own report).
+    Leaving a row out is within the add/remove sensitivity every block is noised for."""
+    totals: dict[str, np.ndarray] = {}
+
+    def add(sums: Mapping[str, np.ndarray]) -> None:
+        for key, value in sums.items():
+            totals[key] = value if key not in totals else totals[key] + value
+
+    for batch in batches:
+        with np.errstate(all="ignore"):
+            sums = batch_sums(stats, batch)
+        if all(np.isfinite(value).all() for value in sums.values()):
+            add(sums)
+            continue
+        for row in range(len(batch.labels)):
+            one = Batch(features=None if batch.features is None else batch.features[row:row + 1],
+                        labels=batch.labels[row:row + 1], num_classes=batch.num_classes,
+                        source_probs=None if batch.source_probs is None else batch.source_probs[row:row + 1])
+            with np.errstate(all="ignore"):
+                sums = batch_sums(stats, one)
+            if all(np.isfinite(value).all() for value in sums.values()):
+                add(sums)
+            else:
+                counts.dropped_rows += 1
+    return totals
+
+
 def plan_blocks(request: ReleaseRequest, policy: SitePolicy) -> list[PlannedBlock]:
     """Shapes, sensitivities and noise for every block of a release; pure, no data read.
 
@@ -431,44 +511,77 @@ class SitePrivacy:
     # ------------------------------------------------------------------ releasing
 
     def prepare(self, request: ReleaseRequest, batches_for: BatchSource) -> Release:
-        """Check, compute, clip, noise and charge one release; nothing is sent here.
+        """Check, charge, compute, clip, noise and keep one release; nothing is sent here.
 
+        The order is what makes a failure safe to report: the policy and the budget are
+        checked from the request alone; then the release's cost is charged (an attempt pays
+        whether or not it ends in a release); then the broadcast arrays are checked, the
+        release planned (shapes, sensitivities, noise) and the rows read. A failure after the charge is :class:`ReleaseFailed`, whose text does not
+        depend on the data; the reason goes to the audit log with the reply's exact bytes.
         ``batches_for(model)`` streams that model's (unclipped) feature batches; it is only
         called when the release is new and within budget.
         """
         self.check(request)
-        planned = plan_blocks(request, self.policy)
         dp_on = self.policy.dp.enabled
         fingerprint = request_fingerprint(request, self.policy_sha256)
+        reserved = None
         if dp_on:
             cached = self.ledger.lookup(fingerprint)
-            if cached is not None:
+            if cached is not None:  # the same request was answered before: its plan was sound
                 payload, receipt = cached
-                return self._release(request, planned, payload, fingerprint, cached=True,
+                return self._release(request, plan_blocks(request, self.policy), payload, fingerprint, cached=True,
                                      before=receipt.mu_sq_before, after=receipt.mu_sq_after,
                                      suppressed=receipt.suppressed_classes)
             try:
-                self.ledger.check(request.data_source, self.policy.dp.mu_per_release, self.policy.dp.mu_cap)
+                reserved = self.ledger.reserve(request.data_source, self.policy.dp.mu_per_release, self.policy.dp.mu_cap)
             except BudgetExceededError as error:
                 self._refuse(request, error)
                 raise
-        blocks = self._compute(request, planned, batches_for)
-        suppressed: dict[str, list[int]] = {}
-        if dp_on:
-            rng = noise_generator()
-            for block in planned:
-                if block.sigma > 0:
-                    blocks[block.name] = add_noise(blocks[block.name], block.sigma, rng)
-            suppressed = suppress_small_classes(blocks, planned, self.policy.min_noisy_class_count)
-        payload = encode_release(blocks)
-        if not dp_on:
-            spent = self.ledger.spent_mu_sq(request.data_source)
-            return self._release(request, planned, payload, fingerprint, cached=False, before=spent, after=spent,
+        spent = self.ledger.spent_mu_sq(request.data_source)
+        before, after = (reserved.mu_sq_before, reserved.mu_sq_after) if reserved is not None else (spent, spent)
+        planned: list[PlannedBlock] = []
+        try:
+            check_broadcast(request)
+            planned = plan_blocks(request, self.policy)
+            blocks = self._compute(request, planned, batches_for)
+            suppressed: dict[str, list[int]] = {}
+            if dp_on:
+                rng = noise_generator()
+                for block in planned:
+                    if block.sigma > 0:
+                        blocks[block.name] = add_noise(blocks[block.name], block.sigma, rng)
+                suppressed = suppress_small_classes(blocks, planned, self.policy.min_noisy_class_count)
+            payload = encode_release(blocks)
+        except RefusalError as refusal:  # decided from the request alone: its own words may go back
+            self._failed(request, planned, refusal, refusal, fingerprint, before, after)
+            refusal.reply_audited = True  # type: ignore[attr-defined]
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever went wrong, the coordinator sees one text
+            generic = ReleaseFailed()
+            self._failed(request, planned, generic, error, fingerprint, before, after)
+            generic.reply_audited = True  # type: ignore[attr-defined]
+            raise generic from None
+        if reserved is None:
+            return self._release(request, planned, payload, fingerprint, cached=False, before=before, after=after,
                                  suppressed=suppressed)
-        receipt = self.ledger.charge(fingerprint, request.data_source, self.policy.dp.mu_per_release,
-                                     self.policy.dp.mu_cap, payload, suppressed_classes=suppressed)
+        receipt = self.ledger.keep(reserved, fingerprint, payload, suppressed_classes=suppressed)
         return self._release(request, planned, payload, fingerprint, cached=False, before=receipt.mu_sq_before,
                              after=receipt.mu_sq_after, suppressed=suppressed)
+
+    def _failed(self, request: ReleaseRequest, planned: Sequence[PlannedBlock], reply: RefusalError,
+                cause: BaseException, fingerprint: str, before: float, after: float) -> None:
+        """Audit a failed attempt: the detailed cause (an abort record, for the data owner),
+        then the error reply's exact bytes with the charge it cost (intent and outcome)."""
+        self.log.abort(run_id=request.run_id[:64], reason_code=reply.reason_code[:64],
+                       detail=f"round {request.round}: {reply_text(cause)}"[:4096])
+        failed = self._release(request, planned, b"", fingerprint, cached=False, before=before, after=after,
+                               suppressed={})
+        with self.log.transmission(
+            reply_text(reply).encode("utf-8"), requester=request.requester, recipient=request.recipient,
+            run_id=request.run_id, round=request.round, purpose=request.purpose, request_sha256=request.request_sha256,
+            models=failed.models, dataset=failed.dataset, statistics=[], privacy=failed.privacy,
+        ):
+            pass  # the transport sends the error reply
 
     def _compute(self, request: ReleaseRequest, planned: Sequence[PlannedBlock],
                  batches_for: BatchSource) -> dict[str, np.ndarray]:
@@ -476,12 +589,16 @@ class SitePrivacy:
         blocks: dict[str, np.ndarray] = {}
         for model in request.models:
             mine = [b for b in planned if b.model is model]
-            sums = accumulate([b.stat for b in mine], clip_batches(batches_for(model), self.policy.clip_norm, counts))
+            sums = guarded_sums([b.stat for b in mine], clip_batches(batches_for(model), self.policy.clip_norm, counts),
+                                counts)
             for block in mine:
                 value = sums[block.stat.key] if block.stat.key in sums else np.zeros(block.shape, block.dtype)
-                if value.shape != block.shape or value.dtype != block.dtype:
+                value = np.asarray(value, dtype=block.dtype)
+                if value.shape != block.shape:
                     raise StatisticsError(f"{block.stat.kind} for model {model.weights_sha256[:12]} came out "
-                                          f"{value.shape} {value.dtype}, expected {block.shape} {block.dtype}")
+                                          f"{value.shape}, expected {block.shape}")
+                if not np.isfinite(value).all():
+                    raise StatisticsError(f"{block.stat.kind} for model {model.weights_sha256[:12]} overflowed")
                 blocks[block.name] = np.array(value, copy=True)
         self.last_clip_counts = counts
         return blocks

@@ -85,13 +85,21 @@ from fedmte.client.packages import (
     verify_signature,
 )
 from fedmte.client.policy import SitePolicy, check_coordinator, violations
-from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy
+from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy, reply_text
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note
 from fedmte.protocol.catalogue import Batch
 from fedmte.protocol.durable import atomic_write
 from fedmte.protocol.encoding import StrictModel
-from fedmte.protocol.errors import FedmteError, PolicyRefusal, ProtocolError, RefusalError
+from fedmte.protocol.errors import (
+    FedmteError,
+    InvalidInputError,
+    PolicyRefusal,
+    ProtocolError,
+    RefusalError,
+    UnknownStatisticError,
+    VerificationError,
+)
 from fedmte.protocol.job_messages import (
     FINISH,
     SETUP,
@@ -119,6 +127,21 @@ SITE_FILE_KEY = "site-file"
 
 AGENT_QUERIES = (SETUP, STATS, FINISH)
 """The queries a site agent answers (a job's setup, its statistics rounds, its end)."""
+
+REQUEST_ERRORS = (ProtocolError, VerificationError, UnknownStatisticError, SiteConfigError)
+"""Failures decided from the request or the site file alone: their words may go back. Any
+other failure may depend on the data and becomes :class:`SiteFailed`."""
+
+
+class SiteFailed(RefusalError):
+    """A failure that may depend on the site's data: the coordinator gets this one text, the
+    data owner the reason (an abort record in the audit log)."""
+
+    MESSAGE = "refused by site: the site could not answer this request; the reason is in the site's audit log"
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE, reason_code="site:failed", rule="site")
+
 
 PACKAGES_DIR = "packages"
 JOBS_DIR = "jobs"
@@ -253,16 +276,47 @@ class SiteAgent:
                 if query == FINISH:
                     return self.finish(payload, expected)
                 raise ProtocolError(f"unknown query {query!r}; a site agent answers {SETUP}, {STATS} and {FINISH}")
-            except RefusalError:
-                raise  # the privacy layer or the setup audited it as a refusal
-            except Exception as error:
-                detail = f"{type(error).__name__}: {error}"
-                run = expected or str(payload.doc.get("run_id") or "-")
-                try:
-                    self.privacy.log.abort(run_id=run[:64], reason_code=f"error:{type(error).__name__}"[:64], detail=detail)
-                except FedmteError:
-                    pass  # a broken log already refuses everything; the original error matters more
+            except RefusalError as refusal:  # audited as a refusal (or a failed release) where it was decided
+                self._audit_error_reply(refusal, expected, payload)
                 raise
+            except REQUEST_ERRORS as error:  # decided from the request or the site file: its words may go back
+                self._abort(error, expected, payload)
+                self._audit_error_reply(error, expected, payload)
+                raise
+            except Exception as error:  # noqa: BLE001 - anything else may depend on the data: one text
+                self._abort(error, expected, payload)
+                generic = SiteFailed()
+                self._audit_error_reply(generic, expected, payload)
+                raise generic from None
+
+    def _abort(self, error: BaseException, expected: str | None, payload: Payload) -> None:
+        """The detailed reason of a failure, for the data owner's eyes (it never leaves)."""
+        run = expected or str(payload.doc.get("run_id") or "-")
+        try:
+            self.privacy.log.abort(run_id=run[:64], reason_code=f"error:{type(error).__name__}"[:64],
+                                   detail=reply_text(error)[:4096])
+        except FedmteError:
+            pass  # a broken log already refuses everything; the original error matters more
+
+    def _audit_error_reply(self, error: BaseException, expected: str | None, payload: Payload) -> None:
+        """The error reply's exact bytes, before the transport sends them (unless the privacy
+        layer already recorded them with the release's charge)."""
+        if getattr(error, "reply_audited", False):
+            return
+        run = (expected or str(payload.doc.get("run_id") or "-"))[:64]
+        round_ = payload.doc.get("round")
+        try:
+            requester = self._session(run).requester if self._job_path(run).is_file() else "unknown"
+        except FedmteError:
+            requester = "unknown"
+        try:
+            with self.privacy.log.transmission(
+                reply_text(error).encode("utf-8"), requester=requester, recipient="coordinator", run_id=run,
+                round=round_ if isinstance(round_, int) and round_ >= 0 else 0, purpose="error reply",
+            ):
+                pass  # handed to the transport as the message's error reply
+        except FedmteError:
+            pass  # a broken log already refuses everything; the original error matters more
 
     # ------------------------------------------------------------------ setup
 
@@ -476,7 +530,10 @@ class SiteAgent:
         unknown = sorted(set(request.models) - set(session.models))
         if unknown:
             raise ProtocolError(f"the round names model(s) {[m[:16] for m in unknown]} this site did not accept at setup")
-        requests = decode_job_round(request, payload.arrays)
+        try:
+            requests = decode_job_round(request, payload.arrays)
+        except InvalidInputError as error:  # the request's own arrays do not fit the catalogue
+            raise ProtocolError(f"malformed round request: {error}") from None
         data, fingerprint = self._site_data(session.labels)
         if fingerprint != session.dataset:
             raise ProtocolError("the site's data changed since this job's setup; the job must start again")

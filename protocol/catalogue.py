@@ -448,27 +448,35 @@ def apply_view(view: View, batch: Batch) -> np.ndarray:
     return x
 
 
+def batch_sums(requests: Sequence[Stat], batch: Batch) -> dict[str, np.ndarray]:
+    """Every requested statistic over one batch, as raw arrays (no finiteness check: the
+    site's privacy layer decides what a non-finite row contribution becomes)."""
+    views: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
+    for stat in requests:
+        if stat.key in out:
+            continue
+        kind = _lookup(STATISTICS, stat.kind, "statistic")
+        if kind.needs_source_probs and batch.source_probs is None:
+            raise InvalidInputError(f"statistic {stat.kind!r} needs source probabilities, and this site has none")
+        x = None
+        if kind.needs_features:
+            if stat.view_key not in views:
+                views[stat.view_key] = apply_view(stat.view, batch)
+            x = views[stat.view_key]
+        out[stat.key] = np.asarray(kind.compute(x, batch, stat.arrays), dtype=kind.dtype)
+    return out
+
+
 def accumulate(requests: Sequence[Stat], batches: Iterable[Batch]) -> Statistics:
     """Sum every requested statistic over ``batches`` in one pass.
 
     Each distinct view is computed once per batch and shared by all requests on it; memory
     holds one batch and the running sums, whatever the number of rows.
     """
-    unique = {stat.key: stat for stat in requests}
-    kinds = {key: _lookup(STATISTICS, stat.kind, "statistic") for key, stat in unique.items()}
     totals: dict[str, np.ndarray] = {}
     for batch in batches:
-        views: dict[str, np.ndarray] = {}
-        for key, stat in unique.items():
-            kind = kinds[key]
-            if kind.needs_source_probs and batch.source_probs is None:
-                raise InvalidInputError(f"statistic {stat.kind!r} needs source probabilities, and this site has none")
-            x = None
-            if kind.needs_features:
-                if stat.view_key not in views:
-                    views[stat.view_key] = apply_view(stat.view, batch)
-                x = views[stat.view_key]
-            value = np.asarray(kind.compute(x, batch, stat.arrays), dtype=kind.dtype)
+        for key, value in batch_sums(requests, batch).items():
             totals[key] = value if key not in totals else totals[key] + value
     if not totals:
         return Statistics.empty()

@@ -20,6 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import fedmte
 from fedmte.client import site_agent
+from fedmte.client.audit_log import read_records
+from fedmte.client.site_agent import SiteFailed
+from fedmte.client.site_config import load_site_config
+from fedmte.protocol.audit_format import AbortRecord
 from fedmte.protocol.errors import (
     FederationError,
     InvalidInputError,
@@ -147,7 +151,11 @@ def test_a_site_refuses_labels_outside_the_jobs_classes(tmp_path: Path) -> None:
     job = features_job(tmp_path, ["hscore"], labels=LABELS[:-1])
     with pytest.raises(FederationError, match="setup round setup failed") as caught:
         execute_job(AgentExchange(files, "404"), job, load_candidates(job), key, run_id="404")
-    assert "integer labels must index the 3-name label space" in caught.value.failures["100"]
+    # which labels the site holds is its data: the coordinator gets the one generic text, the
+    # data owner the reason, in the site's audit log
+    assert caught.value.failures["100"] == f"SiteFailed: {SiteFailed.MESSAGE}"
+    aborts = [r for r in read_records(load_site_config(files[0]).audit.dir) if isinstance(r, AbortRecord)]
+    assert any("integer labels must index the 3-name label space" in r.detail for r in aborts)
     # and a round asking for fewer classes than the job set up is refused
     set_up(files[0], key, "405")
     with pytest.raises(ProtocolError, match="the round asks for 3 classes; the job has 4 labels"):

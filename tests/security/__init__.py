@@ -1,0 +1,1 @@
+"""Attacks from the security review, reproduced against the real site agent and shown to fail."""
