@@ -24,6 +24,15 @@ digest, sequence numbers, the hash chain, timestamps, payload copies, the privac
 the trusted key, then the checkpoint files and any witness copies (a checkpoint larger than
 the log means it was truncated). It stops at the first failure and names that record;
 intents without an outcome are reported without failing.
+
+A log proves nothing on its own: whoever can rewrite it can also re-sign it with a new key
+and replace ``keys/audit.pub``. So a result is *verified* only when something kept apart from
+the directory ties it to the site's key: the key itself, its fingerprint (the site file's
+``[audit] verification_key_sha256``), or a witness checkpoint the coordinator kept (it must
+verify with the directory's key). Without one the result is UNVERIFIED, however consistent
+the chain. With ``ledger_dir`` the privacy ledger is checked against the log too: a ledger
+behind the log (rolled back) or ahead of it (charges the log does not record: the log was cut
+back) is tampering.
 """
 
 from __future__ import annotations
@@ -142,6 +151,7 @@ class _Replay:
         self.ledger_head: LedgerHead | None = None
         self.open_intents: dict[int, str] = {}
         self.checkpoints = 0
+        self.kinds: dict[str, int] = {}  # records of each kind, in log order of first appearance
         self.last_checkpoint: CheckpointRecord | None = None
         self.since_checkpoint = 0
         self.warnings: list[str] = []
@@ -207,6 +217,7 @@ class _Replay:
         self.merkle.append(leaf)
         self.prev = leaf.hex()
         self.last_ts = max(moment, self.last_ts) if self.last_ts else moment
+        self.kinds[record.kind] = self.kinds.get(record.kind, 0) + 1
         self.seq += 1
 
     def _replay_charge(self, record: IntentRecord) -> tuple[tuple[str, float], int, LedgerHead | None]:
@@ -278,8 +289,29 @@ def _check_payload(payload_dir: Path, payload: PayloadRef) -> None:
 
 # --------------------------------------------------------------------------- verification
 
+KIND_NAMES = {"intent": "intent", "outcome": "outcome", "refusal": "refusal", "abort": "abort",
+              "checkpoint": "signed checkpoint"}
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def count_text(records: int, kinds: dict[str, int]) -> str:
+    """``"14 records (6 intents, 6 outcomes, 2 signed checkpoints)"``: the one way every
+    command counts a log (the parts always add up to the total)."""
+    parts = [_plural(kinds[kind], KIND_NAMES[kind]) for kind in KIND_NAMES if kinds.get(kind)]
+    noun = _plural(records, "record")
+    return noun + (f" ({', '.join(parts)})" if parts else "")
+
+
 class AuditVerification(BaseModel):
-    """The result of :func:`verify`: whether the log is intact, and if not, where it breaks."""
+    """The result of :func:`verify`: whether the log is intact, whether anything kept apart
+    from it vouches for its key, and if not intact, where it breaks.
+
+    ``ok`` means no tampering was found; ``verified`` means ``ok`` *and* pinned (a key, its
+    fingerprint or a witness from outside the directory). :attr:`status` is one word of the two.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -288,28 +320,54 @@ class AuditVerification(BaseModel):
     site_id: str | None
     records: int
     checkpoints: int
+    counts: dict[str, int] = Field(default_factory=dict)
     first_bad_seq: int | None = None
     reason: str | None = None
     dangling_intents: list[int] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     ledger: dict[str, str] = Field(default_factory=dict)
     ledger_head: LedgerHead | None = None
+    ledger_checked: str | None = None  # the ledger directory checked against the log, if any
+    ledger_problem: str | None = None
     latest_checkpoint: int | None = None
+    pinned: bool = False
     key_source: str
+    key_fingerprint: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.ok and self.pinned
+
+    @property
+    def status(self) -> Literal["intact", "UNVERIFIED", "TAMPERED"]:
+        if not self.ok:
+            return "TAMPERED"
+        return "intact" if self.pinned else "UNVERIFIED"
+
+    def count_text(self) -> str:
+        return count_text(self.records, self.counts)
 
     def summary(self) -> str:
-        if self.ok:
-            text = (f"intact: {self.records} records, {self.checkpoints} signed checkpoints "
-                    f"(key: {self.key_source})")
-        else:
+        if not self.ok:
             where = f"record {self.first_bad_seq}" if self.first_bad_seq is not None else "the log"
+            if self.ledger_problem is not None:
+                where = "the ledger"
             text = f"TAMPERED: {where}: {self.reason}"
+        elif self.pinned:
+            ledger = f"; ledger {self.ledger_checked} agrees" if self.ledger_checked else ""
+            text = f"intact: {self.count_text()}, signed by {self.key_source}{ledger}"
+        else:
+            text = (f"UNVERIFIED: {self.count_text()} form a consistent chain, but nothing ties them to the site's "
+                    f"key ({self.key_source}): whoever rewrote the log could have re-signed it. Pin the key with "
+                    "--site SITE.toml ([audit] verification_key_sha256), --key PUB.pem or --key-sha256 HEX, or pass "
+                    "a --witness checkpoint the coordinator kept")
         if self.dangling_intents:
             text += f"; intents with no outcome: {self.dangling_intents}"
         return text
 
     def raise_for_problem(self) -> None:
-        """Raise :class:`VerificationError` with :meth:`summary` unless the log is intact."""
+        """Raise :class:`VerificationError` with :meth:`summary` unless the log is intact
+        (pinned or not: this checks integrity only)."""
         if not self.ok:
             raise VerificationError(self.summary())
 
@@ -356,34 +414,62 @@ def _read_witness(path: Path) -> str:
     return text
 
 
+def _stored_key(directory: Path) -> Ed25519PublicKey | None:
+    stored = directory / KEYS_DIR / PUBLIC_KEY_FILE
+    return load_public_key(stored) if stored.exists() else None
+
+
 def verify(
     directory: Path | str,
     trusted_public_key: Ed25519PublicKey | None = None,
     *,
     witnesses: Sequence[Path | str] = (),
     check_payloads: bool = True,
+    key_sha256: str | None = None,
+    ledger_dir: Path | str | None = None,
 ) -> AuditVerification:
     """Check an audit directory end to end; see the module docstring for what is checked.
 
-    ``trusted_public_key`` pins the key checkpoints must be signed with; without it the key
-    stored in the directory is used, which proves integrity only against someone who could
-    not also replace that file. ``witnesses`` are checkpoint notes (or exported JSON) kept
-    elsewhere, e.g. by the coordinator.
+    The key checkpoints must be signed with is ``trusted_public_key`` if given, otherwise the
+    directory's ``keys/audit.pub``. The result is *pinned* (:attr:`AuditVerification.verified`)
+    only when something kept apart from the directory vouches for that key:
+    ``trusted_public_key``; ``key_sha256``, the fingerprint the site file pins (the stored key
+    must have it); or ``witnesses``, checkpoint notes (or exported JSON) kept elsewhere, e.g.
+    by the coordinator, which must verify with the key. ``ledger_dir`` checks the privacy
+    ledger against the log (:func:`check_ledger`).
     """
     directory = Path(directory)
     if not (directory / LOG_FILE).is_file():
         raise InvalidInputError(f"{directory} holds no audit log ({LOG_FILE} is missing)")
-    key, key_source = trusted_public_key, "pinned"
-    stored = directory / KEYS_DIR / PUBLIC_KEY_FILE
-    if key is None and stored.exists():
-        key, key_source = load_public_key(stored), f"{KEYS_DIR}/{PUBLIC_KEY_FILE} in the log directory (not pinned)"
-    elif key is None:
-        key_source = "none"
+    stored_name = f"{KEYS_DIR}/{PUBLIC_KEY_FILE}"
+    key_problem: str | None = None
+    if key_sha256 is not None:
+        key_sha256 = key_sha256.strip().lower()
+    if trusted_public_key is not None:
+        key, key_source, pinned = trusted_public_key, "the pinned key", True
+        if key_sha256 is not None and key_fingerprint(key) != key_sha256:
+            key_problem = (f"the pinned key's fingerprint is {key_fingerprint(key)[:16]}..., not the pinned "
+                           f"fingerprint {key_sha256[:16]}...: the two pins disagree")
+    else:
+        key = _stored_key(directory)
+        if key is None:
+            key_source, pinned = f"no key: {stored_name} is missing", False
+            if key_sha256 is not None:
+                key_problem = f"{stored_name} is missing, so nothing can be checked against the pinned fingerprint"
+        elif key_sha256 is not None:
+            actual = key_fingerprint(key)
+            key_source, pinned = f"{stored_name}, matching the pinned fingerprint {key_sha256[:16]}...", True
+            if actual != key_sha256:
+                key_problem = (f"{stored_name} has fingerprint {actual[:16]}..., not the pinned {key_sha256[:16]}...: "
+                               "the site's key was replaced (a rewritten log re-signed with a new key)")
+        else:
+            key_source, pinned = f"{stored_name} in the log directory, not pinned", False
     notes: list[tuple[str, str]] = []
     checkpoint_dir = directory / CHECKPOINTS_DIR
     if checkpoint_dir.is_dir():
         notes += [(f"{CHECKPOINTS_DIR}/{p.name}", p.read_text(encoding="utf-8"))
                   for p in sorted(checkpoint_dir.glob("*.txt"))]
+    witness_names = {str(w) for w in witnesses}
     notes += [(str(w), _read_witness(Path(w))) for w in witnesses]
 
     parsed: list[tuple[str, fmt.Checkpoint | None, str | None]] = []
@@ -396,7 +482,9 @@ def verify(
     wanted = {checkpoint.tree_size for _, checkpoint, _ in parsed if checkpoint is not None}
 
     replay, bad_seq, reason = _scan(directory, key, check_payloads=check_payloads, wanted=wanted)
-    if bad_seq is None:
+    if key_problem is not None:
+        bad_seq, reason = None, key_problem
+    if reason is None:
         for name, checkpoint, problem in parsed:
             if checkpoint is None:
                 bad_seq, reason = None, f"{name}: {problem}"
@@ -412,6 +500,16 @@ def verify(
                           "the log was rewritten")
             if reason is not None:
                 break
+    if reason is None and not pinned and key is not None and witness_names:
+        # every witness verified with this key, so the key is the one the coordinator saw
+        pinned = True
+        key_source = f"{stored_name}, which signed the witness checkpoint(s) {', '.join(sorted(witness_names))}"
+    ledger_problem = None
+    if reason is None and ledger_dir is not None:
+        ledger_problem = check_ledger(ledger_dir, site_id=replay.site_id, head=replay.ledger_head,
+                                      spent=replay.ledger_view())
+        if ledger_problem is not None:
+            reason = ledger_problem
     latest = replay.last_checkpoint
     return AuditVerification(
         ok=reason is None,
@@ -419,15 +517,56 @@ def verify(
         site_id=replay.site_id,
         records=replay.seq,
         checkpoints=replay.checkpoints,
+        counts=dict(replay.kinds),
         first_bad_seq=bad_seq,
         reason=reason,
         dangling_intents=sorted(replay.open_intents) if reason is None else [],
         warnings=list(replay.warnings),
         ledger=replay.ledger_view(),
         ledger_head=replay.ledger_head,
+        ledger_checked=None if ledger_dir is None else str(ledger_dir),
+        ledger_problem=ledger_problem,
         latest_checkpoint=latest.tree_size if latest else None,
+        pinned=pinned,
         key_source=key_source,
+        key_fingerprint=None if key is None else key_fingerprint(key),
     )
+
+
+def check_ledger(ledger_dir: Path | str, *, site_id: str | None, head: LedgerHead | None,
+                 spent: dict[str, str] | None = None) -> str | None:
+    """Why the privacy ledger in ``ledger_dir`` disagrees with a log whose last recorded
+    ledger head is ``head`` (and whose replayed spend is ``spent``), or None when it agrees.
+
+    Every charge the ledger holds must be one the log recorded: a ledger *behind* the log was
+    rolled back or edited; a ledger *ahead* of it holds charges the log does not record, which
+    is what a log cut back to an earlier checkpoint looks like (the signed checkpoint files
+    after the cut are gone too, so the log alone still looks whole).
+    """
+    from fedmte.client.ledger import LEDGER_FILE, Ledger
+
+    path = Path(ledger_dir) / LEDGER_FILE
+    try:
+        ledger = Ledger.open(ledger_dir, site_id=site_id or "", expected=head, create=False)
+    except VerificationError as error:
+        if head is None and not path.exists():
+            return None  # the log records no charge and there is no ledger: nothing was ever spent
+        return str(error)
+    recorded = 0 if head is None else head.version
+    actual = ledger.head.version
+    if actual > recorded:
+        ahead = actual - recorded
+        sources = []
+        for source, spend in sorted(ledger.state.sources.items()):
+            logged = float((spent or {}).get(source, "0"))
+            if float(spend.mu_sq) > logged:
+                sources.append(f"{source!r} (mu^2 {spend.mu_sq} spent, the log accounts for {dec(logged)})")
+        where = f"; unrecorded spend on {', '.join(sources)}" if sources else ""
+        return (f"{path} is at version {actual}, but the log's last record of it is version {recorded}: "
+                f"{ahead} charge(s) the log does not record{where}. The log was cut back (records and checkpoints "
+                "after an earlier checkpoint removed), or the site stopped between charging and logging "
+                "(its next record closes that gap)")
+    return None
 
 
 def read_records(directory: Path | str) -> list[AuditRecord]:
@@ -449,14 +588,16 @@ def read_records(directory: Path | str) -> list[AuditRecord]:
     return records
 
 
-def latest_checkpoint_export(directory: Path | str) -> dict[str, Any]:
+def latest_checkpoint_export(directory: Path | str, *, key_sha256: str | None = None) -> dict[str, Any]:
     """The latest checkpoint as a JSON-ready dict (note, fields, site key) for a witness.
 
-    Raises :class:`VerificationError` unless the log verifies with its stored key, so a
-    coordinator is never asked to countersign a broken log.
+    Raises :class:`VerificationError` unless the log verifies with its stored key (and, given
+    ``key_sha256``, that key is the pinned one), so a coordinator is never asked to
+    countersign a broken log. ``records`` is the log's length, the number every command
+    prints; ``tree_size`` is how many records the checkpoint covers (those before it).
     """
     directory = Path(directory)
-    result = verify(directory)
+    result = verify(directory, key_sha256=key_sha256)
     result.raise_for_problem()
     key = load_public_key(directory / KEYS_DIR / PUBLIC_KEY_FILE)
     checkpoint_path = directory / CHECKPOINTS_DIR / f"{result.latest_checkpoint}.txt"
@@ -473,6 +614,7 @@ def latest_checkpoint_export(directory: Path | str) -> dict[str, Any]:
         "timestamp": checkpoint.timestamp,
         "ledger_digest": checkpoint.ledger_digest,
         "ledger": result.ledger,
+        "records": result.records,
         "note": note,
         "public_key": public_key_pem(key).decode(),
         "key_fingerprint": key_fingerprint(key),
@@ -713,6 +855,7 @@ class AuditLog:
 
 
 __all__ = [
-    "AuditLog", "AuditVerification", "PendingIntent", "verify", "read_records", "latest_checkpoint_export",
+    "AuditLog", "AuditVerification", "PendingIntent", "verify", "check_ledger", "count_text", "read_records",
+    "latest_checkpoint_export",
     "generate_signing_key", "load_signing_key", "load_public_key", "public_key_pem", "key_fingerprint",
 ]

@@ -454,9 +454,45 @@ def test_a_log_re_signed_with_a_swapped_public_key_fails_only_against_the_pinned
         tree.append(fmt.leaf_hash(out[-1]))
     write_lines(small_log, out)
     (small_log / "keys" / "audit.pub").write_bytes(public_key_pem(forger.public_key()))
-    unpinned = verify(small_log)
-    assert unpinned.ok and "not pinned" in unpinned.key_source
+    unpinned = verify(small_log)  # consistent, but nothing vouches for the key: UNVERIFIED, never "intact"
+    assert unpinned.ok and not unpinned.pinned and not unpinned.verified and unpinned.status == "UNVERIFIED"
+    assert "not pinned" in unpinned.key_source and unpinned.summary().startswith("UNVERIFIED")
     assert_bad(small_log, key, kinds(small_log).index("checkpoint"), "different key")
+    by_fingerprint = verify(small_log, key_sha256=audit_log.key_fingerprint(key.public_key()))
+    assert by_fingerprint.status == "TAMPERED" and "was replaced" in (by_fingerprint.reason or "")
+
+
+def test_a_pin_is_a_key_a_fingerprint_or_a_witness(small_log: Path, key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    fingerprint = audit_log.key_fingerprint(key.public_key())
+    assert verify(small_log, key.public_key()).verified
+    pinned = verify(small_log, key_sha256=fingerprint.upper())
+    assert pinned.verified and pinned.status == "intact" and fingerprint[:16] in pinned.key_source
+    assert pinned.key_fingerprint == fingerprint
+    note = sorted((small_log / "checkpoints").glob("*.txt"), key=lambda p: int(p.stem))[-1]
+    witness = tmp_path / "witness.txt"
+    witness.write_text(note.read_text())
+    witnessed = verify(small_log, witnesses=[witness])
+    assert witnessed.verified and "witness" in witnessed.key_source
+    other = audit_log.key_fingerprint(Ed25519PrivateKey.generate().public_key())
+    wrong = verify(small_log, key_sha256=other)
+    assert wrong.status == "TAMPERED" and "not the pinned" in (wrong.reason or "")
+    disagree = verify(small_log, key.public_key(), key_sha256=other)
+    assert disagree.status == "TAMPERED" and "disagree" in (disagree.reason or "")
+    (small_log / "keys" / "audit.pub").unlink()
+    gone = verify(small_log, key_sha256=fingerprint)
+    assert gone.status == "TAMPERED" and "missing" in (gone.reason or "")
+    keyless = verify(small_log)  # no key at all: no signature can be checked
+    assert not keyless.verified and "no trusted public key" in (keyless.reason or "")
+
+
+def test_every_count_of_a_log_is_the_one_number(small_log: Path, key: Ed25519PrivateKey) -> None:
+    result = verify(small_log, key.public_key())
+    total = len(lines(small_log))
+    assert result.records == total == sum(result.counts.values())
+    assert result.counts == {"intent": 6, "outcome": 6, "checkpoint": result.checkpoints}
+    assert result.count_text() == f"{total} records (6 intents, 6 outcomes, {result.checkpoints} signed checkpoints)"
+    assert result.count_text() in result.summary()
+    assert audit_log.latest_checkpoint_export(small_log)["records"] == total
 
 
 def test_an_edited_ledger_value_is_named(small_log: Path, key: Ed25519PrivateKey) -> None:
@@ -540,11 +576,21 @@ runner = CliRunner()
 def test_cli_verify_exit_codes(small_log: Path, tmp_path: Path, key: Ed25519PrivateKey) -> None:
     pinned = tmp_path / "site.pub"
     pinned.write_bytes(public_key_pem(key.public_key()))
-    missing = runner.invoke(app, ["audit", "verify", str(tmp_path / "nowhere")])
+    missing = runner.invoke(app, ["audit", "verify", str(tmp_path / "nowhere"), "--key", str(pinned)])
     assert missing.exit_code == 2 and "holds no audit log" in missing.output
+    nothing = runner.invoke(app, ["audit", "verify"])
+    assert nothing.exit_code == 2 and "--site" in nothing.output
     ok = runner.invoke(app, ["audit", "verify", str(small_log), "--key", str(pinned)])
     assert ok.exit_code == 0, ok.output
-    assert "intact" in ok.output
+    assert "intact" in ok.output and f"{len(lines(small_log))} records" in ok.output
+    by_sha = runner.invoke(app, ["audit", "verify", str(small_log), "--key-sha256",
+                                 audit_log.key_fingerprint(key.public_key())])
+    assert by_sha.exit_code == 0 and "intact" in by_sha.output, by_sha.output
+    unpinned = runner.invoke(app, ["audit", "verify", str(small_log)])
+    assert unpinned.exit_code == 3 and "UNVERIFIED" in unpinned.output and "intact" not in unpinned.output
+    assert "[audit] verification_key_sha256" in unpinned.output  # Rich markup does not eat the table name
+    as_json = json.loads(runner.invoke(app, ["audit", "verify", str(small_log), "--json"]).stdout)
+    assert as_json["status"] == "UNVERIFIED" and as_json["verified"] is False and as_json["ok"] is True
     other = tmp_path / "other.pub"
     other.write_bytes(public_key_pem(Ed25519PrivateKey.generate().public_key()))
     wrong_key = runner.invoke(app, ["audit", "verify", str(small_log), "--key", str(other)])
@@ -557,11 +603,17 @@ def test_cli_verify_exit_codes(small_log: Path, tmp_path: Path, key: Ed25519Priv
     assert data["ok"] is False and data["first_bad_seq"] == 3
 
 
-def test_cli_show_lists_what_left(small_log: Path) -> None:
-    result = runner.invoke(app, ["audit", "show", str(small_log)], env={"COLUMNS": "250"})
+def test_cli_show_lists_what_left(small_log: Path, key: Ed25519PrivateKey) -> None:
+    fingerprint = audit_log.key_fingerprint(key.public_key())
+    result = runner.invoke(app, ["audit", "show", str(small_log), "--key-sha256", fingerprint],
+                           env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     for text in ("coordinator.example", "mlp-small", "class_sums 3x8", "sent", SOURCE, "intact"):
         assert text in result.output
+    total = len(lines(small_log))
+    assert result.output.count(f"{total} records") == 2  # the table's title and the verdict: one count
+    unpinned = runner.invoke(app, ["audit", "show", str(small_log)], env={"COLUMNS": "250"})
+    assert unpinned.exit_code == 0 and "UNVERIFIED" in unpinned.output and "intact" not in unpinned.output
 
 
 def test_cli_export_gives_a_checkpoint_the_site_key_signed(small_log: Path, key: Ed25519PrivateKey,

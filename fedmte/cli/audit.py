@@ -10,19 +10,19 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fedmte.cli.errors import friendly_errors
 from fedmte.protocol.errors import VerificationError
 
 if TYPE_CHECKING:  # cryptography, pydantic and scipy load when a command runs, not for --help
+    from fedmte.client.audit_log import AuditVerification
     from fedmte.protocol.audit_format import IntentRecord, PrivacyCharge
 
 console = Console()
 stderr = Console(stderr=True, soft_wrap=True)  # messages stay on one line, whatever the width
 
 audit_app = typer.Typer(name="audit", help="Read, verify and export a site's audit log.", no_args_is_help=True)
-
-DirArg = Annotated[Path, typer.Argument(metavar="DIR", help="the site's audit directory (holds log.jsonl)")]
 
 
 def _when(ts: str) -> str:
@@ -66,19 +66,93 @@ def _statistics(record: IntentRecord) -> str:
     return ", ".join(parts) or f"{record.payload.bytes} bytes"
 
 
+DirOpt = Annotated[Path | None, typer.Argument(
+    metavar="[DIR]", help="the site's audit directory (holds log.jsonl); default: the site file's [audit] dir",
+    show_default=False)]
+SiteOpt = Annotated[Path | None, typer.Option(
+    "--site", help="the site file: its [audit] verification_key_sha256 pins the key, its [audit] dir and "
+    "ledger_dir are the log and the ledger checked")]
+KeyOpt = Annotated[Path | None, typer.Option("--key", help="pin the site's public audit key (PEM)")]
+KeyShaOpt = Annotated[str | None, typer.Option(
+    "--key-sha256", metavar="HEX", help="pin the fingerprint (hex SHA-256 of the raw key) of the site's audit key")]
+
+UNVERIFIED_EXIT = 3
+"""Exit status of ``audit verify`` when the log is consistent but nothing pins its key."""
+
+
+class _Pins:
+    """What one command was given to tie a log to the site: the log, the key pins, the ledger."""
+
+    def __init__(self, directory: Path | None, site: Path | None, key: Path | None, key_sha256: str | None,
+                 ledger: Path | None) -> None:
+        from fedmte.client.audit_log import load_public_key
+        from fedmte.protocol.errors import InvalidInputError
+
+        self.key = load_public_key(key) if key is not None else None
+        self.key_sha256 = key_sha256
+        self.ledger = ledger
+        self.site_note = ""
+        if site is not None:
+            from fedmte.client.site_config import load_site_config
+
+            audit = load_site_config(site).audit
+            directory = directory if directory is not None else audit.dir
+            self.ledger = ledger if ledger is not None else audit.ledger_dir
+            pinned = audit.verification_key_sha256
+            if pinned is None:
+                self.site_note = (f"{site} pins no audit key: add [audit] verification_key_sha256 (the fingerprint "
+                                  "of the key it signs with) to make it a pin")
+            elif key_sha256 is not None and key_sha256.strip().lower() != pinned:
+                raise InvalidInputError(f"--key-sha256 {key_sha256[:16]}... disagrees with {site}'s [audit] "
+                                        f"verification_key_sha256 {pinned[:16]}...; give one pin")
+            else:
+                self.key_sha256 = pinned
+        if directory is None:
+            raise InvalidInputError("name the audit directory (DIR) or the site file (--site site.toml)")
+        self.directory = directory
+
+    def verify(self, witnesses: list[Path] | None = None) -> AuditVerification:
+        from fedmte.client.audit_log import verify
+
+        return verify(self.directory, self.key, key_sha256=self.key_sha256, witnesses=witnesses or [],
+                      ledger_dir=self.ledger)
+
+
+def _print_result(result: AuditVerification, site_note: str = "") -> None:
+    out = console if result.verified else stderr
+    style = {"intact": "green", "UNVERIFIED": "bold yellow", "TAMPERED": "bold red"}[result.status]
+    out.print(Text(result.summary(), style=style), highlight=False, soft_wrap=True)
+    if site_note and not result.verified:
+        stderr.print(Text(f"note: {site_note}"), highlight=False, soft_wrap=True)
+    for warning in result.warnings:
+        stderr.print(Text(f"warning: {warning}"), highlight=False, soft_wrap=True)
+
+
 @friendly_errors
-def show(directory: DirArg) -> None:
+def show(
+    directory: DirOpt = None,
+    site: SiteOpt = None,
+    key: KeyOpt = None,
+    key_sha256: KeyShaOpt = None,
+) -> None:
     """A readable table of what left the site: when, to whom, which model, what, at what cost."""
-    from fedmte.client.audit_log import read_records, verify
+    from fedmte.client.audit_log import count_text, read_records
     from fedmte.protocol.audit_format import AbortRecord, IntentRecord, OutcomeRecord, RefusalRecord
 
-    records = read_records(directory)
+    pins = _Pins(directory, site, key, key_sha256, None)
+    records = read_records(pins.directory)
+    result = pins.verify()
     outcomes = {r.intent_seq: r.status for r in records if isinstance(r, OutcomeRecord)}
-    table = Table(title=f"Audit log {directory}")
+    shown = [r for r in records if isinstance(r, (IntentRecord, RefusalRecord, AbortRecord))]
+    kinds: dict[str, int] = {}
+    for record in records:
+        kinds[record.kind] = kinds.get(record.kind, 0) + 1
+    table = Table(title=f"Audit log {pins.directory}: {count_text(len(records), kinds)}; one row per intent, "
+                  "refusal and abort (outcomes in the last column)")
     for column in ("#", "when", "to whom", "asked by", "model", "data", "statistics", "privacy spent",
                    "budget", "outcome"):
         table.add_column(column, overflow="fold")
-    for record in records:
+    for record in shown:
         if isinstance(record, IntentRecord):
             models = "\n".join(f"{m.arch_id} {m.weights_sha256[:12]}" for m in record.models) or "-"
             data = record.dataset.data_source if record.dataset else "-"
@@ -89,62 +163,58 @@ def show(directory: DirArg) -> None:
             models = "\n".join(f"{m.arch_id} {m.weights_sha256[:12]}" for m in record.models) or "-"
             table.add_row(str(record.seq), _when(record.ts), "-", record.requester[:16], models,
                           record.data_source or "-", "-", "0", "-", f"refused: {record.reason_code}")
-        elif isinstance(record, AbortRecord):
+        else:
             table.add_row(str(record.seq), _when(record.ts), "-", "-", "-", "-", "-", "0", "-",
                           f"aborted: {record.reason_code}")
     console.print(table)
-    result = verify(directory)
-    style = "green" if result.ok else "bold red"
-    console.print(f"[{style}]{result.summary()}[/]", highlight=False, soft_wrap=True)
+    style = {"intact": "green", "UNVERIFIED": "bold yellow", "TAMPERED": "bold red"}[result.status]
+    console.print(Text(result.summary(), style=style), highlight=False, soft_wrap=True)
 
 
 @friendly_errors
 def verify_command(
-    directory: DirArg,
-    key: Annotated[Path | None, typer.Option("--key", help="pin the site's public key (PEM); default: keys/audit.pub in DIR")] = None,
-    witness: Annotated[list[Path] | None, typer.Option("--witness", help="a checkpoint kept elsewhere (note or exported JSON); repeatable")] = None,
-    ledger: Annotated[Path | None, typer.Option("--ledger", help="also check this ledger directory against the log")] = None,
+    directory: DirOpt = None,
+    site: SiteOpt = None,
+    key: KeyOpt = None,
+    key_sha256: KeyShaOpt = None,
+    witness: Annotated[list[Path] | None, typer.Option(
+        "--witness", help="a checkpoint the coordinator kept (note or exported JSON); repeatable; it must verify "
+        "with the log's key, and so pins it")] = None,
+    ledger: Annotated[Path | None, typer.Option(
+        "--ledger", help="also check this ledger directory against the log (default with --site: its [audit] "
+        "ledger_dir)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
-    """Exit 0 if the log is intact; otherwise exit 1 naming the first bad record."""
-    from fedmte.client.audit_log import load_public_key, verify
-    from fedmte.client.ledger import Ledger
-
-    pinned = load_public_key(key) if key is not None else None
-    result = verify(directory, pinned, witnesses=witness or [])
-    ledger_problem = None
-    if ledger is not None and result.ok:
-        try:
-            Ledger.open(ledger, site_id=result.site_id or "", expected=result.ledger_head, create=False)
-        except VerificationError as error:
-            ledger_problem = str(error)
-    ok = result.ok and ledger_problem is None
+    """Exit 0 if the log is intact and pinned to the site's key; 1 naming the first bad record
+    (or the ledger) when it was tampered with; 3 (UNVERIFIED) when it is consistent but nothing
+    pins its key: give --site, --key, --key-sha256 or --witness."""
+    pins = _Pins(directory, site, key, key_sha256, ledger)
+    result = pins.verify(witness)
     if as_json:
         data = result.model_dump(mode="json")
-        data["ledger_problem"] = ledger_problem
-        data["ok"] = ok
+        data["status"] = result.status
+        data["verified"] = result.verified
         typer.echo(json.dumps(data, indent=2))
     else:
-        (console if result.ok else stderr).print(result.summary(), highlight=False, soft_wrap=True)
-        if ledger_problem:
-            stderr.print(f"TAMPERED ledger: {ledger_problem}", highlight=False)
-        for warning in result.warnings:
-            stderr.print(f"warning: {warning}", highlight=False)
-    raise typer.Exit(0 if ok else 1)
+        _print_result(result, pins.site_note)
+    raise typer.Exit(0 if result.verified else (UNVERIFIED_EXIT if result.ok else 1))
 
 
 @friendly_errors
 def export(
-    directory: DirArg,
+    directory: DirOpt = None,
+    site: SiteOpt = None,
+    key_sha256: KeyShaOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="write the JSON here instead of stdout")] = None,
 ) -> None:
-    """The latest signed checkpoint as JSON, for the coordinator to countersign."""
+    """The latest signed checkpoint as JSON, for the coordinator to keep as a witness."""
     from fedmte.client.audit_log import latest_checkpoint_export
 
+    pins = _Pins(directory, site, None, key_sha256, None)
     try:
-        data = latest_checkpoint_export(directory)
+        data = latest_checkpoint_export(pins.directory, key_sha256=pins.key_sha256)
     except VerificationError as error:
-        stderr.print(f"not exported: {error}", highlight=False)
+        stderr.print(Text(f"not exported: {error}"), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     text = json.dumps(data, indent=2, sort_keys=True)
     if out is None:

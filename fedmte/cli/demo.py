@@ -33,6 +33,22 @@ MIN_SITES, MAX_SITES = 3, 12
 console = Console()
 stderr = Console(stderr=True)
 
+DP_OFF_WARNING = (
+    "warning: DP is off, so the sites release exact sums: a coordinator who picks the model weights can reconstruct "
+    "rows exactly (ReLU imprint models) and test membership (a tiny-variance mixture component); only DP bounds what "
+    "crafted weights can extract (README: Threat model)"
+)
+"""The one line ``fedmte demo --dp off`` and ``fedmte local up --no-dp`` print before anything starts."""
+
+
+def warn_if_dp_off(dp: bool, out: Console | None = None) -> bool:
+    """Print :data:`DP_OFF_WARNING` on ``out`` (stderr) when ``dp`` is off; returns whether it did."""
+    if dp:
+        return False
+    (out or Console(stderr=True, soft_wrap=True)).print(DP_OFF_WARNING, style="bold yellow", markup=False,
+                                                         highlight=False, soft_wrap=True)
+    return True
+
 
 class Switch(str, Enum):
     on = "on"
@@ -151,6 +167,7 @@ def demo(
     started = time.perf_counter()
     use_dp = dp is Switch.on
     stderr.print(f"fedmte demo: {sites} sites, DP {'on' if use_dp else 'off'}, output in {out}", highlight=False)
+    warn_if_dp_off(use_dp)
     progress = Progress(SpinnerColumn(finished_text=" "), TextColumn("{task.description}"), TimeElapsedColumn(),
                         console=stderr, transient=False)
     display = _Display(progress)

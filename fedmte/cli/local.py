@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fedmte.cli.demo import warn_if_dp_off
 from fedmte.cli.errors import friendly_errors
 
 # flwr, torch and cryptography load when a command runs (fedmte.trial.local_federation), not for --help.
@@ -36,6 +37,7 @@ def up(
         "--allow-fab", help="another Flower app bundle sha256 the site runners accept")] = None,
 ) -> None:
     """Start one SuperLink and N SuperNodes on 127.0.0.1, then print how to run a job."""
+    warn_if_dp_off(dp)
     from fedmte.protocol.secure_sum import majority_threshold
     from fedmte.trial.local_federation import up as federation_up
     from fedmte.trial.local_federation import write_example_job
