@@ -29,7 +29,10 @@ mask (pairwise and self), so if the coordinator sent two sites different model h
 statistics, their pairwise masks do not cancel and the sum fails the decoder's bound check
 instead of yielding a value: the consistency check costs no extra round trip. The unmask
 request carries the digest too, and a site refuses to reveal shares for a phase it masked
-under another digest.
+under another digest. The digest binds the job id and the phase, a site sets up a job id
+once (:mod:`fedmte.client.secure_site`), and the active set is fixed per job
+(:mod:`fedmte.protocol.secure_sum`): so no request digest is ever unmasked twice, let alone
+under two different active sets.
 
 Public bounds (fixed-point scaling)
 -----------------------------------

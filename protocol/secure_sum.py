@@ -33,9 +33,10 @@ Phase ``p`` (numbered from 0; one masked upload, one unmask reply if anything ne
    The coordinator names the sites whose uploads it summed (active ``A``) and the others
    (dropped ``D``). Each site checks that ``A`` and ``D`` are disjoint, cover the sites that
    shared keys, contain itself in ``A``, and that ``|A| >= t``; then it releases its share
-   of ``b_v^p`` for each ``v`` in ``A`` and of ``s_v^p`` for each ``v`` in ``D``. It records
-   its verdict per peer and phase and refuses any later request that would release the
-   other kind of share for the same peer.
+   of ``b_v^p`` for each ``v`` in ``A`` and of ``s_v^p`` for each ``v`` in ``D``. The first
+   lists a site acts on are fixed for the whole job (below): a later request, in any phase,
+   naming another active set is refused with :class:`ActiveSetError`, and the site stops
+   taking part in the job.
 5. **Finish** (:meth:`CoordinatorSecureSum.finish`). From ``t`` or more replies the
    coordinator recovers the self-mask seeds of ``A`` (checked against their advertised
    hashes) and the mask keys of ``D`` (checked against their advertised public keys),
@@ -48,6 +49,42 @@ A site releases, per phase and peer, either the seed share or the key share, nev
 To unmask one upload the coordinator would need ``t`` seed shares *and* ``t`` key shares of
 the same site from two disjoint groups of sites (it may tell different sites different
 stories), which ``t > N / 2`` rules out.
+
+Why the active set is fixed for the job
+---------------------------------------
+Per phase, the rule above keeps every single upload hidden. Across phases it is not enough:
+a job that asks for the same statistics in three phases and declares another site dropped
+in each (``D = {c}``, then ``{a}``, then ``{b}``) gets ``a + b``, ``b + c`` and ``a + c``,
+and so every site's exact statistics, although no upload was ever unmasked. So the active
+set is fixed per job by the first masked upload:
+
+* A site masks against every site that shared keys (the participants). The first unmask
+  request it answers fixes ``(A, D)`` for the job; in the one-round mode, where a phase
+  without dropouts is summed with no request at all, a site that masks a second phase
+  before any request fixes ``(participants, ())``, since the first phase may already have
+  been summed over everyone. A later request naming another ``A`` is refused, audited, and
+  the job is over at that site (:class:`ActiveSetError`; the site keeps nothing of it).
+* The coordinator (:class:`CoordinatorSecureSum`) fixes the sites whose uploads it summed
+  in the first phase it closes (at least ``t``, or nothing is released and the job aborts),
+  refuses uploads from any other site afterwards, and aborts the job, releasing nothing,
+  when a site of that set does not upload a later phase. A dropout after the first phase
+  ends the job: it never continues with a smaller active set.
+
+With self masks, a coordinator that lies cannot get around this by telling different sites
+different stories: each phase's result needs reveals from ``t`` sites that accepted its
+``A``. Two results under different active sets would need two groups of ``t`` sites,
+disjoint (a site that answered for one set refuses the other), and ``t > N / 2`` rules that
+out. So within a job the statistics are unmasked under one active set only. (In the
+one-round mode the first phase is summed over everyone without any reply, and a request
+for it naming a smaller set can still follow: that is the price of the mode, below.) Across
+jobs, every job has fresh keys,
+seeds and masks, and a request digest (:mod:`.secure_rounds`) binds the job id, which a site
+never accepts twice (:mod:`fedmte.client.secure_site`), so no phase is ever unmasked twice.
+A coordinator that runs a *new* job asking for the same statistics with another site
+missing gets a new release, and what repeated releases of the same data reveal is governed
+by the sites' DP noise and their privacy ledgers, which charge each release; with DP off,
+two jobs over different sets of sites differ by the missing site's exact statistics, as
+two plain jobs would.
 
 Why mask keys are per phase
 ---------------------------
@@ -69,9 +106,11 @@ With ``self_masks=False`` a phase without dropouts costs one upload and no reply
 pairwise masks cancel by themselves. The price is exactly that case: a coordinator that
 holds ``u``'s upload and declares ``u`` dropped anyway learns ``x_u`` for that phase (it can
 then compute both the sum with ``u`` and the sum without it; no one-round protocol with
-dropout recovery can prevent this). Against a coordinator that follows the protocol and
-discards late uploads it reveals only the sum. Use it only with site-level DP noise, which
-the privacy design adds at each site in any case.
+dropout recovery can prevent this), and, with ``u`` dropped for the whole job, in every
+later phase in which it obtains an upload from ``u``. Against a coordinator that follows
+the protocol and discards late uploads it reveals only the sum. Sites refuse jobs without
+self masks unless their owner sets ``require_self_masks = false``
+(:mod:`fedmte.client.secure_site`); use it only with site-level DP noise.
 
 Round trips and wire form
 -------------------------
@@ -136,7 +175,10 @@ _INFO_CHANNEL = b"fedmte.secure_sum.channel.v1"
 _INFO_PAIR_MASK = b"fedmte.secure_sum.pair_mask.v1"
 _INFO_SELF_MASK = b"fedmte.secure_sum.self_mask.v1"
 
-Verdict = Literal["active", "dropped"]
+class ActiveSetError(ProtocolError):
+    """An unmask request, or a phase's uploads, naming another active set than the one fixed
+    for the job by its first masked upload (module docstring): the job is over, and nothing
+    more is revealed or released in it."""
 SiteId = Annotated[str, Field(pattern=SITE_ID_PATTERN)]
 Key32 = Annotated[bytes, Field(min_length=KEY_BYTES, max_length=KEY_BYTES)]
 ShareY = Annotated[bytes, Field(min_length=shamir.SHARE_BYTES, max_length=shamir.SHARE_BYTES)]
@@ -390,14 +432,25 @@ class SiteSecureSum:
         self._held: dict[str, _Held] = {}
         self._participants: tuple[str, ...] | None = None
         self._masked: set[int] = set()
-        self._verdicts: dict[int, dict[str, Verdict]] = {}
+        self._fixed: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._ended: str | None = None
 
     @property
     def participants(self) -> tuple[str, ...]:
         """The sites (this one included) whose shares this site holds, in roster order."""
+        self._check_running()
         if self._participants is None:
             raise ProtocolError("key setup is not finished: call share() and receive_shares() first")
         return self._participants
+
+    @property
+    def fixed_lists(self) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """The ``(active, dropped)`` lists fixed for this job (roster order), once fixed."""
+        return self._fixed
+
+    def _check_running(self) -> None:
+        if self._ended is not None:
+            raise ProtocolError(f"this site stopped taking part in job {self.params.job_id!r}: {self._ended}")
 
     def advertise(self) -> Advertisement:
         """This site's signed public keys (setup step 1)."""
@@ -406,6 +459,7 @@ class SiteSecureSum:
     def share(self, advertisements: Sequence[Advertisement]) -> tuple[ShareBundle, ...]:
         """Verify the advertisements the coordinator relayed and encrypt, for every other
         advertised site, its Shamir shares of this site's seeds and mask keys (setup step 2)."""
+        self._check_running()
         if self._peers is not None:
             raise ProtocolError("this site already shared its keys for this job; setup runs once")
         peers = verify_advertisements(self.params, advertisements, self._known)
@@ -441,6 +495,7 @@ class SiteSecureSum:
     def receive_shares(self, bundles: Sequence[ShareBundle]) -> None:
         """Decrypt and keep the shares other sites made for this one; they fix the
         participants (setup step 2, receiving side)."""
+        self._check_running()
         if self._peers is None:
             raise ProtocolError("call share() before receive_shares(): the peers' keys are not verified yet")
         if self._participants is not None:
@@ -481,7 +536,8 @@ class SiteSecureSum:
 
     def mask(self, statistics: Statistics, *, phase: int, spec: SumSpec) -> MaskedUpload:
         """This site's statistics for ``phase``, encoded and masked (step 3). Each phase can
-        be masked once."""
+        be masked once. In the one-round mode, masking a second phase before any unmask
+        request fixes the active set to every participant (module docstring)."""
         participants = self.participants
         self._check_phase(phase)
         if phase in self._masked:
@@ -509,6 +565,8 @@ class SiteSecureSum:
                 ring_add(words, mask)
             else:
                 ring_sub(words, mask)
+        if self._masked and self._fixed is None and not self.params.self_masks:
+            self._fixed = (participants, ())  # the first phase may have been summed over everyone
         self._masked.add(phase)
         return MaskedUpload(job_id=self.params.job_id, phase=phase, site_id=self.site_id, spec_digest=spec_digest,
                             words=words)
@@ -516,8 +574,10 @@ class SiteSecureSum:
     def reveal(self, request: UnmaskRequest) -> Reveal:
         """The shares the coordinator needs to unmask ``request.phase`` (step 4), after
         checking the request. Raises :class:`ProtocolError` for overlapping, incomplete or
-        foreign lists, for a phase this site did not upload, and for a request that would
-        release both kinds of share for one peer; :class:`ThresholdError` below ``t``."""
+        foreign lists and for a phase this site did not upload, :class:`ThresholdError`
+        below ``t``, and :class:`ActiveSetError` for lists other than those fixed for the
+        job (module docstring), after which this site takes no further part in the job.
+        The first request answered fixes the lists."""
         participants = self.participants
         if request.job_id != self.params.job_id:
             raise ProtocolError(f"unmask request for job {request.job_id!r}, this is {self.params.job_id!r}")
@@ -536,6 +596,20 @@ class SiteSecureSum:
                 f"refusing to reveal: the lists must cover exactly the sites that shared keys; "
                 f"neither active nor dropped: {missing}; not participants: {foreign}"
             )
+        lists = (tuple(site for site in participants if site in active),
+                 tuple(site for site in participants if site in dropped))
+        if self._fixed is not None and lists != self._fixed:
+            fixed_active, fixed_dropped = self._fixed
+            flipped = sorted(set(fixed_active) ^ active)
+            self._ended = (f"an unmask request for phase {phase} named another active set than the one fixed for "
+                           "the job")
+            raise ActiveSetError(
+                f"refusing to reveal, and leaving job {self.params.job_id!r}: the unmask request for phase {phase} "
+                f"names active {list(lists[0])}, dropped {list(lists[1])}, but this job's active set was fixed at "
+                f"active {list(fixed_active)}, dropped {list(fixed_dropped)} by its first masked upload; {flipped} "
+                "would change sides. Sums of the same statistics over different sets of sites give single sites' "
+                "statistics by difference, so a job never continues with another active set"
+            )
         if self.site_id not in active:
             raise ProtocolError(f"refusing to reveal: this site is listed as dropped in phase {phase}")
         if phase not in self._masked:
@@ -545,18 +619,7 @@ class SiteSecureSum:
                 f"refusing to reveal: only {len(active)} active sites in phase {phase}, the threshold is "
                 f"{self.params.threshold}"
             )
-        verdicts = dict(self._verdicts.get(phase, {}))
-        request_verdicts: dict[str, Verdict] = {site: "active" for site in active}
-        request_verdicts.update({site: "dropped" for site in dropped})
-        conflicts = sorted(site for site, verdict in request_verdicts.items() if verdicts.get(site, verdict) != verdict)
-        if conflicts:
-            raise ProtocolError(
-                f"refusing to reveal: {conflicts} were earlier treated as the opposite of active/dropped in "
-                f"phase {phase}; releasing both the self-mask share and the mask-key share of a site would "
-                "unmask its upload"
-            )
-        verdicts.update(request_verdicts)
-        self._verdicts[phase] = verdicts
+        self._fixed = lists
         seed_shares = {site: self._held[site].seeds[phase] for site in participants if site in active} \
             if self.params.self_masks else {}
         key_shares = {site: self._held[site].keys[phase] for site in participants if site in dropped}
@@ -596,7 +659,9 @@ class CoordinatorSecureSum:
     Setup: :meth:`collect_advertisements` then :meth:`route_shares`. Per phase:
     :meth:`open_phase`, :meth:`add_upload` for each upload that arrives,
     :meth:`unmask_request` (``None`` when nothing needs revealing), then :meth:`finish`
-    with the sites' :class:`Reveal` replies.
+    with the sites' :class:`Reveal` replies. The first phase closed fixes the active set
+    for the job (:attr:`fixed_lists`); a later phase without an upload from each of those
+    sites raises :class:`ActiveSetError` and releases nothing.
     """
 
     def __init__(self, params: SecureSumParams, *, known_sites: Mapping[str, Ed25519PublicKey]) -> None:
@@ -608,6 +673,7 @@ class CoordinatorSecureSum:
         self._participants: tuple[str, ...] | None = None
         self._phases: dict[int, _Phase] = {}
         self._done: set[int] = set()
+        self._fixed: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     @property
     def participants(self) -> tuple[str, ...]:
@@ -615,6 +681,11 @@ class CoordinatorSecureSum:
         if self._participants is None:
             raise ProtocolError("key setup is not finished: call route_shares() first")
         return self._participants
+
+    @property
+    def fixed_lists(self) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """``(active, dropped)`` as fixed by the first phase closed, in roster order."""
+        return self._fixed
 
     def collect_advertisements(self, advertisements: Sequence[Advertisement]) -> tuple[Advertisement, ...]:
         """Verify the sites' advertisements; returns them in roster order, to relay to every site."""
@@ -682,6 +753,11 @@ class CoordinatorSecureSum:
             )
         if upload.site_id not in self.participants:
             raise ProtocolError(f"upload from {upload.site_id!r}, which did not complete the key setup")
+        if self._fixed is not None and upload.site_id not in self._fixed[0]:
+            raise ProtocolError(
+                f"upload from {upload.site_id!r}, which was dropped from this job in its first phase; the active set "
+                f"is fixed for the job at {list(self._fixed[0])}"
+            )
         if upload.site_id in state.uploaded:
             raise ProtocolError(f"a second upload from {upload.site_id!r} in phase {upload.phase}")
         if not hmac.compare_digest(upload.spec_digest, state.spec_digest):
@@ -695,10 +771,12 @@ class CoordinatorSecureSum:
 
     def unmask_request(self, phase: int) -> UnmaskRequest | None:
         """Close ``phase`` to uploads and say whose uploads are in the sum; ``None`` if no
-        site needs to reveal anything (one-round mode and nobody dropped).
+        site needs to reveal anything (one-round mode and nobody dropped). The first phase
+        closed fixes the active set for the job.
 
         Raises :class:`ThresholdError` (and abandons the phase, releasing nothing) if fewer
-        than ``t`` sites uploaded.
+        than ``t`` sites uploaded, and :class:`ActiveSetError` (likewise) if a site of the
+        fixed active set did not upload: a job never continues with a smaller active set.
         """
         state = self._open(phase)
         if state.closed:
@@ -711,6 +789,15 @@ class CoordinatorSecureSum:
                 f"only {len(active)} of {len(self.participants)} sites uploaded phase {phase}; the threshold is "
                 f"{self.params.threshold}: the phase is aborted and nothing is released"
             )
+        if self._fixed is not None and (active, dropped) != self._fixed:
+            self._abandon(phase)
+            missing = [site for site in self._fixed[0] if site not in active]
+            raise ActiveSetError(
+                f"{missing} did not upload phase {phase}, after the job's active set was fixed at "
+                f"{list(self._fixed[0])} by its first phase: the job cannot continue with a smaller active set "
+                "(the difference of two sums would be those sites' statistics); nothing of this phase is released"
+            )
+        self._fixed = (active, dropped)
         state.closed = True
         if self.params.self_masks or dropped:
             state.request = UnmaskRequest(job_id=self.params.job_id, phase=phase, active=active, dropped=dropped)

@@ -25,15 +25,24 @@ The phase count is the job's round count (:func:`fedmte.server.coordinator.execu
 
 Dropouts and aborts
 -------------------
-A site that fails or does not answer a step is dropped from the job from then on; its masks
-are recovered from the others' shares in every later phase, so the result is the exact sum
-over the sites that uploaded (dropout tolerance needs an exchange with ``gather``, as
+A site that fails or does not answer a step is dropped from the job from then on. Up to
+the first phase's upload that costs nothing but the site: its masks are recovered from the
+others' shares, so the result is the exact sum over the sites that uploaded, provided at
+least the threshold did (dropout tolerance needs an exchange with ``gather``, as
 :class:`~fedmte.server.flower_exchange.FlowerExchange` has). Uploads whose spec names
-another request digest than the coordinator sent are left out as well. When fewer than the
-threshold remain at any step, the coordinator sends a signed ``secure_abort`` to the sites
-still answering (each records the abort in its audit log and forgets the job), releases
-nothing, and raises :class:`~fedmte.protocol.errors.FederationError` naming every site's
-reason.
+another request digest than the coordinator sent are left out as well. The sites whose
+uploads the first phase summed are then the job's active set, fixed
+(:class:`~fedmte.protocol.secure_sum.CoordinatorSecureSum`): a site of that set that fails
+any later step, or whose later upload is missing or left out, aborts the job before the
+next phase is summed (a site that fails the last phase's reveal costs nothing, since nothing
+follows). Continuing with a smaller set would hand the coordinator two sums of the same
+statistics over different sites, whose difference is a site's statistics; the sites refuse
+it too, so an honest coordinator stops first.
+
+When fewer than the threshold remain at any step, or the active set would change, the
+coordinator sends a signed ``secure_abort`` to every site that advertised keys (each that
+hears it records the abort in its audit log and forgets the job), releases nothing, and
+raises :class:`~fedmte.protocol.errors.FederationError` naming every site's reason.
 
 What the coordinator held
 -------------------------
@@ -93,6 +102,7 @@ from fedmte.protocol.secure_rounds import (
     sign_request,
 )
 from fedmte.protocol.secure_sum import (
+    ActiveSetError,
     Advertisement,
     CoordinatorSecureSum,
     MaskedUpload,
@@ -222,8 +232,10 @@ class SecureAggregator:
     def summary(self) -> dict[str, Any]:
         """What a job report records: who summed, the threshold, each step's round trip."""
         setup = [t.seconds for t in self.timings if t.name.startswith("secure setup")]
+        fixed = None if self._coordinator is None else self._coordinator.fixed_lists
         return {
             "job_id": self.job_id, "sites": sorted(self._live), "threshold": self.threshold,
+            "active": None if fixed is None else list(fixed[0]), "dropped": None if fixed is None else list(fixed[1]),
             "self_masks": self.self_masks, "phases": None if self.params is None else self.params.phases,
             "phases_run": self._next_phase, "setup_seconds": sum(setup), "failures": dict(self.failures),
             "steps": [{"name": t.name, "seconds": t.seconds} for t in self.timings],
@@ -268,13 +280,17 @@ class SecureAggregator:
         self._live.discard(site)
 
     def _abort(self, exchange: Any, reason_code: str, error: FedmteError) -> FederationError:
-        """Tell every site still answering to record the abort; return the error to raise."""
+        """Tell every site that advertised keys (a dropped one may still hold them) to record
+        the abort and forget the job; return the error to raise. A site's first reason stays."""
         self._aborted = str(error)
-        if self._live:
+        if self._node_of:
             body = AbortBody(reason_code=reason_code, detail=str(error)[:4096])
-            payloads = {self._node_of[site]: self._payload(SECURE_ABORT, self._next_phase, body)
-                        for site in sorted(self._live)}
+            payloads = {node: self._payload(SECURE_ABORT, self._next_phase, body)
+                        for _, node in sorted(self._node_of.items())}
+            earlier, live = dict(self.failures), set(self._live)
             self._round_trip(exchange, SECURE_ABORT, payloads, group="secure-abort", name="secure abort")
+            self.failures.update(earlier)
+            self._live = live
         return FederationError(
             f"secure sum aborted, nothing released: {error}", failures=dict(self.failures),
         )
@@ -380,6 +396,15 @@ class SecureAggregator:
             raise ProtocolError(
                 f"the job agreed keys for {self.params.phases} phases and asked for another; declare more rounds"
             )
+        fixed = coordinator.fixed_lists
+        if fixed is not None:
+            gone = [site for site in fixed[0] if site not in self._live]
+            if gone:
+                raise self._abort(exchange, "secure:active_set_changed", ActiveSetError(
+                    f"{gone} failed after the job's active set was fixed at {list(fixed[0])} by its first phase: "
+                    "the job cannot continue with a smaller active set (the difference of two sums would be those "
+                    f"sites' statistics); phase {phase} was not asked for"
+                ))
         self._next_phase += 1
         digest = request_digest(self.job_id, phase, self.model_hashes, inner_query, inner.doc, inner.arrays)
         if self.keep_uploads:
@@ -431,6 +456,8 @@ class SecureAggregator:
             unmask = coordinator.unmask_request(phase)
         except ThresholdError as error:
             raise self._abort(exchange, "secure:below_threshold", error) from error
+        except ActiveSetError as error:
+            raise self._abort(exchange, "secure:active_set_changed", error) from error
         reveals: list[Reveal] = []
         if unmask is not None:
             body = RevealBody(unmask=unmask.model_dump_json(by_alias=True), request_digest=digest)

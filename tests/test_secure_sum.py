@@ -36,6 +36,7 @@ from fedmte.protocol.inputs import check_inputs
 from fedmte.protocol.local import InMemorySite, run_in_memory
 from fedmte.protocol.plan import execute, make_plan
 from fedmte.protocol.secure_sum import (
+    ActiveSetError,
     Advertisement,
     CoordinatorSecureSum,
     Reveal,
@@ -380,14 +381,39 @@ def test_two_sites_drop_and_one_survivor_stays_silent_at_unmasking() -> None:
     np.testing.assert_array_equal(result["class_counts"], sum(p["class_counts"] for p in survivors))
 
 
-def test_a_site_that_dropped_in_one_phase_can_take_part_in_the_next() -> None:
+def test_a_site_that_dropped_in_the_first_phase_stays_out_of_the_job() -> None:
+    # The first phase fixes the active set: a site that missed it cannot come back (its upload
+    # is refused), and the later phases sum exactly the first phase's survivors.
     rng = np.random.default_rng(6)
     federation = Federation(5, threshold=3, phases=2)
     data = {name: _statistics(rng) for name in federation.names}
     spec = _spec(data["site0"])
     federation.run(0, spec, data, drop=("site1",))
-    result = federation.run(1, spec, data)
-    np.testing.assert_array_equal(result["count"], sum(p["count"] for p in data.values()))
+    active = tuple(n for n in federation.names if n != "site1")
+    assert federation.coordinator.fixed_lists == (active, ("site1",))
+    federation.coordinator.open_phase(1, spec)
+    with pytest.raises(ProtocolError, match="'site1', which was dropped from this job in its first phase"):
+        federation.coordinator.add_upload(federation.sites["site1"].mask(data["site1"], phase=1, spec=spec))
+    for name in active:
+        federation.coordinator.add_upload(federation.sites[name].mask(data[name], phase=1, spec=spec))
+    request = federation.coordinator.unmask_request(1)
+    assert request is not None and (request.active, request.dropped) == (active, ("site1",))
+    result = federation.coordinator.finish(1, [federation.sites[n].reveal(request) for n in active])
+    np.testing.assert_array_equal(result["count"], sum(data[n]["count"] for n in active))
+    assert all(federation.sites[n].fixed_lists == (active, ("site1",)) for n in active)
+
+
+def test_a_dropout_after_the_first_phase_aborts_the_phase_at_the_coordinator() -> None:
+    rng = np.random.default_rng(16)
+    federation = Federation(5, threshold=3, phases=3)
+    data = {name: _statistics(rng) for name in federation.names}
+    spec = _spec(data["site0"])
+    federation.run(0, spec, data)
+    federation.upload(1, spec, data, drop=("site3",))  # four uploads: above the threshold, yet refused
+    with pytest.raises(ActiveSetError, match=r"\['site3'\] did not upload phase 1.*nothing of this phase is released"):
+        federation.coordinator.unmask_request(1)
+    with pytest.raises(ProtocolError, match="not open"):
+        federation.coordinator.finish(1)
 
 
 def test_a_site_that_drops_during_key_setup_is_left_out_of_every_phase() -> None:
@@ -502,12 +528,61 @@ def test_a_site_never_reveals_both_shares_for_one_peer() -> None:
         everyone = UnmaskRequest(job_id="job-1", phase=0, active=federation.names, dropped=())
         site4_dropped = UnmaskRequest(job_id="job-1", phase=0, active=federation.names[:4], dropped=("site4",))
         first, second = (site4_dropped, everyone) if first_dropped else (everyone, site4_dropped)
-        reveal = federation.sites["site0"].reveal(first)
+        site = federation.sites["site0"]
+        reveal = site.reveal(first)
         assert ("site4" in reveal.key_shares) == first_dropped
         assert ("site4" in reveal.seed_shares) != first_dropped
-        with pytest.raises(ProtocolError, match=r"\['site4'\] were earlier treated as the opposite"):
-            federation.sites["site0"].reveal(second)
-        assert federation.sites["site0"].reveal(first) == reveal  # a repeated request is answered alike
+        assert site.reveal(first) == reveal  # a repeated request is answered alike
+        with pytest.raises(ActiveSetError, match=r"\['site4'\] would change sides"):
+            site.reveal(second)
+        with pytest.raises(ProtocolError, match="stopped taking part in job 'job-1'"):
+            site.reveal(first)  # the job is over at this site
+
+
+def test_the_first_unmask_request_fixes_the_active_set_for_every_later_phase() -> None:
+    # The faked-dropout attack: the same statistics in three phases, another site declared
+    # dropped in each, would give a+b, b+c and a+c. The first request fixes (A, D); every
+    # site refuses a request naming another set and leaves the job.
+    rng = np.random.default_rng(17)
+    federation = Federation(3, threshold=2, phases=3)
+    data = {name: _statistics(rng) for name in federation.names}
+    spec = _spec(data["site0"])
+    a, b, c = federation.names
+    for phase in range(3):
+        for name in federation.names:
+            federation.sites[name].mask(data[name], phase=phase, spec=spec)
+    first = UnmaskRequest(job_id="job-1", phase=0, active=(a, b), dropped=(c,))
+    assert federation.sites[a].reveal(first).key_shares.keys() == {c}
+    federation.sites[b].reveal(first)
+    with pytest.raises(ProtocolError, match="this site is listed as dropped"):
+        federation.sites[c].reveal(first)  # refused, and fixes nothing at c
+    assert federation.sites[c].fixed_lists is None
+    second = UnmaskRequest(job_id="job-1", phase=1, active=(b, c), dropped=(a,))
+    with pytest.raises(ActiveSetError, match=r"fixed at active \['site0', 'site1'\], dropped \['site2'\]"):
+        federation.sites[b].reveal(second)
+    federation.sites[c].reveal(second)  # c alone: one share of each secret, below the threshold of 2
+    third = UnmaskRequest(job_id="job-1", phase=2, active=(a, c), dropped=(b,))
+    for name in (a, c):
+        with pytest.raises(ActiveSetError):
+            federation.sites[name].reveal(third)
+    with pytest.raises(ProtocolError, match="stopped taking part"):
+        federation.sites[b].reveal(UnmaskRequest(job_id="job-1", phase=1, active=(a, b), dropped=(c,)))
+
+
+def test_in_the_one_round_mode_a_second_masked_phase_fixes_everyone_as_active() -> None:
+    # Phase 0 needed no reply (summed over everyone); a later request dropping a site would
+    # give that site's statistics by difference.
+    rng = np.random.default_rng(18)
+    federation = Federation(3, threshold=2, phases=2, self_masks=False)
+    data = {name: _statistics(rng) for name in federation.names}
+    spec = _spec(data["site0"])
+    federation.run(0, spec, data)
+    assert federation.coordinator.fixed_lists == (federation.names, ())
+    site = federation.sites["site0"]
+    site.mask(data["site0"], phase=1, spec=spec)
+    assert site.fixed_lists == (federation.names, ())
+    with pytest.raises(ActiveSetError):
+        site.reveal(UnmaskRequest(job_id="job-1", phase=1, active=federation.names[:2], dropped=("site2",)))
 
 
 def test_overlapping_or_incomplete_lists_are_refused() -> None:
@@ -658,13 +733,19 @@ def test_a_key_recovered_after_a_dropout_does_not_unmask_earlier_phases() -> Non
     request = coordinator.unmask_request(0)
     reveals0 = [federation.sites[n].reveal(request) for n in request.active]
     coordinator.finish(0, reveals0)
+    # A dropout in phase 1 ends the job (the active set is fixed), so site2's phase-1 key is
+    # never released: the sites refuse a request that drops it.
     federation.upload(1, spec, data, drop=("site2",))
-    request = coordinator.unmask_request(1)
-    reveals1 = [federation.sites[n].reveal(request) for n in request.active]
-    coordinator.finish(1, reveals1)
-    # The coordinator now holds site2's phase-0 upload and seed, and its phase-1 mask key.
+    with pytest.raises(ActiveSetError):
+        coordinator.unmask_request(1)
+    forged = UnmaskRequest(job_id="job-1", phase=1, active=("site0", "site1"), dropped=("site2",))
+    for name in ("site0", "site1"):
+        with pytest.raises(ActiveSetError):
+            federation.sites[name].reveal(forged)
+    # And had it been released: the coordinator holds site2's phase-0 upload and seed, and
+    # its phase-1 mask key would not remove the phase-0 masks.
     seed0 = _recover(federation, reveals0, "site2", "seed_shares")
-    key1 = _recover(federation, reveals1, "site2", "key_shares")
+    key1 = federation.sites["site2"]._mask_keys[1].private_bytes_raw()
     with pytest.raises(BoundExceededError, match="a mask was not removed"):
         _strip_masks(federation, uploads["site2"], spec, key1, seed0)
     # Control: with a per-job key (here, the phase-0 key itself) the same attack would succeed.
