@@ -27,6 +27,33 @@ floors (``min_declared_rows``, ``min_declared_feature_norm``): with floors above
 site holds, whether a job runs depends only on public values. A loose bound costs nothing
 (the ring has 128 bits).
 
+Self masks, one active set per job, one setup per job id
+---------------------------------------------------------
+A site refuses a job with ``self_masks = false`` unless its owner sets
+``require_self_masks = false`` (rule ``secure.require_self_masks``): without self masks a
+coordinator that declares an uploaded site dropped reads that site's statistics. The active
+set is fixed for a job by its first masked upload
+(:class:`~fedmte.protocol.secure_sum.SiteSecureSum`): an unmask request, in any phase,
+naming another active set is refused (rule ``active_set_fixed``), and the site records the
+refusal, aborts the job and forgets its keys, so sums of the same statistics over different
+sets of sites (``a + b``, ``b + c``, ``a + c``) are never unmasked. A job id is set up once
+per site, ever (rule ``job_id``; the ids are kept in ``state_dir``): the request digest of a
+phase binds the job id and the phase, so no request digest is ever unmasked twice, under one
+active set or another. A *new* job asking for the same statistics is a new release, which
+the site's DP noise and privacy ledger govern.
+
+What the site audits
+--------------------
+Every reply that leaves through :meth:`SecureSite.handle` has an intent in the site's audit
+log, with a copy of its exact bytes (:func:`~fedmte.protocol.job_messages.wire_bytes` of the
+reply payload), written before it is handed over, and an outcome once it is handed to the
+transport (as the site agent records its own replies): the advertisement,
+the encrypted share bundles, the revealed shares (with the active and dropped lists the site
+acted on, in the intent's purpose and in the reply itself), the abort acknowledgement, and
+every error reply (the bytes of :func:`error_reply_text`, which is what the site runner
+sends). The masked upload is audited once, by the site agent that computed it (the ``seal``
+hook), with the sites it was masked against in its document.
+
 Where the job's state lives
 ---------------------------
 The :class:`~fedmte.protocol.secure_sum.SiteSecureSum` of a job (its X25519 private keys,
@@ -36,14 +63,17 @@ is one long-lived process, and :func:`answer_secure` keeps one :class:`SecureSit
 configuration file in it. Secret keys never touch the disk. A site that restarts mid-job
 loses the job and counts as dropped (the others recover its masks); a stock SuperNode,
 which starts a new process per message, cannot take part, and the first upload says so.
-Only the seen nonces are persisted (``state_dir``), so a restart does not reopen replays.
-Jobs are kept for ``session_ttl`` seconds, at most ``max_sessions`` at once. The file is
+Only the seen nonces and the ids of the jobs it set up are persisted (``state_dir``), so a
+restart reopens neither replays nor a finished job. Jobs are kept for ``session_ttl``
+seconds, at most ``max_sessions`` at once. The file is
 read once per process: edits take effect when the site runner restarts (the plain-statistics
 check reads it on every message, so ``require_secure_sum`` never lags).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -68,6 +98,7 @@ from fedmte.protocol.errors import (
     ThresholdError,
     VerificationError,
 )
+from fedmte.protocol.job_messages import wire_bytes
 from fedmte.protocol.keys import fingerprint, parse_public_key
 from fedmte.protocol.secure_rounds import (
     AbortBody,
@@ -85,6 +116,7 @@ from fedmte.protocol.secure_rounds import (
 )
 from fedmte.protocol.secure_sum import (
     SITE_ID_PATTERN,
+    ActiveSetError,
     Advertisement,
     SecureSumParams,
     ShareBundle,
@@ -102,6 +134,7 @@ from fedmte.protocol.wire import (
 )
 
 NONCES_FILE = "secure_nonces.txt"
+JOBS_FILE = "secure_jobs.txt"
 
 AuditWriter = Callable[[Callable[[AuditLog], None]], None]
 """Runs a write against the site's open audit log."""
@@ -127,7 +160,7 @@ class SecureSiteConfig(BaseModel):
     state_dir: Path | None = None
     max_request_age: float = Field(default=600.0, gt=0, le=86_400)
     require_secure_sum: bool = True
-    require_self_masks: bool = False
+    require_self_masks: bool = True
     min_declared_rows: int = Field(default=1_000_000, ge=1)
     min_declared_feature_norm: float = Field(default=0.0, ge=0)
     max_sessions: int = Field(default=8, ge=1, le=1024)
@@ -137,6 +170,10 @@ class SecureSiteConfig(BaseModel):
         """The pinned coordinator keys by fingerprint."""
         keys = [parse_public_key(text) for text in self.coordinators.values()]
         return {fingerprint(key): key for key in keys}
+
+    def coordinator_names(self) -> dict[str, str]:
+        """The name each pinned coordinator key is listed under, by fingerprint."""
+        return {fingerprint(parse_public_key(text)): name for name, text in self.coordinators.items()}
 
     def roster_keys(self) -> dict[str, Ed25519PublicKey]:
         return {site: parse_public_key(text) for site, text in self.roster.items()}
@@ -155,6 +192,22 @@ def secure_config(config: SiteConfig) -> SecureSiteConfig:
         min_declared_rows=secure.min_declared_rows, min_declared_feature_norm=secure.min_declared_feature_norm,
         max_sessions=secure.max_sessions, session_ttl=secure.session_ttl,
     )
+
+
+def error_reply_text(error: BaseException) -> str:
+    """The text an error reply carries to the coordinator (the site runner's ``Error`` reason)."""
+    return f"{type(error).__name__}: {error}"
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """Who a reply goes to and what it answers, for its audit intent."""
+
+    requester: str
+    recipient: str
+    run_id: str
+    round: int
+    request_sha256: str | None
 
 
 @dataclass
@@ -204,34 +257,49 @@ class SecureSite:
         self._roster = roster
         self._pinned = config.pinned_coordinators()
         self._clock = clock
+        self._names = config.coordinator_names()
         self._sessions: dict[str, _Session] = {}
         self._nonces: dict[str, float] = {}
+        self._jobs_seen: set[str] = set()
         self._lock = threading.Lock()
         self._load_nonces()
+        self._load_jobs()
 
     # ------------------------------------------------------------------ entry point
 
     def handle(self, query: str, payload: Payload) -> Payload:
-        """Verify one signed request and answer it; raise (and audit) a refusal."""
+        """Verify one signed request and answer it; raise (and audit) a refusal. Every reply,
+        error replies included, is audited before it leaves (module docstring)."""
         with self._lock:
-            envelope = self._accept(query, payload)
-            body = parse_body(envelope)
-            if query == SECURE_ADVERTISE:
-                try:
-                    return self._advertise(envelope, body)
-                except RefusalError as error:
-                    self._audit_refusal(envelope.signer, envelope.job_id, 0, error.reason_code, error.rule, str(error))
-                    raise
-            session = self._session(envelope)
-            if query == SECURE_SHARE:
-                return self._share(session, body)
-            if query == SECURE_UPLOAD:
-                return self._upload(session, envelope, body, payload.arrays)
-            if query == SECURE_REVEAL:
-                return self._reveal(session, envelope, body)
-            if query == SECURE_ABORT:
-                return self._abort(session, body)
-            raise ProtocolError(f"unknown secure-sum query {query!r}")
+            reply_to = self._reply_to(payload)
+            try:
+                reply, purpose = self._answer(query, payload)
+            except Exception as error:
+                self._audit_error_reply(reply_to, query, error)
+                raise
+            if purpose is not None:  # None: the site agent audited it (the masked upload)
+                self._send(reply, reply_to, purpose)
+            return reply
+
+    def _answer(self, query: str, payload: Payload) -> tuple[Payload, str | None]:
+        envelope = self._accept(query, payload)
+        body = parse_body(envelope)
+        if query == SECURE_ADVERTISE:
+            try:
+                return self._advertise(envelope, body)
+            except RefusalError as error:
+                self._audit_refusal(envelope.signer, envelope.job_id, 0, error.reason_code, error.rule, str(error))
+                raise
+        session = self._session(envelope)
+        if query == SECURE_SHARE:
+            return self._share(session, body)
+        if query == SECURE_UPLOAD:
+            return self._upload(session, envelope, body, payload.arrays), None
+        if query == SECURE_REVEAL:
+            return self._reveal(session, envelope, body)
+        if query == SECURE_ABORT:
+            return self._abort(session, body)
+        raise ProtocolError(f"unknown secure-sum query {query!r}")
 
     @property
     def jobs(self) -> tuple[str, ...]:
@@ -298,11 +366,19 @@ class SecureSite:
             raise ProtocolError(f"malformed secure-sum parameters: {error.errors()[0]['msg']}") from None
         if params.job_id != envelope.job_id:
             raise ProtocolError(f"the parameters are for job {params.job_id!r}, the request for {envelope.job_id!r}")
-        if params.job_id in self._sessions:
-            raise ProtocolError(f"job {params.job_id!r} was already set up at this site; setup runs once per job")
+        if params.job_id in self._sessions or params.job_id in self._jobs_seen:
+            raise RefusalError(
+                f"refused by site: job {params.job_id!r} was already set up at this site (running, finished or "
+                "aborted); a job id is accepted once, so no phase of a job is ever masked or unmasked twice",
+                reason_code="secure:job_id_reused", rule="job_id",
+            )
         if self.config.require_self_masks and not params.self_masks:
-            raise RefusalError("this site takes part only in jobs with self masks (require_self_masks = true)",
-                               reason_code="secure:self_masks_required", rule="secure.require_self_masks")
+            raise RefusalError(
+                "refused by site: the job turns self masks off (self_masks = false), and this site takes part only "
+                "in jobs with self masks (require_self_masks = true in its site file's [secure] table): without them "
+                "a coordinator that declares an uploaded site dropped reads that site's statistics",
+                reason_code="secure:self_masks_required", rule="secure.require_self_masks",
+            )
         floors = [("secure.min_declared_rows", "max_rows", body.bounds.max_rows, self.config.min_declared_rows),
                   ("secure.min_declared_feature_norm", "feature_norm", body.bounds.feature_norm,
                    self.config.min_declared_feature_norm)]
@@ -317,17 +393,23 @@ class SecureSite:
                                known_sites=self._roster)
         now = self._clock()
         self._prune_sessions(now)
+        self._remember_job(params.job_id)
         self._sessions[params.job_id] = _Session(params.job_id, envelope.signer, body.bounds,
                                                  tuple(envelope.model_hashes), secure, now)
-        return Payload(doc={"advertisement": secure.advertise().model_dump_json(by_alias=True)})
+        purpose = (f"secure sum setup: signed public keys for job {params.job_id} ({params.phases} phase(s), "
+                   f"threshold {params.threshold} of {list(params.sites)}, self masks "
+                   f"{'on' if params.self_masks else 'off'})")
+        return Payload(doc={"advertisement": secure.advertise().model_dump_json(by_alias=True)}), purpose
 
-    def _share(self, session: _Session, body: ShareBody) -> Payload:
+    def _share(self, session: _Session, body: ShareBody) -> tuple[Payload, str]:
         if session.shared:
             raise ProtocolError(f"job {session.job_id!r} already shared its keys")
         advertisements = [Advertisement.model_validate_json(text) for text in body.advertisements]
         bundles = session.secure.share(advertisements)
         session.shared = True
-        return Payload(doc={"bundles": [bundle.model_dump_json(by_alias=True) for bundle in bundles]})
+        purpose = ("secure sum setup: Shamir shares of this site's self-mask seeds and mask keys, encrypted to "
+                   f"{[bundle.recipient for bundle in bundles]}")
+        return Payload(doc={"bundles": [bundle.model_dump_json(by_alias=True) for bundle in bundles]}), purpose
 
     def _upload(self, session: _Session, envelope: Envelope, body: UploadBody, arrays: Mapping[str, np.ndarray]) -> Payload:
         phase = body.phase
@@ -348,7 +430,8 @@ class SecureSite:
             statistics = Statistics.from_arrays(reply.arrays)
             spec = round_sum_spec(stats, statistics, session.bounds, context=digest)
             upload = session.secure.mask(statistics, phase=phase, spec=spec)
-            out = Payload(doc={"phase": phase, "spec": spec.model_dump(mode="json", by_alias=True), "inner": reply.doc},
+            out = Payload(doc={"phase": phase, "spec": spec.model_dump(mode="json", by_alias=True), "inner": reply.doc,
+                               "masked_with": list(session.secure.participants)},
                           arrays={"words": upload.words.view(np.int64)})
             sealed.append(out)
             return out
@@ -359,7 +442,7 @@ class SecureSite:
         session.digests[phase] = digest
         return answered
 
-    def _reveal(self, session: _Session, envelope: Envelope, body: RevealBody) -> Payload:
+    def _reveal(self, session: _Session, envelope: Envelope, body: RevealBody) -> tuple[Payload, str]:
         try:
             request = UnmaskRequest.model_validate_json(body.unmask)
         except ValidationError as error:
@@ -380,11 +463,21 @@ class SecureSite:
         except ThresholdError as error:
             self._end(session, "secure:below_threshold", str(error))
             raise
-        return Payload(doc={"reveal": reveal.model_dump_json(by_alias=True)})
+        except ActiveSetError as error:
+            self._audit_refusal(envelope.signer, session.job_id, envelope.round, "secure:active_set_changed",
+                                "active_set_fixed", str(error))
+            self._end(session, "secure:active_set_changed", str(error))
+            raise
+        active, dropped = session.secure.fixed_lists or ((), ())
+        purpose = (f"secure sum reveal, phase {request.phase}: shares of the self-mask seeds of active {list(active)} "
+                   f"and of the mask keys of dropped {list(dropped)}")
+        return Payload(doc={"reveal": reveal.model_dump_json(by_alias=True), "active": list(active),
+                            "dropped": list(dropped)}), purpose
 
-    def _abort(self, session: _Session, body: AbortBody) -> Payload:
+    def _abort(self, session: _Session, body: AbortBody) -> tuple[Payload, str]:
         self._end(session, body.reason_code, body.detail)
-        return Payload(doc={"recorded": self._audit_writer is not None or self.config.audit_dir is not None})
+        recorded = self._audit_writer is not None or self.config.audit_dir is not None
+        return Payload(doc={"recorded": recorded}), f"secure sum abort acknowledged ({body.reason_code})"
 
     def _end(self, session: _Session, reason_code: str, detail: str) -> None:
         """Forget the job (its keys and shares) and record the abort."""
@@ -416,6 +509,25 @@ class SecureSite:
                 except ValueError:
                     continue
         self._prune_nonces(self._clock())
+
+    def _jobs_file(self) -> Path | None:
+        return None if self.config.state_dir is None else self.config.state_dir / JOBS_FILE
+
+    def _load_jobs(self) -> None:
+        path = self._jobs_file()
+        if path is not None and path.exists():
+            self._jobs_seen.update(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+    def _remember_job(self, job_id: str) -> None:
+        """Keep the job id for good (in ``state_dir``): a job id is set up once."""
+        self._jobs_seen.add(job_id)
+        path = self._jobs_file()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(f"{job_id}\n")
+                handle.flush()
+                os.fsync(handle.fileno())
 
     def _remember_nonce(self, nonce: str, issued_at: float) -> None:
         self._nonces[nonce] = issued_at
@@ -451,6 +563,41 @@ class SecureSite:
         self._audit(lambda log: log.refusal(requester=requester, run_id=job, round=round_, reason_code=code,
                                             rule=rule, message=message, purpose="secure sum"))
 
+    def _reply_to(self, payload: Payload) -> _Reply:
+        """The audit fields of the reply to ``payload``, read before anything is verified (an
+        unverified request's fields are what it claims)."""
+        raw = payload.doc.get("envelope")
+        raw = raw if isinstance(raw, dict) else {}
+        signer = str(raw.get("signer") or "unknown")[:64]
+        round_ = raw["round"] if isinstance(raw.get("round"), int) and raw["round"] >= 0 else 0
+        try:
+            request_sha: str | None = hashlib.sha256(wire_bytes(payload)).hexdigest()
+        except FedmteError:
+            request_sha = None
+        return _Reply(requester=signer, recipient=f"coordinator:{self._names.get(signer, 'unknown')}",
+                      run_id=str(raw.get("job_id") or "-")[:256], round=round_, request_sha256=request_sha)
+
+    def _transmit(self, data: bytes, reply_to: _Reply, purpose: str) -> None:
+        """Intent (with a copy of ``data``) before the reply leaves, outcome after."""
+
+        def write(log: AuditLog) -> None:
+            with log.transmission(data, requester=reply_to.requester, recipient=reply_to.recipient,
+                                  run_id=reply_to.run_id, round=reply_to.round, purpose=purpose[:4096],
+                                  request_sha256=reply_to.request_sha256):
+                pass  # returned to the transport, which delivers it to the coordinator
+
+        self._audit(write)
+
+    def _send(self, reply: Payload, reply_to: _Reply, purpose: str) -> None:
+        self._transmit(wire_bytes(reply), reply_to, purpose)
+
+    def _audit_error_reply(self, reply_to: _Reply, query: str, error: Exception) -> None:
+        """Audit the error reply's bytes; a log that cannot take it leaves the original error."""
+        try:
+            self._transmit(error_reply_text(error).encode("utf-8"), reply_to, f"secure sum {query}: error reply")
+        except Exception:  # noqa: BLE001 - the error being answered matters more than its record
+            pass
+
 
 # --------------------------------------------------------------------------- the site's statistics
 
@@ -476,7 +623,8 @@ def _agent_audit(site_file: Path) -> AuditWriter:
     def audit(write: Callable[[AuditLog], None]) -> None:
         agent = site_agent.agent_for(site_file)
         try:
-            write(agent.privacy.log)
+            with agent.lock:  # one writer at a time, also against the agent's own answers
+                write(agent.privacy.log)
         finally:
             if site_agent._AGENTS.get(Path(site_file).resolve()) is not agent:  # not kept open: close it again
                 agent.close()

@@ -215,7 +215,7 @@ class SecureSettings(StrictModel):
     state_dir: Path = Path("state")
     max_request_age: float = Field(default=600.0, gt=0, le=86_400)
     require_secure_sum: bool = True
-    require_self_masks: bool = False
+    require_self_masks: bool = True
     min_declared_rows: int = Field(default=1_000_000, ge=1, description="refuse jobs declaring fewer max_rows")
     min_declared_feature_norm: float = Field(default=0.0, ge=0, description="refuse jobs declaring a smaller feature_norm")
     max_sessions: int = Field(default=8, ge=1, le=1024)

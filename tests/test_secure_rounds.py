@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import math
 import os
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import fedmte
 from fedmte.client import site_agent
 from fedmte.client.audit_log import read_records, verify
 from fedmte.client.secure_site import (
@@ -32,7 +35,7 @@ from fedmte.client.secure_site import (
     secure_config,
     site_for,
 )
-from fedmte.client.site_config import load_site_config
+from fedmte.client.site_config import load_site_config, site_file_text
 from fedmte.protocol.errors import (
     BoundExceededError,
     FederationError,
@@ -82,8 +85,6 @@ from fedmte.server.job import job_from_dict, load_job
 from fedmte.server.secure_aggregation import SecureAggregator, load_roster
 from fedmte.server.site_probe import probe_sites
 from fedmte.trial.local_sites import coordinator_key, provision, write_site
-
-import fedmte
 from tests.datasets import DATASETS, site_split_without_class
 
 DATA = DATASETS["basic"]
@@ -171,6 +172,9 @@ class Federation:
         self.bounds = bounds or DeclaredBounds(max_rows=len(DATA.labels), feature_norm=norm)
         self.spec = provision(dict(zip(self.names, self.files)), self.key_path, bounds=self.bounds,
                               self_masks=self_masks)
+        if not self_masks:  # sites refuse jobs without self masks unless their owner allows them
+            for path in self.files:
+                allow_one_round(path)
         self.configs = {name: secure_config(load_site_config(path)) for name, path in zip(self.names, self.files)}
         self.sites = [site_for(path) for path in self.files]  # as a site runner makes them
         self.exchange = SecureWireExchange(self.sites, self.files)
@@ -201,6 +205,13 @@ class Federation:
     def rows(self, node: int) -> int:
         with np.load(self.exchange.files[node].parent / "data.npz") as data:
             return len(data["labels"])
+
+
+def allow_one_round(site_file: Path) -> None:
+    """The data owner's opt-in to jobs without self masks: ``require_self_masks = false``."""
+    document = tomllib.loads(site_file.read_text(encoding="utf-8"))
+    document["secure"]["require_self_masks"] = False
+    site_file.write_text(site_file_text(document), encoding="utf-8")
 
 
 def site_rows(sites: int) -> list[np.ndarray]:
@@ -421,8 +432,13 @@ def test_a_site_beyond_the_declared_rows_refuses_with_a_bound_error(tmp_path: Pa
         aggregator.sum_round(federation.exchange, request, arrays)
     reasons = caught.value.failures
     assert {"site1", "site2"} <= set(reasons)
-    assert all("BoundExceededError" in reasons[name] and "beyond its public bound" in reasons[name]
+    # whether a site's rows break the declared bounds depends on its data: the coordinator gets
+    # the one generic text, the data owner the bound error in the site's audit log
+    assert all("SiteFailed" in reasons[name] and "beyond its public bound" not in reasons[name]
                for name in ("site1", "site2"))
+    for name in ("site1", "site2"):
+        aborts = [r for r in read_records(federation.dirs[name] / "audit") if r.kind == "abort"]
+        assert any("BoundExceededError" in r.detail and "beyond its public bound" in r.detail for r in aborts)
 
 
 # --------------------------------------------------------------------------- refusals
