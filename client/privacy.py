@@ -325,6 +325,7 @@ class PlannedBlock:
     dtype: np.dtype
     sensitivity: float | None
     sigma: float
+    internal: bool = False  # computed and noised only to decide which classes to suppress; never sent
 
     @property
     def name(self) -> str:
@@ -391,26 +392,34 @@ def plan_blocks(request: ReleaseRequest, policy: SitePolicy) -> list[PlannedBloc
     """Shapes, sensitivities and noise for every block of a release; pure, no data read.
 
     With DP on, sigma_b = z * Delta_b with z = sqrt(B) / mu_per_release over the B blocks
-    with non-zero sensitivity, so sqrt(sum (Delta_b / sigma_b)^2) = mu_per_release.
+    with non-zero sensitivity, so sqrt(sum (Delta_b / sigma_b)^2) = mu_per_release. When the
+    policy suppresses small classes and a model's release has class-indexed blocks but no
+    class counts, noisy counts are planned as an internal block (within the same mu), so the
+    suppression rule holds for every release; the internal block never leaves the site.
     """
-    raw: list[tuple[ModelRequest, Stat, tuple[int, ...], np.dtype, float | None]] = []
+    raw: list[tuple[ModelRequest, Stat, tuple[int, ...], np.dtype, float | None, bool]] = []
     for model in request.models:
-        for stat in model.unique_stats():
+        stats = [(stat, False) for stat in model.unique_stats()]
+        kinds = {stat.kind for stat, _ in stats}
+        if policy.dp.enabled and policy.min_noisy_class_count > 0 and kinds & CLASS_INDEXED and "class_counts" not in kinds:
+            stats.append((Stat.of("class_counts"), True))  # suppression needs noisy counts; they share this release's mu
+        for stat, internal in stats:
             shape, dtype = expected_shape(stat, model.feature_dim, request.num_classes, model.num_source_classes)
             delta = (dp.stat_sensitivity(stat, policy.clip_norm, policy.dp.neighbouring)
                      if policy.dp.enabled else None)
-            raw.append((model, stat, tuple(shape), np.dtype(dtype), delta))
-    noised = sum(1 for *_, delta in raw if delta)
+            raw.append((model, stat, tuple(shape), np.dtype(dtype), delta, internal))
+    noised = sum(1 for *_, delta, _ in raw if delta)
     z = dp.noise_multiplier(policy.dp.mu_per_release, noised) if policy.dp.enabled and noised else 0.0
-    return [PlannedBlock(m, s, shape, dtype, delta, z * delta if delta else 0.0) for m, s, shape, dtype, delta in raw]
+    return [PlannedBlock(m, s, shape, dtype, delta, z * delta if delta else 0.0, internal)
+            for m, s, shape, dtype, delta, internal in raw]
 
 
 def suppress_small_classes(blocks: dict[str, np.ndarray], planned: Sequence[PlannedBlock],
                            min_count: float) -> dict[str, list[int]]:
     """Zero the class rows of classes whose noisy count is below ``min_count``, in place.
 
-    Decided per model from that model's released (noisy) ``class_counts``; a model whose
-    release has no class counts is left as is. Returns {weights_sha256: suppressed classes}.
+    Decided per model from that model's noisy ``class_counts`` (released, or planned as an
+    internal block, :func:`plan_blocks`). Returns {weights_sha256: suppressed classes}.
     """
     suppressed: dict[str, list[int]] = {}
     if min_count <= 0:
@@ -551,7 +560,7 @@ class SitePrivacy:
                     if block.sigma > 0:
                         blocks[block.name] = add_noise(blocks[block.name], block.sigma, rng)
                 suppressed = suppress_small_classes(blocks, planned, self.policy.min_noisy_class_count)
-            payload = encode_release(blocks)
+            payload = encode_release({b.name: blocks[b.name] for b in planned if not b.internal})
         except RefusalError as refusal:  # decided from the request alone: its own words may go back
             self._failed(request, planned, refusal, refusal, fingerprint, before, after)
             refusal.reply_audited = True  # type: ignore[attr-defined]
@@ -625,7 +634,8 @@ class SitePrivacy:
             suppressed_classes=suppressed,
         )
         return Release(payload=payload, fingerprint=fingerprint, privacy=charge,
-                       statistics=[block.audit() for block in planned], models=[m.ref for m in request.models],
+                       statistics=[block.audit() for block in planned if not block.internal],
+                       models=[m.ref for m in request.models],
                        dataset=request.dataset, suppressed_classes=suppressed)
 
     def disclose(self, request: ReleaseRequest, batches_for: BatchSource, send: Callable[[bytes], object]) -> Release:
