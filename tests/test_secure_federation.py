@@ -14,6 +14,7 @@ abort below the threshold are shown over five real site runners in
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ import numpy as np
 import pytest
 
 import fedmte
+from fedmte.client.audit_log import read_records
 from fedmte.client.site_config import load_site_config
+from fedmte.protocol.audit_format import IntentRecord, OutcomeRecord
 from fedmte.protocol.errors import FederationError
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.server.coordinator import launch
@@ -31,7 +34,7 @@ from fedmte.server.secure_aggregation import SecureJobSpec
 from fedmte.trial.local_federation import LocalFederation, down, up
 from fedmte.trial.local_sites import provision
 from tests.datasets import DATASETS, site_split_without_class
-from tests.test_flower_federation import decisions, job, received, site_features_scores, site_files
+from tests.test_flower_federation import decisions, job, received, site_features_scores, site_files, site_home
 
 pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
 
@@ -105,6 +108,7 @@ def test_secure_job_scores_equal_pooled_scores(secure_report: Secured) -> None:
     summary = status.secure  # the secure sum's own account: who summed, under which threshold, each step
     assert summary is not None and summary["sites"] == ["site0", "site1", "site2"] and summary["threshold"] == 2
     assert summary["self_masks"] and summary["phases"] == summary["phases_run"] == rounds and not summary["failures"]
+    assert summary["active"] == ["site0", "site1", "site2"] and summary["dropped"] == []  # fixed by phase 0
     assert [step["name"] for step in summary["steps"]][:2] == ["secure setup (advertise)", "secure setup (share)"]
     print(f"\nsecure job over 3 site runners: {status.seconds_per_round_trip:.2f} s per statistics round "
           f"(upload + reveal), {status.total_seconds:.1f} s in all, of which "
@@ -121,6 +125,34 @@ def test_every_site_answered_only_signed_secure_steps(secure_federation: tuple[L
         assert [d["message_type"] for d in mine] == ["query.setup", "query.secure_advertise", "query.secure_share"] \
             + ["query.secure_upload", "query.secure_reveal"] * status.planned_rounds + ["query.finish"]
         assert all(d["accepted"] for d in mine)
+
+
+def test_every_reply_the_coordinator_received_is_in_its_sites_audit_log(
+    secure_federation: tuple[LocalFederation, SecureJobSpec], secure_report: Secured
+) -> None:
+    """Byte for byte, over real processes: each digest in ``received.jsonl`` (the job's setup,
+    the secure setup's advertisements and shares, the masked uploads, the reveals, finish) is
+    a payload copy in the answering site's audit log, with an intent sent before it and an
+    outcome after; a masked upload is recorded once (by the site agent that sealed it)."""
+    state, _ = secure_federation
+    homes = {site.name: site_home(state, index) for index, site in enumerate(state.sites)}
+    replies = received(secure_report.output)
+    assert {str(r["query"]) for r in replies} >= {"secure_advertise", "secure_share", "secure_upload", "secure_reveal"}
+    for name, home in homes.items():
+        records = read_records(home / "audit")
+        intents = [r for r in records if isinstance(r, IntentRecord)]
+        sent = {r.intent_seq for r in records if isinstance(r, OutcomeRecord) and r.status == "sent"}
+        for reply in (r for r in replies if r["site"] == name):
+            sha = str(reply["sha256"])
+            copy = (home / "audit" / "payloads" / f"{sha}.bin").read_bytes()
+            assert hashlib.sha256(copy).hexdigest() == sha and len(copy) == reply["bytes"], reply
+            matching = [r for r in intents if r.payload.sha256 == sha]
+            assert matching and all(r.seq in sent for r in matching), reply
+            if reply["query"] == "secure_upload":
+                assert len(matching) == 1, reply
+            if reply["query"] == "secure_reveal":
+                assert all("active ['site0', 'site1', 'site2'] and of the mask keys of dropped []" in r.purpose
+                           for r in matching), reply
 
 
 def test_a_plain_job_is_refused_by_sites_that_require_the_secure_sum(
