@@ -22,7 +22,12 @@ In order, the tests show:
    (replayed in-process at a copy of the site), and whose bits look uniformly random;
 3. with ``site4`` restarted and the threshold raised to 5, the same crash leaves four
    sites, the job aborts with nothing released (no reveal is ever asked for), and each of
-   the four survivors records the abort in its audit log.
+   the four survivors records the abort in its audit log;
+4. with ``site4`` restarted to crash on its first *reveal* instead (after its first masked
+   upload), the first phase is summed over all five, and the job then aborts before the
+   second phase is asked for: the active set is fixed by the first phase, and a job never
+   goes on with a smaller one (the difference of the two sums would be ``site4``'s
+   statistics). Each survivor records the abort.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typer.testing import CliRunner
 import fedmte
 from fedmte.cli import app
 from fedmte.client.audit_log import read_records
+from fedmte.client.site_config import toml_text
 from fedmte.protocol.errors import FederationError
 from fedmte.protocol.fixed_point import FixedPointCodec, SumSpec
 from fedmte.protocol.job_messages import WIRE_MAGIC
@@ -51,8 +57,7 @@ from fedmte.server.coordinator import execute_job, launch, load_candidates
 from fedmte.server.job import JobSpec
 from fedmte.server.report import Report, RunStatus, read_report, read_status
 from fedmte.server.secure_aggregation import SecureJobSpec
-from fedmte.trial.local_federation import LocalFederation, down, restart_site, up
-from fedmte.client.site_config import toml_text
+from fedmte.trial.local_federation import STATE_FILE, LocalFederation, down, load_state, restart_site, up
 from tests.datasets import DATASETS, site_split_without_class
 from tests.job_helpers import AgentExchange
 from tests.test_flower_federation import decisions, job, received, site_features_scores, site_files, site_home
@@ -259,3 +264,41 @@ def test_below_the_threshold_the_job_aborts_and_the_survivors_audit_it(
         aborts = [r for r in read_records(federation.home(index) / "audit")
                   if r.kind == "abort" and r.run_id.startswith(f"run-{failed.run_id}-")]
         assert [r.reason_code for r in aborts] == ["secure:below_threshold"]
+
+
+def _crash_site_on(federation: Federation, index: int, message_type: str) -> None:
+    """Restart the (crashed) site with its dropout drill on another message type: its
+    recorded command line, as ``restart_site`` reuses it, with the drill's argument changed."""
+    directory = Path(federation.state.directory)
+    state = load_state(directory)
+    command = state.sites[index].command
+    command[command.index("--drill-crash-on") + 1] = message_type
+    (directory / STATE_FILE).write_text(state.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
+    restart_site(directory, state.sites[index].name)
+
+
+def test_a_site_lost_after_its_first_upload_aborts_the_job_before_the_next_phase(
+    federation: Federation, dropout_report: Dropout, tmp_path: Path
+) -> None:
+    assert dropout_report.status.planned_rounds > 1  # a second phase exists to be refused
+    _crash_site_on(federation, DROPPING, "query.secure_reveal")
+    output = tmp_path / "after-first-upload"
+    with pytest.raises(FederationError, match="secure sum aborted, nothing released") as caught:
+        launch(federation.job(output))
+    failed = read_status(output / "run.json")
+    assert failed.status == "failed" and not (output / "report.json").exists()
+    assert "active set was fixed" in str(caught.value) and "site4" in str(failed.error)
+    assert f"site{DROPPING}" in failed.failures and "secure_reveal" in failed.failures[f"site{DROPPING}"]
+    crashed = [d["message_type"] for d in federation.decisions(DROPPING, failed.run_id)]
+    assert crashed == ["query.setup", "query.secure_advertise", "query.secure_share", "query.secure_upload",
+                       "query.secure_reveal"], crashed
+    for index in range(DROPPING):
+        kinds = [d["message_type"] for d in federation.decisions(index, failed.run_id)]
+        assert kinds[:kinds.index("query.secure_abort") + 1] == [
+            "query.setup", "query.secure_advertise", "query.secure_share", "query.secure_upload",
+            "query.secure_reveal", "query.secure_abort"], kinds
+        assert kinds.count("query.secure_upload") == 1, kinds  # phase 2 was never asked for
+        aborts = [r for r in read_records(federation.home(index) / "audit")
+                  if r.kind == "abort" and r.run_id.startswith(f"run-{failed.run_id}-")]
+        assert [r.reason_code for r in aborts] == ["secure:active_set_changed"]
+        assert "site4" in aborts[0].detail
