@@ -29,11 +29,14 @@ FAB_DIR = Path(str(importlib.resources.files("fedmte") / "fab"))
 """The Flower app bundle's source: a pyproject.toml naming fedmte's ServerApp and ClientApp."""
 
 INTERNALS: dict[str, tuple[str, ...]] = {
-    "flwr.supernode.cli.flower_supernode": ("flower_supernode",),
-    "flwr.supernode.start_client_internal": ("start_client_internal", "time"),
+    "flwr.supernode.cli.flower_supernode": ("flower_supernode", "_parse_args_run_supernode"),
+    "flwr.supernode.start_client_internal": ("start_client_internal", "time", "_pull_and_store_message",
+                                             "_push_messages"),
     "flwr.supernode.runtime.run_clientapp": ("pull_task_input", "push_message", "push_task_output"),
     "flwr.supercore.runtime": ("RuntimeHttpClient",),
-    "flwr.supercore.interceptors": ("RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor"),
+    "flwr.supercore.interceptors": ("RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor",
+                                    "SuperExecAuthHttpInterceptor"),
+    "flwr.supercore.superexec.run_superexec": ("_SUPEREXEC_AUTH_METHODS",),
     "flwr.supercore.retry": ("make_simple_http_retry_invoker",),
     "flwr.supercore.inflatable.inflatable_utils": ("pull_objects", "pull_and_inflate_object_from_tree"),
     "flwr.superlink.grid.http_grid": ("pull_objects",),
@@ -75,6 +78,38 @@ def check_flwr_internals() -> None:
         raise FlowerVersionError("flwr's HttpGrid no longer pulls replies through inflatable_utils.pull_objects")
     if TaskType.CLIENT_APP != "flwr-clientapp":
         raise FlowerVersionError(f"unexpected ClientApp task type {TaskType.CLIENT_APP!r}")
+    _check_runtime_api_guard()
+
+
+RUNTIME_ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+"""The Runtime call the SuperNode authenticates with the SuperExec secret (the site runner signs it)."""
+
+
+def _check_runtime_api_guard() -> None:
+    """What the site runner's closed Runtime API rests on: the SuperNode takes a SuperExec
+    secret file, Flower authenticates ``AcquireTask`` with it, and the SuperNode loop calls
+    its pull and push steps with the keyword arguments the runner's guard wraps."""
+    import inspect
+
+    from flwr.supercore.superexec import run_superexec
+    from flwr.supernode import start_client_internal as loop
+
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the package re-exports a function so named
+    options = {option for action in cli._parse_args_run_supernode()._actions
+               for option in action.option_strings}
+    if "--superexec-auth-secret-file" not in options:
+        raise FlowerVersionError("flower-supernode no longer takes --superexec-auth-secret-file; the site runner's "
+                                 "Runtime API would be open to every local process")
+    if RUNTIME_ACQUIRE_TASK not in run_superexec._SUPEREXEC_AUTH_METHODS:
+        raise FlowerVersionError(f"Flower no longer authenticates {RUNTIME_ACQUIRE_TASK} with the SuperExec secret")
+    for function, keyword in ((loop._pull_and_store_message, "receive"), (loop._push_messages, "send")):
+        if keyword not in inspect.signature(function).parameters:
+            raise FlowerVersionError(f"flwr's {function.__name__} lost its {keyword!r} argument; review the site "
+                                     "runner's guard (fedmte.client.site_runner.guard_supernode)")
+    source = inspect.getsource(loop.start_client_internal)
+    for call in ("_pull_and_store_message(", "receive=receive", "_push_messages(", "send=send"):
+        if call not in source:
+            raise FlowerVersionError(f"flwr's SuperNode loop no longer calls {call!r}; review the site runner's guard")
 
 
 def tune_pull_backoff(initial: float, cap: float) -> None:
@@ -100,5 +135,5 @@ def installed_fab_hash() -> str:
         return hashlib.sha256(build_fab_from_disk(FAB_DIR)).hexdigest()
 
 
-__all__ = ["FAB_DIR", "FLWR_PINNED", "INTERNALS", "FlowerVersionError", "check_flwr_internals", "installed_fab_hash",
-           "tune_pull_backoff"]
+__all__ = ["FAB_DIR", "FLWR_PINNED", "INTERNALS", "RUNTIME_ACQUIRE_TASK", "FlowerVersionError", "check_flwr_internals",
+           "installed_fab_hash", "tune_pull_backoff"]

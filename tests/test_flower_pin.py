@@ -45,3 +45,24 @@ def test_site_runner_and_exchange_use_the_one_check() -> None:
     assert site_runner.check_flwr_internals is check_flwr_internals
     assert flower_exchange.flower_pin is flower_pin
     assert not hasattr(flower_exchange, "FLWR_PINNED") and not hasattr(site_runner, "FLWR_PINNED")
+
+
+def test_a_flower_whose_runtime_api_cannot_be_closed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The site runner's Runtime API is closed by Flower's SuperExec secret (issue 11, finding 3):
+    a Flower that stopped authenticating AcquireTask, or whose SuperNode loop the runner's
+    reply guard can no longer wrap, must not start."""
+    from flwr.supercore.superexec import run_superexec
+    from flwr.supernode import start_client_internal as loop
+
+    from fedmte.client import site_runner
+
+    assert site_runner.RUNTIME_ACQUIRE_TASK is flower_pin.RUNTIME_ACQUIRE_TASK
+    with monkeypatch.context() as patch:
+        patch.setattr(run_superexec, "_SUPEREXEC_AUTH_METHODS", frozenset())
+        with pytest.raises(FlowerVersionError, match="no longer authenticates"):
+            check_flwr_internals()
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_push_messages", lambda state, object_store, push_object: None)
+        with pytest.raises(FlowerVersionError, match="lost its 'send' argument"):
+            check_flwr_internals()
+    check_flwr_internals()
