@@ -12,6 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from fedmte.client.limits import ModelSize
+
 InputKind = Literal["image", "text", "vector"]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -35,7 +37,16 @@ class Architecture:
     """A registry entry: config model, builder, input kind and the width of each output.
 
     ``check_input`` refuses preprocessing the network cannot take (beyond the input kind);
-    ``requires`` is (module, pip extra) for a family built by an optional library."""
+    ``requires`` is (module, pip extra) for a family built by an optional library.
+
+    ``size(config, preprocessing)`` is what the network would allocate, computed from the
+    numbers alone (preprocessing may be None: no activations then), checked against the
+    site's ``[limits]`` before anything is built; with ``count_on_meta`` it is a lower bound,
+    and the exact count comes from building the network on PyTorch's ``meta`` device (no
+    storage) once the bound has passed. ``meta_build`` says the family builds on the meta
+    device, so a package's tensors are compared with the network before it is built for real
+    (False for libraries whose model code does not: timm reads values of tensors while it
+    builds; their allowlisted backbones are bounded anyway)."""
 
     config_model: type[ArchitectureConfig]
     build: Callable[[Any], nn.Module]
@@ -44,6 +55,9 @@ class Architecture:
     summary: str
     check_input: Callable[[Any, Any], None] | None = None
     requires: tuple[str, str] | None = None
+    size: Callable[[Any, Any], ModelSize] | None = None
+    count_on_meta: bool = False
+    meta_build: bool = True
 
 
 def with_logits(dims: dict[str, int], config: ArchitectureConfig) -> dict[str, int]:

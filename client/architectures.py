@@ -21,6 +21,15 @@ one is the feature (``feature_output``) and which one holds the source head's lo
     Mean of token embeddings ignoring padding (``embedding``), then Linear + tanh
     (``features``), then an optional head (``logits``).
 
+Before anything is built, :func:`resolve` computes from the configuration alone what the
+network would allocate (:func:`mlp_size`, :func:`cnn_size`, :func:`text_bag_size`: exact
+parameter and buffer counts, the largest tensor, the widest layer, the depth and, with the
+preprocessing, the largest activation of a row) and refuses anything above the site's
+``[limits]`` (:mod:`fedmte.client.limits`) with a
+:class:`~fedmte.client.limits.LimitExceededError` naming the limit; :func:`load_verified`
+then compares the package's tensors with the network built on PyTorch's ``meta`` device (no
+storage), so weights that do not fill the network exactly are refused before it is built.
+
 Optional families live in :mod:`fedmte.client.architectures_extras`, each built by a library
 the site installs with a pip extra, with pretrained downloads off and no remote code:
 ``hf_text_encoder`` / ``hf_image_encoder`` (Hugging Face ``transformers`` encoders from a
@@ -59,6 +68,7 @@ from fedmte.client.errors import (
     UnexpectedTensorError,
     UnknownArchitectureError,
 )
+from fedmte.client.limits import DEFAULT_LIMITS, ModelSize, SiteLimits, SizeCounter, check_model_size
 from fedmte.client.packages import (
     PackageReport,
     VerifiedPackage,
@@ -67,9 +77,9 @@ from fedmte.client.packages import (
     verify_package,
     write_package,
 )
-from fedmte.client.weights import WeightLimits
+from fedmte.client.preprocess import check_input_size
 from fedmte.protocol.errors import FedmteError
-from fedmte.protocol.manifest import ModelManifest, SourceHead
+from fedmte.protocol.manifest import ImagePreprocessing, ModelManifest, Preprocessing, SourceHead, TextPreprocessing
 
 MAX_WIDTH = 65_536
 
@@ -158,6 +168,67 @@ class TextBag(nn.Module):
         return out
 
 
+def _head(count: SizeCounter, width: int, classes: int) -> None:
+    if classes:
+        count.linear(width, classes)
+
+
+def mlp_size(config: MLPConfig, pre: Preprocessing | None = None) -> ModelSize:
+    """Exactly what :class:`MLP` allocates (Linear weight and bias per layer, then the head)."""
+    count = SizeCounter()
+    width = config.input_dim
+    for hidden in config.hidden_dims:
+        count.linear(width, hidden)
+        count.elementwise(hidden)
+        width = hidden
+    _head(count, width, config.num_source_classes)
+    return count.size(activations=pre is not None)
+
+
+def cnn_size(config: CNNConfig, pre: Preprocessing | None = None) -> ModelSize:
+    """Exactly what :class:`CNN` allocates; with image preprocessing, also the largest
+    activation of one row (a block's input and output at its resolution)."""
+    count = SizeCounter()
+    image = isinstance(pre, ImagePreprocessing)
+    height, width_px = (pre.height, pre.width) if image else (1, 1)
+    width = config.in_channels
+    for channels in config.channels:
+        pixels = height * width_px
+        count.tensor(channels, width, 3, 3)
+        count.tensor(channels)
+        count.layer(channels, (width + channels) * pixels)
+        if config.batch_norm:
+            count.tensor(channels)
+            count.tensor(channels)
+            count.tensor(channels, buffer=True)
+            count.tensor(channels, buffer=True)
+            count.tensor(buffer=True)  # num_batches_tracked
+            count.elementwise(channels * pixels)
+        count.elementwise(channels * pixels)  # ReLU
+        height, width_px = -(-height // 2), -(-width_px // 2)  # 2x2 max-pool, ceil_mode
+        count.in_flight(channels * pixels + channels * height * width_px)
+        width = channels
+    if config.feature_dim is not None:
+        count.linear(width, config.feature_dim)
+        count.elementwise(config.feature_dim)
+        width = config.feature_dim
+    _head(count, width, config.num_source_classes)
+    return count.size(activations=image)
+
+
+def text_bag_size(config: TextBagConfig, pre: Preprocessing | None = None) -> ModelSize:
+    """Exactly what :class:`TextBag` allocates (the embedding's vocabulary rows are a
+    tensor, not a layer width); with text preprocessing, its activations per row."""
+    count = SizeCounter()
+    tokens = pre.max_tokens if isinstance(pre, TextPreprocessing) else 0
+    count.tensor(config.vocab_size, config.embed_dim)
+    count.layer(config.embed_dim, 2 * tokens + config.embed_dim)  # ids, their bag offsets, the mean
+    count.linear(config.embed_dim, config.feature_dim)
+    count.elementwise(config.feature_dim)
+    _head(count, config.feature_dim, config.num_source_classes)
+    return count.size(activations=isinstance(pre, TextPreprocessing))
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "mlp": Architecture(
         config_model=MLPConfig,
@@ -165,6 +236,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         input_kind="vector",
         output_dims=lambda c: with_logits({"features": c.hidden_dims[-1]}, c),
         summary="multilayer perceptron on a feature vector",
+        size=mlp_size,
     ),
     "cnn": Architecture(
         config_model=CNNConfig,
@@ -174,6 +246,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             {"pooled": c.channels[-1], "features": c.feature_dim or c.channels[-1]}, c
         ),
         summary="small convolutional network on images",
+        size=cnn_size,
     ),
     "text_bag": Architecture(
         config_model=TextBagConfig,
@@ -181,6 +254,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         input_kind="text",
         output_dims=lambda c: with_logits({"embedding": c.embed_dim, "features": c.feature_dim}, c),
         summary="embedding bag over byte or hashed-word tokens",
+        size=text_bag_size,
     ),
 }
 
@@ -212,8 +286,43 @@ def _input_matches(manifest: ModelManifest, config: Any) -> None:
         )
 
 
-def resolve(manifest: ModelManifest) -> tuple[Architecture, Any, dict[str, int]]:
-    """Validate a manifest against the registry: config, input kind, outputs and head."""
+def _checked_size(arch: Architecture, config: Any, pre: Preprocessing | None, limits: SiteLimits,
+                  batch_size: int | None, what: str) -> ModelSize | None:
+    """The network's size from its configuration, refused above the site's limits before
+    anything is built (a family counted on the meta device is bounded arithmetically first)."""
+    size = arch.size(config, pre) if arch.size is not None else None
+    if size is not None:
+        check_model_size(limits, size, what)
+        if arch.count_on_meta:
+            size = meta_size(arch, config, size)
+            check_model_size(limits, size, what)
+    if pre is not None:
+        itemsize = TORCH_DTYPES[config.dtype].itemsize
+        check_input_size(pre, limits, batch_size, float_itemsize=itemsize,
+                         activations=None if size is None else size.activations)
+    return size
+
+
+def _meta_module(arch: Architecture, config: Any) -> nn.Module:
+    """The network on PyTorch's meta device: every shape and dtype, no storage."""
+    with torch.device("meta"):
+        return arch.build(config).to(TORCH_DTYPES[config.dtype])
+
+
+def meta_size(arch: Architecture, config: Any, bound: ModelSize) -> ModelSize:
+    """The exact tensor counts of a network built on the meta device (after ``bound``, its
+    arithmetic lower bound, has passed the site's limits)."""
+    module = _meta_module(arch, config)
+    parameters = parameter_count(module)
+    state = module.state_dict()
+    elements = sum(t.numel() for t in state.values())
+    return ModelSize(parameters=parameters, buffers=elements - parameters,
+                     largest_tensor=max((t.numel() for t in state.values()), default=0),
+                     widest_layer=bound.widest_layer, layers=bound.layers, activations=bound.activations, exact=True)
+
+
+def _resolve(manifest: ModelManifest, limits: SiteLimits | None,
+             batch_size: int | None) -> tuple[Architecture, Any, dict[str, int], ModelSize | None]:
     arch = lookup(manifest.architecture)
     try:
         config = arch.config_model.model_validate(manifest.config)
@@ -242,23 +351,41 @@ def resolve(manifest: ModelManifest) -> tuple[Architecture, Any, dict[str, int]]
             raise ArchitectureConfigError(
                 f"source_head says {head.num_classes} classes but output {head.output!r} has {dims[head.output]}"
             )
+    size = _checked_size(arch, config, manifest.preprocessing, limits or DEFAULT_LIMITS, batch_size,
+                         f"{manifest.architecture!r} with this configuration")
+    return arch, config, dims, size
+
+
+def resolve(manifest: ModelManifest, limits: SiteLimits | None = None, *,
+            batch_size: int | None = None) -> tuple[Architecture, Any, dict[str, int]]:
+    """Validate a manifest against the registry: config, input kind, outputs and head, and
+    the site's ``[limits]`` (default: :class:`~fedmte.client.limits.SiteLimits` defaults):
+    the network's parameters, largest tensor, widths and depth, counted from the
+    configuration, and the input row; with ``batch_size`` (the site's ``[compute]``), the
+    bytes of a decoded batch too. A size above a limit raises
+    :class:`~fedmte.client.limits.LimitExceededError` naming it; nothing is built."""
+    arch, config, dims, _ = _resolve(manifest, limits, batch_size)
     return arch, config, dims
 
 
-def build(manifest: ModelManifest) -> nn.Module:
-    """The network a manifest describes, with fresh (random) weights, in eval mode."""
-    arch, config, _ = resolve(manifest)
-    module = arch.build(config).to(TORCH_DTYPES[config.dtype])
-    return module.eval()
+def _build(arch: Architecture, config: Any) -> nn.Module:
+    return arch.build(config).to(TORCH_DTYPES[config.dtype]).eval()
+
+
+def build(manifest: ModelManifest, limits: SiteLimits | None = None) -> nn.Module:
+    """The network a manifest describes, with fresh (random) weights, in eval mode; refused
+    before it is built when it is larger than ``limits`` allow."""
+    arch, config, _, _ = _resolve(manifest, limits, None)
+    return _build(arch, config)
 
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def load_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into ``module``: keys, shapes and dtypes must match exactly."""
-    expected = module.state_dict()
+def check_tensors(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse ``tensors`` unless their keys, shapes and dtypes are exactly ``expected``'s (a
+    state dict, possibly of a network on the meta device)."""
     missing = sorted(expected.keys() - tensors.keys())
     if missing:
         raise MissingTensorError(f"the weights lack {len(missing)} tensor(s) the network has: {missing[:10]}")
@@ -271,13 +398,20 @@ def load_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None
             raise TensorShapeError(f"tensor {name!r} has shape {list(got.shape)}; the network needs {list(want.shape)}")
         if got.dtype != want.dtype:
             raise TensorDtypeError(f"tensor {name!r} is {got.dtype}; the network needs {want.dtype} (no casts are made)")
+
+
+def load_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``module``: keys, shapes and dtypes must match exactly."""
+    check_tensors(module.state_dict(), tensors)
     with torch.no_grad():
         module.load_state_dict(dict(tensors), strict=True)
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A verified package built into a network, ready to run at the site."""
+    """A verified package built into a network, ready to run at the site; ``limits`` are the
+    site's limits it was checked against (its batches are checked against them too) and
+    ``size`` what its configuration allocates."""
 
     manifest: ModelManifest
     module: nn.Module
@@ -285,23 +419,41 @@ class LoadedModel:
     key_id: str
     input_kind: InputKind
     feature_dim: int
+    limits: SiteLimits = DEFAULT_LIMITS
+    size: ModelSize | None = None
 
     @property
     def source_head(self) -> SourceHead | None:
         return self.manifest.source_head
 
 
-def load_verified(package: VerifiedPackage) -> LoadedModel:
-    """Build the network of a verified package and load its weights strictly."""
-    manifest = package.manifest
-    arch, _, dims = resolve(manifest)
-    module = build(manifest)
-    count = parameter_count(module)
+def _check_count(manifest: ModelManifest, count: int) -> None:
     if count != manifest.parameter_count:
         raise ArchitectureConfigError(
             f"the manifest says {manifest.parameter_count:,} parameters but {manifest.architecture!r} with this "
             f"configuration has {count:,}"
         )
+
+
+def load_verified(package: VerifiedPackage, limits: SiteLimits | None = None) -> LoadedModel:
+    """Build the network of a verified package and load its weights strictly.
+
+    Before anything is allocated the configuration is checked against the site's ``limits``
+    (:func:`resolve`), then the network is built on the meta device (no storage) and the
+    package's tensors compared with it: its parameter count with the manifest's, every key,
+    shape and dtype with the weights'. Only a package whose weights fill the network exactly
+    is built for real, so a small weights file can never make the site allocate a large
+    network."""
+    limits = limits or DEFAULT_LIMITS
+    manifest = package.manifest
+    arch, config, dims, size = _resolve(manifest, limits, None)
+    shape = _meta_module(arch, config) if arch.meta_build else None
+    if shape is not None:
+        _check_count(manifest, parameter_count(shape))
+        check_tensors(shape.state_dict(), package.tensors)
+        del shape
+    module = _build(arch, config)
+    _check_count(manifest, parameter_count(module))
     load_weights(module, package.tensors)
     module.requires_grad_(False)
     return LoadedModel(
@@ -311,12 +463,14 @@ def load_verified(package: VerifiedPackage) -> LoadedModel:
         key_id=package.key_id,
         input_kind=arch.input_kind,
         feature_dim=dims[manifest.feature_output],
+        limits=limits,
+        size=size,
     )
 
 
-def load_model(directory: Path | str, trusted_keys: Any, limits: WeightLimits | None = None) -> LoadedModel:
-    """Verify a package directory against pinned keys, then build and load it."""
-    return load_verified(verify_package(directory, trusted_keys, limits))
+def load_model(directory: Path | str, trusted_keys: Any, limits: SiteLimits | None = None) -> LoadedModel:
+    """Verify a package directory against pinned keys and ``limits``, then build and load it."""
+    return load_verified(verify_package(directory, trusted_keys, limits), limits)
 
 
 def initial_weights(architecture: str, config: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
@@ -327,6 +481,7 @@ def initial_weights(architecture: str, config: Mapping[str, Any], seed: int) -> 
         parsed = arch.config_model.model_validate(dict(config))
     except ValidationError as error:
         raise ArchitectureConfigError(f"configuration of {architecture!r} is invalid: {error}") from None
+    _checked_size(arch, parsed, None, DEFAULT_LIMITS, None, f"{architecture!r} with this configuration")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = arch.build(parsed).to(TORCH_DTYPES[parsed.dtype])
@@ -383,7 +538,7 @@ def pack_model(
     return manifest
 
 
-def inspect_model(directory: Path | str, trusted_keys: Any = (), limits: WeightLimits | None = None) -> PackageReport:
+def inspect_model(directory: Path | str, trusted_keys: Any = (), limits: SiteLimits | None = None) -> PackageReport:
     """What a package claims, whether it verifies, and whether this site can build it."""
     report = inspect_package(directory, trusted_keys, limits)
     if not report.verified or report.manifest is None:

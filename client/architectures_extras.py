@@ -25,6 +25,9 @@ library does not import is refused with
     images; an empty text gives zeros) -- and, with ``num_source_classes``, ``logits`` =
     Linear(features). Weight keys: the transformers model's own ``state_dict`` keys under
     ``backbone.`` (without ``pooler.*``), plus ``head.weight`` and ``head.bias``.
+    Before one is built, its size is bounded from the ``config.json`` numbers (embeddings,
+    four attention projections and two feed-forward matrices per distinct layer, depth,
+    widths) against the site's ``[limits]``, then counted exactly on the meta device.
 ``torchvision`` (``pip install 'fedmte[torchvision]'``)
     ``torchvision.models.<model>(weights=None, num_classes=...)`` for a name in
     :data:`TORCHVISION_MODELS`. Its final Linear layer is replaced by Identity, so
@@ -36,6 +39,9 @@ library does not import is refused with
     in :data:`TIMM_MODELS`; ``features`` = ``forward_head(forward_features(x),
     pre_logits=True)`` and, with ``num_source_classes``, ``logits`` =
     ``forward_head(forward_features(x))``. Weight keys: timm's under ``backbone.``.
+
+For torchvision and timm the backbone is fixed by the allowlist; what a configuration adds,
+the source head (``num_source_classes`` x width), is checked against the site's ``[limits]``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from torch import nn
 
 from fedmte.client.architecture_spec import TORCH_DTYPES, Architecture, ArchitectureConfig, source_head, with_logits
 from fedmte.client.errors import ArchitectureConfigError, OptionalDependencyError
+from fedmte.client.limits import ModelSize, SizeCounter
 from fedmte.protocol.manifest import ImagePreprocessing, TextPreprocessing
 
 
@@ -150,6 +157,52 @@ def hf_config_object(config: _HFConfig) -> Any:
 
 def _hf_dims(config: _HFConfig) -> dict[str, int]:
     return with_logits({"features": int(hf_config_object(config).hidden_size)}, config)
+
+
+HF_ABSOLUTE_POSITIONS = ("albert", "bert", "distilbert", "electra", "roberta", "xlm-roberta")
+"""Text families whose embeddings hold a (max_position_embeddings, width) table."""
+
+
+def _positive(hf: Any, name: str, default: int = 0) -> int:
+    value = getattr(hf, name, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def _hf_size(config: _HFConfig, pre: Any = None) -> ModelSize:
+    """A lower bound of what a Hugging Face encoder allocates, from its config.json numbers:
+    the token (and absolute position) embeddings or the patch embedding, and per distinct
+    layer the four attention projections and the two feed-forward matrices (ALBERT shares
+    its layers: num_hidden_groups x inner_group_num distinct ones). Checked against the
+    site's limits before the exact count, which builds the encoder on the meta device."""
+    hf = hf_config_object(config)
+    hidden = _positive(hf, "hidden_size")
+    layers = _positive(hf, "num_hidden_layers")
+    inner = _positive(hf, "intermediate_size") or _positive(hf, "hidden_dim")
+    ratio = getattr(hf, "mlp_ratio", None)
+    if not inner and isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
+        inner = int(hidden * ratio)
+    width = _positive(hf, "embedding_size") or hidden
+    count = SizeCounter()
+    if isinstance(config, HFTextConfig):
+        count.tensor(_positive(hf, "vocab_size"), width)
+        if hf.model_type in HF_ABSOLUTE_POSITIONS:
+            count.tensor(_positive(hf, "max_position_embeddings"), width)
+    else:
+        try:
+            patch = _pair(getattr(hf, "patch_size", 1))
+        except (TypeError, ValueError, IndexError):
+            patch = (1, 1)
+        count.tensor(hidden, _positive(hf, "num_channels", 1), max(patch[0], 1), max(patch[1], 1))
+    distinct = layers
+    if hf.model_type == "albert":
+        distinct = min(layers, _positive(hf, "num_hidden_groups", 1) * _positive(hf, "inner_group_num", 1))
+    count.tensor(hidden, hidden, copies=4 * distinct)
+    count.tensor(inner, hidden, copies=2 * distinct)
+    count.layers = layers
+    count.widest = max(hidden, inner, width)
+    if config.num_source_classes:
+        count.linear(hidden, config.num_source_classes)
+    return count.size(activations=False, exact=False)
 
 
 def _check_hf_text(config: HFTextConfig, pre: TextPreprocessing) -> None:
@@ -332,6 +385,17 @@ def _library_dims(config: _LibraryConfig) -> dict[str, int]:
     return with_logits({"features": config.models[config.model].width}, config)
 
 
+def _library_size(config: _LibraryConfig, pre: Any = None) -> ModelSize:
+    """What the configuration adds to an allowlisted backbone: its source head (the
+    backbone itself is fixed by the allowlist, so only a lower bound is counted)."""
+    count = SizeCounter()
+    width = config.models[config.model].width
+    count.layer(width)
+    if config.num_source_classes:
+        count.linear(width, config.num_source_classes)
+    return count.size(activations=False, exact=False)
+
+
 def _check_library_input(config: _LibraryConfig, pre: ImagePreprocessing) -> None:
     if pre.channels != config.in_channels:
         raise ArchitectureConfigError(
@@ -404,6 +468,8 @@ EXTRA_ARCHITECTURES: dict[str, Architecture] = {
         summary="Hugging Face transformers text encoder built from a config.json",
         check_input=_check_hf_text,
         requires=("transformers", "hf"),
+        size=_hf_size,
+        count_on_meta=True,
     ),
     "hf_image_encoder": Architecture(
         config_model=HFImageConfig,
@@ -413,6 +479,8 @@ EXTRA_ARCHITECTURES: dict[str, Architecture] = {
         summary="Hugging Face transformers vision encoder built from a config.json",
         check_input=_check_hf_image,
         requires=("transformers", "hf"),
+        size=_hf_size,
+        count_on_meta=True,
     ),
     "torchvision": Architecture(
         config_model=TorchvisionConfig,
@@ -422,6 +490,8 @@ EXTRA_ARCHITECTURES: dict[str, Architecture] = {
         summary="torchvision classification network, penultimate-layer features",
         check_input=_check_library_input,
         requires=("torchvision", "torchvision"),
+        size=_library_size,
+        meta_build=False,
     ),
     "timm": Architecture(
         config_model=TimmConfig,
@@ -431,5 +501,7 @@ EXTRA_ARCHITECTURES: dict[str, Architecture] = {
         summary="timm image network, pre-logits features",
         check_input=_check_library_input,
         requires=("timm", "timm"),
+        size=_library_size,
+        meta_build=False,
     ),
 }

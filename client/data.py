@@ -46,9 +46,11 @@ from fedmte.client.errors import (
     LabelMappingError,
     SiteDataError,
 )
+from fedmte.client.limits import DEFAULT_LIMITS, SiteLimits
 from fedmte.client.preprocess import (
     RowError,
     check_image_array,
+    check_input_size,
     image_array_fits,
     image_batch,
     image_input,
@@ -615,12 +617,18 @@ def decode_chunk(chunk: Chunk, pre: Preprocessing, report: RowReport) -> tuple[n
 
 
 def decoded_batches(
-    data: SiteData, pre: Preprocessing, batch_size: int, report: RowReport, float_dtype: np.dtype | None = None
+    data: SiteData, pre: Preprocessing, batch_size: int, report: RowReport, float_dtype: np.dtype | None = None,
+    limits: SiteLimits | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(inputs, labels) batches of at most ``batch_size`` usable rows, in source order.
 
     ``float_dtype`` casts floating inputs to the network's dtype here, in the decoding
-    thread, rather than in the loop that runs the network."""
+    thread, rather than in the loop that runs the network. Before the first row is read,
+    the preprocessing's row and a batch of ``batch_size`` such rows are checked against the
+    site's ``limits`` (``max_input_elements``, ``max_batch_bytes``; default: the defaults of
+    :class:`~fedmte.client.limits.SiteLimits`)."""
+    itemsize = np.dtype(float_dtype).itemsize if float_dtype is not None else 4
+    check_input_size(pre, limits or DEFAULT_LIMITS, batch_size, float_itemsize=itemsize)
     data.check_compatible(pre)
     for chunk in data.chunks(batch_size, report):
         decoded = decode_chunk(chunk, pre, report)

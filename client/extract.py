@@ -51,6 +51,7 @@ from fedmte.client.architectures import LoadedModel
 from fedmte.client.cache import CacheEntry, FeatureCache
 from fedmte.client.data import RowReport, SiteData, decoded_batches
 from fedmte.client.errors import SiteConfigError
+from fedmte.client.preprocess import check_input_size
 from fedmte.client.site_config import ComputeConfig
 from fedmte.protocol.catalogue import STATISTICS, Batch, accumulate
 from fedmte.protocol.requests import Stat
@@ -388,10 +389,16 @@ def run_model(
     cache: FeatureCache | None,
     dataset: str,
 ) -> Extraction:
-    """Stream ``data`` through ``model`` once; accumulate ``requests`` and fill the cache."""
+    """Stream ``data`` through ``model`` once; accumulate ``requests`` and fill the cache.
+
+    Before a row is decoded, the model's input row and a batch of ``settings.batch_size``
+    rows (decoded, and the largest activation where the architecture computes it) are
+    checked against the limits the model was loaded under (``model.limits``)."""
+    dtype = next(model.module.parameters()).dtype
+    check_input_size(model.manifest.preprocessing, model.limits, settings.batch_size, float_itemsize=dtype.itemsize,
+                     activations=None if model.size is None else model.size.activations)
     device = resolve_device(settings.device)
     model.module.to(device)
-    dtype = next(model.module.parameters()).dtype
     report: RowReport = data.new_report()
     writer = cache.writer(model.package_id, dataset) if cache is not None else None
     forward_times: list[float] = []
@@ -401,7 +408,8 @@ def run_model(
     feature_dtype = np.dtype({torch.float32: np.float32, torch.float64: np.float64}[dtype])
 
     def parts() -> Generator[Part, None, None]:
-        decoded = decoded_batches(data, model.manifest.preprocessing, settings.batch_size, report, feature_dtype)
+        decoded = decoded_batches(data, model.manifest.preprocessing, settings.batch_size, report, feature_dtype,
+                                  model.limits)
         for inputs, labels in prefetch(decoded, settings.prefetch):
             start = time.perf_counter()
             features, logits = _forward(model, inputs, device, dtype)

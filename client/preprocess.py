@@ -13,6 +13,11 @@ to [0, 1], then ``(x - mean) / std`` per channel, laid out (C, H, W) as PyTorch 
 Byte pixels go through a per-channel table of the 256 possible values (computed in float64,
 stored as float32), so decoding costs one lookup per pixel.
 Text: see :class:`~fedmte.protocol.manifest.TextPreprocessing`.
+
+Sizes: :func:`input_elements` and :func:`input_itemsize` give what one decoded row holds, so
+:func:`check_input_size` can refuse, before a row is decoded, preprocessing whose rows or
+batches are larger than the site's ``[limits]`` allow (``max_input_elements``,
+``max_batch_bytes``).
 """
 
 from __future__ import annotations
@@ -26,10 +31,41 @@ import numpy as np
 from PIL import Image
 
 from fedmte.client.errors import InputKindMismatchError
-from fedmte.protocol.manifest import ImagePreprocessing, TextPreprocessing, VectorPreprocessing
+from fedmte.client.limits import SiteLimits, check_input_limits
+from fedmte.protocol.manifest import ImagePreprocessing, Preprocessing, TextPreprocessing, VectorPreprocessing
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+# --------------------------------------------------------------------------- sizes
+
+def input_elements(pre: Preprocessing) -> int:
+    """Elements of one preprocessed input row: C x H x W pixels, ``max_tokens`` token ids or
+    ``dim`` numbers (what :func:`fedmte.client.limits.check_input_limits` caps before decoding)."""
+    if isinstance(pre, ImagePreprocessing):
+        return pre.channels * pre.height * pre.width
+    if isinstance(pre, TextPreprocessing):
+        return pre.max_tokens
+    return pre.dim
+
+
+def input_itemsize(pre: Preprocessing, float_itemsize: int = 4) -> int:
+    """Bytes per element of a decoded row at its largest: token ids are int64; vectors may be
+    standardised in float64; pixels are decoded as float32, then cast to the network's float
+    type (``float_itemsize``)."""
+    if isinstance(pre, ImagePreprocessing):
+        return max(4, float_itemsize)
+    return 8
+
+
+def check_input_size(pre: Preprocessing, limits: SiteLimits, batch_size: int | None = None, *,
+                     float_itemsize: int = 4, activations: int | None = None) -> None:
+    """Refuse, before a row is decoded, inputs above the site's ``max_input_elements`` per
+    row and, with a batch size, decoded batches (or a batch's largest activation, where the
+    architecture computes it) above ``max_batch_bytes``."""
+    check_input_limits(limits, input_elements(pre), input_itemsize(pre, float_itemsize), batch_size,
+                       activations=activations, float_itemsize=float_itemsize)
 
 
 class RowError(Exception):

@@ -40,6 +40,17 @@ It also shortens Flower's waits (see FLOWER.md): the SuperNode's 3 s idle sleep 
 ``flwr.supernode.start_client_internal`` is replaced by a capped shim), and object pulls
 back off from 0.02 s instead of 1 s.
 
+Before it answers anything, the runner reads the site file its ``--node-config`` names
+(``site-file="/path/site.toml"``) and, when the site's ``[limits]`` set
+``max_address_space_bytes``, limits the whole process's address space to it
+(``RLIMIT_AS``, soft and hard, so it cannot be raised again): a model that gets past every
+size check still cannot take more memory than the data owner allowed, and an allocation
+beyond it fails as an error instead of pushing the machine into swap or the OOM killer.
+The limit caps *virtual* memory, and torch needs headroom: ``import torch`` maps about
+1 GiB before any model runs, every thread reserves a stack and glibc up to 64 MiB of malloc
+arena per thread (``MALLOC_ARENA_MAX=2`` keeps that small), CUDA maps far more; leave at
+least 4 GiB above what the site's models need (see :mod:`fedmte.client.limits`).
+
 All of this reaches into Flower internals, listed once in :data:`fedmte.flower_pin.INTERNALS`;
 :func:`fedmte.flower_pin.check_flwr_internals` refuses to start on any other flwr version or
 when one of them moved.
@@ -54,6 +65,7 @@ import hmac
 import json
 import os
 import re
+import resource
 import secrets
 import sys
 import threading
@@ -518,6 +530,39 @@ def node_config_site_file(args: Sequence[str]) -> Path | None:
     return Path(found) if isinstance(found, str) and found else None
 
 
+def limit_address_space(max_bytes: int) -> int:
+    """Set this process's ``RLIMIT_AS`` (soft and hard) to ``max_bytes``, or to the hard
+    limit already in force if that is lower; return the limit now in force."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    target = max_bytes if hard == resource.RLIM_INFINITY else min(max_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (target, target))
+    return target
+
+
+def apply_site_limits(supernode_args: Sequence[str]) -> int | None:
+    """Apply the ``[limits]`` of the site file named in ``supernode_args`` to this process:
+    the address-space limit when ``max_address_space_bytes`` is set. Returns the limit set,
+    or None. A site file that does not load is reported and left to the site agent, which
+    refuses every message until it loads."""
+    site_file = node_config_site_file(supernode_args)
+    if site_file is None:
+        return None
+    from fedmte.client.site_config import load_site_config
+    from fedmte.protocol.errors import FedmteError
+
+    try:
+        limits = load_site_config(site_file).limits
+    except FedmteError as error:
+        print(f"fedmte site runner: cannot read the limits of {site_file}: {error}", file=sys.stderr, flush=True)
+        return None
+    if limits.max_address_space_bytes is None:
+        return None
+    applied = limit_address_space(limits.max_address_space_bytes)
+    print(f"fedmte site runner: address space limited to {applied / 1024**3:.1f} GiB "
+          "([limits] max_address_space_bytes)", file=sys.stderr, flush=True)
+    return applied
+
+
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m fedmte.client.site_runner",
@@ -546,6 +591,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Start the SuperNode (main thread) and the runner (background thread)."""
     args, rest = _parse(sys.argv[1:] if argv is None else argv)
+    apply_site_limits(rest)  # before the site's code runs any model
     check_flwr_internals()
     shim = tune_supernode()
     allowlist = frozenset({installed_fab_hash(), *args.allow_fab})

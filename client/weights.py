@@ -10,7 +10,9 @@ unpickle or run code; see shared/research/PRIVACY.md, section 1.1 and threat T1)
    (``0x80`` + protocol), a zip archive (``PK``: ``torch.save``, TorchScript, ``.pt2``,
    ``.npz``), ONNX/protobuf, ELF, gzip, ``.npy``, HDF5.
 2. The file size, the header length, the tensor count and the parameter count are capped
-   (:class:`WeightLimits`) before the part they bound is read or parsed.
+   (the site's ``[limits]``, :class:`fedmte.client.limits.SiteLimits`) before the part they
+   bound is read or parsed; each violation is a
+   :class:`~fedmte.client.limits.LimitExceededError` naming the limit.
 3. The header is parsed here, as JSON with duplicate keys refused, and validated as the
    safetensors format specifies: every entry has exactly ``dtype``, ``shape`` and
    ``data_offsets``; the dtype is on an allowlist; ``end - begin`` equals the element count
@@ -30,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from fedmte.client.errors import MalformedWeightsError, PackageError, SizeLimitError, UnsafeFormatError
+from fedmte.client.limits import LimitExceededError, SiteLimits
 from fedmte.protocol.manifest import strict_json_loads
 
 HEADER_LENGTH_BYTES = 8
@@ -56,19 +58,9 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 
 
-class WeightLimits(BaseModel):
-    """Caps checked before the part of a weights file they bound is read.
-
-    The defaults admit models up to about a billion parameters; a site lowers them in
-    ``[limits]`` of its site file.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_weights_bytes: int = Field(default=4 * 1024**3, ge=16)
-    max_header_bytes: int = Field(default=8 * 1024**2, ge=2)
-    max_tensors: int = Field(default=10_000, ge=1)
-    max_parameters: int = Field(default=1_000_000_000, ge=1)
+WeightLimits = SiteLimits
+"""The caps on weights files are part of the site's one ``[limits]`` table
+(:class:`fedmte.client.limits.SiteLimits`); this name stays for the readers that take them."""
 
 
 @dataclass(frozen=True)
@@ -127,9 +119,11 @@ def _check_start(head: bytes, size: int, limits: WeightLimits, name: str) -> int
     _refuse_unless_safetensors(head, name)
     header_length = int.from_bytes(head[:HEADER_LENGTH_BYTES], "little")
     if header_length > limits.max_header_bytes:
-        raise SizeLimitError(
+        raise LimitExceededError(
+            "max_header_bytes",
             f"{name} declares a {header_length:,}-byte header; the site allows at most "
-            f"{limits.max_header_bytes:,} (limits.max_header_bytes)"
+            f"{limits.max_header_bytes:,} (limits.max_header_bytes)",
+            value=header_length, cap=limits.max_header_bytes,
         )
     base = HEADER_LENGTH_BYTES + header_length
     if base > size:
@@ -146,8 +140,9 @@ def parse_header(header: bytes, data_length: int, limits: WeightLimits, name: st
     # Early out before the (slower) JSON parse: each entry names data_offsets once. A header
     # that spells the key with escapes gets past this, and is counted exactly below.
     if header.count(b'"data_offsets"') > limits.max_tensors:
-        raise SizeLimitError(
-            f"{name} holds more than {limits.max_tensors} tensors (limits.max_tensors)"
+        raise LimitExceededError(
+            "max_tensors", f"{name} holds more than {limits.max_tensors} tensors (limits.max_tensors)",
+            cap=limits.max_tensors,
         )
     try:
         parsed = strict_json_loads(header)
@@ -161,8 +156,10 @@ def parse_header(header: bytes, data_length: int, limits: WeightLimits, name: st
     ):
         raise MalformedWeightsError(f"{name}: __metadata__ must map strings to strings")
     if len(parsed) > limits.max_tensors:
-        raise SizeLimitError(
-            f"{name} holds {len(parsed)} tensors; the site allows at most {limits.max_tensors} (limits.max_tensors)"
+        raise LimitExceededError(
+            "max_tensors",
+            f"{name} holds {len(parsed)} tensors; the site allows at most {limits.max_tensors} (limits.max_tensors)",
+            value=len(parsed), cap=limits.max_tensors,
         )
     entries: list[TensorEntry] = []
     parameters = 0
@@ -182,8 +179,9 @@ def parse_header(header: bytes, data_length: int, limits: WeightLimits, name: st
         entry = TensorEntry(tensor_name, dtype, tuple(shape), offsets[0], offsets[1])
         parameters += entry.numel
         if parameters > limits.max_parameters:
-            raise SizeLimitError(
-                f"{name} holds more than {limits.max_parameters} parameters (limits.max_parameters)"
+            raise LimitExceededError(
+                "max_parameters", f"{name} holds more than {limits.max_parameters} parameters (limits.max_parameters)",
+                cap=limits.max_parameters,
             )
         if entry.end - entry.begin != entry.numel * DTYPES[dtype][1]:
             raise MalformedWeightsError(
@@ -219,9 +217,11 @@ def parse_safetensors(buffer: bytearray, limits: WeightLimits, name: str = "weig
     if sys.byteorder != "little":
         raise PackageError("safetensors data is little-endian; this reader runs on little-endian hosts only")
     if len(buffer) > limits.max_weights_bytes:
-        raise SizeLimitError(
+        raise LimitExceededError(
+            "max_weights_bytes",
             f"{name} has {len(buffer):,} bytes; the site allows at most {limits.max_weights_bytes:,} "
-            "(limits.max_weights_bytes)"
+            "(limits.max_weights_bytes)",
+            value=len(buffer), cap=limits.max_weights_bytes,
         )
     base = _check_start(bytes(buffer[:SNIFF_BYTES]), len(buffer), limits, name)
     entries = parse_header(bytes(buffer[HEADER_LENGTH_BYTES:base]), len(buffer) - base, limits, name)
@@ -261,9 +261,11 @@ def read_safetensors(path: Path | str, limits: WeightLimits | None = None) -> di
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > limits.max_weights_bytes:
-            raise SizeLimitError(
+            raise LimitExceededError(
+                "max_weights_bytes",
                 f"{path.name} has {size:,} bytes; the site allows at most {limits.max_weights_bytes:,} "
-                "(limits.max_weights_bytes)"
+                "(limits.max_weights_bytes)",
+                value=size, cap=limits.max_weights_bytes,
             )
         _check_start(handle.read(SNIFF_BYTES), size, limits, path.name)
     return parse_safetensors(read_bounded(path, limits.max_weights_bytes, "weights file"), limits, path.name)

@@ -354,3 +354,35 @@ def test_npy_appender_writes_what_np_save_would(tmp_path: Path, dtype: type, wid
     got = np.load(tmp_path / "a.npy", allow_pickle=False)
     np.testing.assert_array_equal(got, np.concatenate(parts))
     assert got.dtype == np.dtype(dtype)
+
+
+def test_a_batch_above_the_sites_limits_is_refused_before_a_row_is_decoded(
+    tmp_path: Path, vectors: tuple[Path, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limits a model was loaded under bound its batches: 256 rows of 6 float64 inputs
+    (12 KiB) and their activations are refused under a 4 KiB cap, 16 rows pass."""
+    from fedmte.client import data as data_module
+    from fedmte.client.limits import LimitExceededError, SiteLimits
+
+    path = tmp_path / "pkg"
+    pack(path, KEY, "mlp", seed=5)
+    limits = SiteLimits(max_batch_bytes=4096)
+    model = load_model(path, PINNED, limits)
+    assert model.limits is limits and model.size is not None and model.size.activations == 2 * 16
+    cache = FeatureCache(tmp_path / "cache")
+    chunks = data_module.ArrayData.chunks
+
+    def no_rows(*args: object, **kwargs: object) -> Iterator[object]:
+        raise AssertionError("a row was read")
+
+    monkeypatch.setattr(data_module.ArrayData, "chunks", no_rows)
+    with pytest.raises(LimitExceededError, match=r"256 rows of 6 elements x 8 bytes.*\(limits.max_batch_bytes\)") as caught:
+        extract(model, site_data(vectors[0]), [Stat.of("count")], cache=cache,
+                settings=ExtractionSettings(batch_size=256, device="cpu"))
+    assert caught.value.rule == "limits.max_batch_bytes" and caught.value.value == 256 * 6 * 8
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+    with pytest.raises(LimitExceededError, match="activations"):  # 64 x 6 x 8 bytes in, 64 x 32 x 4 in flight
+        extract(model, site_data(vectors[0]), [Stat.of("count")], settings=ExtractionSettings(batch_size=64, device="cpu"))
+    monkeypatch.setattr(data_module.ArrayData, "chunks", chunks)
+    done = extract(model, site_data(vectors[0]), [Stat.of("count")], settings=ExtractionSettings(batch_size=16, device="cpu"))
+    assert float(done.statistics[Stat.of("count").key]) == 200

@@ -248,6 +248,23 @@ def test_header_cap_applies_to_real_files(tmp_path: Path) -> None:
         read_safetensors(path, WeightLimits(max_weights_bytes=100))
 
 
+@pytest.mark.parametrize("limit, value", [("max_header_bytes", 64), ("max_tensors", 19), ("max_parameters", 19),
+                                          ("max_weights_bytes", 100)])
+def test_each_weights_limit_is_a_refusal_naming_it(tmp_path: Path, limit: str, value: int) -> None:
+    """The site agent reports these to the coordinator as a refused model with the limit as its rule."""
+    from fedmte.client.limits import LimitExceededError, SiteLimits
+    from fedmte.protocol.errors import RefusalError
+
+    assert WeightLimits is SiteLimits  # one [limits] table
+    path = tmp_path / "w.safetensors"
+    save_file({f"t{i}": torch.zeros(1) for i in range(20)}, path)
+    with pytest.raises(LimitExceededError) as caught:
+        read_safetensors(path, WeightLimits(**{limit: value}))
+    assert isinstance(caught.value, RefusalError) and isinstance(caught.value, SizeLimitError)
+    assert caught.value.rule == f"limits.{limit}" and caught.value.reason_code == f"limits:{limit}"
+    assert caught.value.cap == value
+
+
 def test_a_huge_tensor_count_is_refused_quickly(tmp_path: Path) -> None:
     entries = b",".join(b'"t%d":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}' % i for i in range(1_000_000))
     path = tmp_path / "many.safetensors"

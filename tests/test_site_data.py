@@ -106,6 +106,9 @@ dir = "log"
         ('[data]\nkind = "features"\npath = "x.csv"', "a features source is an .npz archive"),
         ('[data]\nkind = "arrays"\npath = "x.npz"\n[compute]\ndevice = "tpu"', "compute.device"),
         ('[data]\nkind = "arrays"\npath = "x.npz"\n[limits]\nmax_tensors = 0', "limits.max_tensors"),
+        ('[data]\nkind = "arrays"\npath = "x.npz"\n[limits]\nmax_label = 10', "limits.max_label: Extra inputs"),
+        ('[data]\nkind = "arrays"\npath = "x.npz"\n[limits]\nmax_address_space_bytes = 1000000',
+         "limits.max_address_space_bytes"),
         ("[data\nkind=", "not valid TOML"),
     ],
 )
@@ -393,3 +396,43 @@ def test_tokenizers() -> None:
     a, b = tokenize("The cat", WORDS), tokenize("the CAT sat", WORDS)
     np.testing.assert_array_equal(a[:2], b[:2])
     assert a[2] == 0 and b[2] > 0 and ((b >= 0) & (b < 101)).all()
+
+
+def test_the_limits_table_holds_every_cap_of_the_site(tmp_path: Path) -> None:
+    text = ('[data]\nkind = "arrays"\npath = "x.npz"\n[limits]\nmax_labels = 50\nmax_release_entries = 1000\n'
+            'max_input_elements = 4096\nmax_batch_bytes = 65536\nmax_layer_width = 128\nmax_tensor_elements = 8192\n'
+            'max_layers = 4\nmax_address_space_bytes = 8589934592\n')
+    (tmp_path / "site.toml").write_text(text)
+    limits = load_site_config(tmp_path / "site.toml").limits
+    assert (limits.max_labels, limits.max_release_entries, limits.max_input_elements, limits.max_batch_bytes) == (
+        50, 1000, 4096, 65536)
+    assert (limits.max_layer_width, limits.max_tensor_elements, limits.max_layers) == (128, 8192, 4)
+    assert limits.max_address_space_bytes == 8 * 1024**3 and limits.max_parameters == 1_000_000_000
+    assert load_site_config(_write(tmp_path / "b", '[data]\nkind = "arrays"\npath = "x.npz"\n')).limits.max_address_space_bytes is None
+
+
+def _write(folder: Path, text: str) -> Path:
+    folder.mkdir()
+    (folder / "site.toml").write_text(text)
+    return folder / "site.toml"
+
+
+def test_decoding_refuses_inputs_above_the_limits_before_reading_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmte.client.data import ArrayData
+    from fedmte.client.limits import LimitExceededError, SiteLimits
+
+    np.savez(tmp_path / "a.npz", inputs=np.zeros((4, 8, 8, 3), dtype=np.uint8), labels=np.array(["x", "y", "x", "y"]))
+    data = open_site_data(source(kind="arrays", path=str(tmp_path / "a.npz")), ["x", "y"])
+
+    def no_rows(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a row was read")
+
+    monkeypatch.setattr(ArrayData, "chunks", no_rows)
+    huge = ImagePreprocessing(height=4096, width=4096, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with pytest.raises(LimitExceededError, match=r"50,331,648; this site allows at most 16,777,216") as caught:
+        next(decoded_batches(data, huge, 4, data.new_report()))
+    assert caught.value.rule == "limits.max_input_elements"
+    with pytest.raises(LimitExceededError, match=r"4 rows of 12,288 elements x 8 bytes") as caught:
+        next(decoded_batches(data, RGB.model_copy(update={"height": 64, "width": 64}), 4, data.new_report(),
+                             np.dtype(np.float64), SiteLimits(max_batch_bytes=300_000)))
+    assert caught.value.rule == "limits.max_batch_bytes" and caught.value.value == 4 * 64 * 64 * 3 * 8
