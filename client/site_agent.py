@@ -32,6 +32,16 @@ of a job (:mod:`fedmte.protocol.job_messages`):
 ``finish``
     Signs an audit checkpoint and returns it (also audited), then forgets the job.
 
+Before any of the three is acted on, the request must be signed (the setup by a key in
+``[trust.coordinators]``; every round and the finish by the key that signed the job's setup,
+over the document and the message's arrays), issued within :data:`REQUEST_WINDOW` of the
+site's clock, carry a nonce the site never accepted (:class:`~fedmte.client.request_guard.SeenNonces`,
+kept under ``<cache_dir>/jobs/`` across restarts, so a finished run's setup replayed is refused
+too), and come in order (a round after the last round answered; a setup before any). A request
+that fails one is refused with a typed error naming its rule (``request.signature``,
+``request.nonce``, ``request.stale``, ``request.replay``, ``request.order``) and audited as a
+refusal.
+
 Every byte of every reply is audited: the payload copy is :func:`wire_bytes` of the exact
 reply. The ``seal`` hook of :meth:`SiteAgent.stats` transforms the plain reply before it is
 audited (the secure sum masks it there), so the audit log always holds the bytes that left.
@@ -51,9 +61,10 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -86,6 +97,7 @@ from fedmte.client.packages import (
 )
 from fedmte.client.policy import SitePolicy, check_coordinator, violations
 from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy, reply_text
+from fedmte.client.request_guard import NONCES_FILE, REQUEST_WINDOW, SeenNonces
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note
 from fedmte.protocol.catalogue import Batch
@@ -113,6 +125,7 @@ from fedmte.protocol.job_messages import (
     RoundReplyDoc,
     SetupReply,
     SetupRequest,
+    SignedRequest,
     SiteMetrics,
     block_key,
     decode_job_round,
@@ -172,6 +185,9 @@ class JobSession(BaseModel):
     dataset: str = Field(description="fingerprint of the data as the setup found them")
     models: dict[str, SessionModel] = Field(default_factory=dict)
     reported: list[str] = Field(default_factory=list, description="models whose metrics went out")
+    coordinator_key: str = Field(default="", description="ed25519:<base64>, the key that signed the setup; it must "
+                                                         "sign every round and the finish of the job")
+    last_round: int = Field(default=0, ge=0, description="the last round admitted (a request must come after it)")
 
 
 def _rule_of(error: Exception) -> str:
@@ -206,6 +222,7 @@ class SiteAgent:
             signing_key=audit_key, checkpoint_every=self.audit.checkpoint_every,
         )
         self.cache = FeatureCache(self.config.site.cache_dir)
+        self.nonces = SeenNonces(self.config.site.cache_dir / JOBS_DIR / NONCES_FILE, window=REQUEST_WINDOW)
         self.settings = ExtractionSettings.from_compute(self.config.compute, progress=False)
         self.lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
@@ -318,15 +335,67 @@ class SiteAgent:
         except FedmteError:
             pass  # a broken log already refuses everything; the original error matters more
 
+    # ------------------------------------------------------------------ request checks
+
+    def _admit(self, what: str, request: SetupRequest | SignedRequest, *, requester: str, purpose: str,
+               request_sha256: str, session: JobSession | None, arrays: Mapping[str, np.ndarray] | None = None) -> None:
+        """Let a coordinator request through only if it is signed (a round or finish: by the key
+        that signed the job's setup, over its document and ``arrays``; the setup's signature is
+        checked against ``[trust.coordinators]`` before this), fresh, new and in order. A round or
+        finish admitted moves the session's ``last_round`` to its round (saved before it is
+        answered). Anything else: a refusal record naming the rule, and a typed error."""
+        round_ = int(request.round)
+
+        def refuse(rule: str, message: str, error: type[FedmteError] = ProtocolError) -> NoReturn:
+            self.privacy.log.refusal(requester=requester, run_id=request.run_id, round=round_, reason_code=rule,
+                                     rule=rule, message=message, purpose=purpose, request_sha256=request_sha256,
+                                     data_source=self.data_source)
+            raise error(f"refused by site [{rule}]: {message}")
+
+        if isinstance(request, SignedRequest):
+            assert session is not None
+            try:
+                if not session.coordinator_key:
+                    raise VerificationError(f"run {request.run_id} was set up without a coordinator key to check its "
+                                            "requests against; the coordinator must set the job up again")
+                request.verify(parse_public_key(session.coordinator_key), arrays, what)
+            except FedmteError as error:
+                refuse("request.signature", str(error), VerificationError)
+        if not request.nonce or request.issued_at <= 0:
+            refuse("request.nonce", f"the {what} carries no nonce or issued_at; a site answers only requests "
+                                    "stamped and signed by the coordinator")
+        now = time.time()
+        age = now - request.issued_at
+        if abs(age) > REQUEST_WINDOW:
+            refuse("request.stale", f"the {what} was issued at {request.issued_at}, {abs(age):.0f} s "
+                                    f"{'before' if age > 0 else 'ahead of'} this site's clock; a request is answered "
+                                    f"within {REQUEST_WINDOW:g} s of it")
+        if not self.nonces.remember(request.nonce, request.issued_at, now):
+            refuse("request.replay", f"the {what}'s nonce {request.nonce[:16]}... was seen before: a replayed "
+                                     "request is refused")
+        if session is None:
+            return
+        if not isinstance(request, SignedRequest):
+            if session.last_round > 0:
+                refuse("request.order", f"run {request.run_id} already answered round {session.last_round}; "
+                                        "a setup comes before the job's rounds")
+            return
+        if round_ <= session.last_round:
+            refuse("request.order", f"the {what} is for round {round_}, but this site already answered round "
+                                    f"{session.last_round} of run {request.run_id}; rounds only move forward")
+        session.last_round = round_
+        self._save(session)
+
     # ------------------------------------------------------------------ setup
 
-    def _verify_coordinator(self, signed_request: SetupRequest, signature: bytes) -> tuple[str, str]:
-        """(fingerprint, pinned name) of the coordinator key that signed the request."""
+    def _verify_coordinator(self, signed_request: SetupRequest, signature: bytes, signed_bytes: bytes) -> tuple[str, str]:
+        """(fingerprint, pinned name) of the coordinator key that signed the request
+        (``signed_bytes``: its :meth:`~SetupRequest.signing_bytes` with the message's arrays)."""
         public = parse_public_key(signed_request.coordinator_key)
         fingerprint = key_fingerprint(public)
         name = check_coordinator(self.policy, fingerprint)
         try:
-            public.verify(signature, signed_request.signing_bytes())
+            public.verify(signature, signed_bytes)
         except InvalidSignature:
             raise PolicyRefusal([("coordinator_keys", "the setup request's signature does not verify under the "
                                                       "pinned coordinator key it names")]) from None
@@ -337,10 +406,11 @@ class SiteAgent:
         request = signed.request
         if expected_run is not None and request.run_id != expected_run:
             raise ProtocolError(f"the setup request is for run {request.run_id}, this message belongs to run {expected_run}")
-        setup_sha = hashlib.sha256(request.signing_bytes()).hexdigest()
+        signed_bytes = request.signing_bytes(payload.arrays)
+        setup_sha = hashlib.sha256(signed_bytes).hexdigest()
         claimed = key_fingerprint(parse_public_key(request.coordinator_key))
         try:
-            requester, coordinator = self._verify_coordinator(request, signed.signature_bytes())
+            requester, coordinator = self._verify_coordinator(request, signed.signature_bytes(), signed_bytes)
             denied = sorted(set(request.scorers) - self.policy.allowed_scorers)
             if denied:
                 raise PolicyRefusal([("allowed_scorers", f"scorer(s) {denied} are not allowed here; allowed: "
@@ -351,10 +421,13 @@ class SiteAgent:
                                      request_sha256=setup_sha, data_source=self.data_source)
             raise
         path = self._job_path(request.run_id)
+        self._admit("setup request", request, requester=requester, purpose=request.purpose, request_sha256=setup_sha,
+                    session=self._session(request.run_id) if path.is_file() else None)
         data, fingerprint = self._site_data(request.labels, fresh=not path.is_file())
         session = self._session(request.run_id) if path.is_file() else JobSession(
             run_id=request.run_id, requester=requester, coordinator=coordinator, purpose=request.purpose,
-            labels=list(request.labels), scorers=list(request.scorers), setup_sha256=setup_sha, dataset=fingerprint)
+            labels=list(request.labels), scorers=list(request.scorers), setup_sha256=setup_sha, dataset=fingerprint,
+            coordinator_key=request.coordinator_key)
         if (session.labels, session.scorers, session.requester) != (list(request.labels), list(request.scorers), requester):
             raise ProtocolError(f"run {request.run_id} was set up with other labels, scorers or coordinator")
         statuses: dict[str, ModelStatus] = {}
@@ -525,6 +598,9 @@ class SiteAgent:
         if expected_run is not None and request.run_id != expected_run:
             raise ProtocolError(f"the round request is for run {request.run_id}, this message belongs to run {expected_run}")
         session = self._session(request.run_id)
+        self._admit("round request", request, requester=session.requester, purpose=session.purpose,
+                    request_sha256=hashlib.sha256(wire_bytes(payload)).hexdigest(), session=session,
+                    arrays=payload.arrays)
         if request.num_classes != len(session.labels):
             raise ProtocolError(f"the round asks for {request.num_classes} classes; the job has {len(session.labels)} labels")
         unknown = sorted(set(request.models) - set(session.models))
@@ -597,6 +673,9 @@ class SiteAgent:
         if expected_run is not None and request.run_id != expected_run:
             raise ProtocolError(f"the finish request is for run {request.run_id}, this message belongs to run {expected_run}")
         session = self._session(request.run_id)
+        self._admit("finish request", request, requester=session.requester, purpose=session.purpose,
+                    request_sha256=hashlib.sha256(wire_bytes(payload)).hexdigest(), session=session,
+                    arrays=payload.arrays)
         note = self.privacy.log.checkpoint()
         checkpoint, _ = parse_note(note)
         reply = Payload(doc=FinishReply(site=self.name, tree_size=checkpoint.tree_size, checkpoint=note)

@@ -24,6 +24,16 @@ A job with candidate models runs over three message types (all Flower ``query.*`
     The job is over: the site signs an audit checkpoint and returns it
     (:class:`FinishReply`), for the coordinator to keep as a witness copy.
 
+Every coordinator request of a job (setup, stats, finish) carries the run id, its round
+(setup 0, then 1, 2, ... for the rounds, and the finish after the last), a nonce (128 random
+bits, hex) and ``issued_at`` (unix seconds), and is signed with the coordinator's Ed25519 key
+(:func:`sign_setup`, :meth:`JobRoundRequest.sign`, :meth:`FinishRequest.sign`) over
+:func:`signing_bytes`: ``frame(domain, canonical JSON of the request without its signature,
+arrays_digest(the message's arrays))``, so no array can be swapped after signing. A site
+checks the signature (rounds and finish: under the key that signed the job's setup), that the
+request is fresh, that its nonce is new and that its round comes after the last one it
+answered (:mod:`fedmte.client.site_agent`).
+
 A model's id is the sha256 of its signed manifest bytes (the package id,
 :attr:`fedmte.client.packages.VerifiedPackage.package_id`); the manifest carries the weights'
 sha256, so the id pins the weights too.
@@ -38,14 +48,18 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import secrets
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from fedmte.protocol.encoding import StrictModel, canonical_json
-from fedmte.protocol.errors import ProtocolError, StatisticsError
+from fedmte.protocol.encoding import StrictModel, arrays_digest, canonical_json, frame
+from fedmte.protocol.errors import ProtocolError, StatisticsError, VerificationError
 from fedmte.protocol.messages import RoundRequest, StatSpec, decode_round, encode_round
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.statistics import Statistics
@@ -58,6 +72,10 @@ ROUND_REPLY_SCHEMA = "fedmte.job_round_reply.v1"
 FINISH_SCHEMA = "fedmte.job_finish.v1"
 FINISH_REPLY_SCHEMA = "fedmte.job_finish_reply.v1"
 SETUP_SIGNING_DOMAIN = b"fedmte.job_setup.v1"
+ROUND_SIGNING_DOMAIN = b"fedmte.job_round.v1"
+FINISH_SIGNING_DOMAIN = b"fedmte.job_finish.v1"
+NONCE_BYTES = 16
+NONCE_OR_EMPTY = r"^([0-9a-f]{32})?$"
 WIRE_MAGIC = b"FMTMSG1\n"
 WEIGHTS_PREFIX = "weights/"
 HEX64 = r"^[0-9a-f]{64}$"
@@ -70,6 +88,69 @@ def _parse(model: type[BaseModel], doc: Mapping[str, Any], what: str) -> Any:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top)"
         raise ProtocolError(f"malformed {what}: {error.error_count()} problem(s), first at {where}: {first['msg']}") from None
+
+
+# --------------------------------------------------------------------------- signatures
+
+def new_nonce() -> str:
+    """128 random bits, hex: a request's nonce."""
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def signing_bytes(domain: bytes, doc: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
+    """What the coordinator's key signs for one request: the domain, the canonical JSON of the
+    request's document (its signature left out) and the digest of the message's arrays, framed."""
+    return frame(domain, canonical_json(dict(doc)), arrays_digest(arrays))
+
+
+def _sign(key: Ed25519PrivateKey, data: bytes) -> str:
+    return base64.b64encode(key.sign(data)).decode("ascii")
+
+
+def verify_request_signature(public: Ed25519PublicKey, signature: str, data: bytes, what: str) -> None:
+    """Raise :class:`VerificationError` unless ``signature`` (base64) is ``public``'s over ``data``."""
+    try:
+        public.verify(base64.b64decode(signature, validate=True), data)
+    except (binascii.Error, ValueError, InvalidSignature):
+        raise VerificationError(f"the {what}'s signature does not verify under the coordinator key that signed "
+                                "this job's setup (forged, or changed after signing: its document or arrays)") from None
+
+
+def _stamp(request: Any) -> Any:
+    """``request`` with a fresh nonce and ``issued_at`` where it has none."""
+    update: dict[str, Any] = {}
+    if not request.nonce:
+        update["nonce"] = new_nonce()
+    if not request.issued_at:
+        update["issued_at"] = int(time.time())
+    return request.model_copy(update=update) if update else request
+
+
+class SignedRequest(StrictModel):
+    """The fields every signed round and finish request carries beside its own. An empty
+    nonce, a zero ``issued_at`` or an empty signature parse (so a site can refuse the request
+    with its rule and audit it), but no site accepts them."""
+
+    SIGNING_DOMAIN: ClassVar[bytes] = b""
+
+    nonce: str = Field(default="", pattern=NONCE_OR_EMPTY, description="128 random bits, hex")
+    issued_at: int = Field(default=0, ge=0, description="unix seconds, when the coordinator signed the request")
+    signature: str = Field(default="", max_length=256, description="base64 Ed25519 signature over signing_bytes")
+
+    def signing_bytes(self, arrays: Mapping[str, np.ndarray] | None = None) -> bytes:
+        doc = self.model_dump(mode="json", by_alias=True, exclude={"signature"})
+        return signing_bytes(self.SIGNING_DOMAIN, doc, arrays or {})
+
+    def sign(self, key: Ed25519PrivateKey, arrays: Mapping[str, np.ndarray] | None = None) -> Any:
+        """This request stamped (a fresh nonce and ``issued_at`` unless set) and signed over
+        its document and ``arrays`` (the arrays the message will carry)."""
+        stamped = _stamp(self).model_copy(update={"signature": ""})
+        return stamped.model_copy(update={"signature": _sign(key, stamped.signing_bytes(arrays))})
+
+    def verify(self, public: Ed25519PublicKey, arrays: Mapping[str, np.ndarray] | None = None, what: str = "request") -> None:
+        if not self.signature:
+            raise VerificationError(f"the {what} is not signed; a site answers only requests the coordinator signed")
+        verify_request_signature(public, self.signature, self.signing_bytes(arrays), what)
 
 
 # --------------------------------------------------------------------------- setup
@@ -120,10 +201,13 @@ class SetupRequest(StrictModel):
     coordinator_key: str = Field(description="ed25519:<base64>, the key that signed this request")
     models: list[ModelOffer] = Field(min_length=1)
     dp_requested: bool = True
+    round: Literal[0] = 0
+    nonce: str = Field(default="", pattern=NONCE_OR_EMPTY, description="128 random bits, hex (sign_setup fills it)")
+    issued_at: int = Field(default=0, ge=0, description="unix seconds (sign_setup fills it)")
 
-    def signing_bytes(self) -> bytes:
-        """Domain, newline, canonical JSON: what the coordinator's key signs."""
-        return SETUP_SIGNING_DOMAIN + b"\n" + canonical_json(self.model_dump(mode="json", by_alias=True))
+    def signing_bytes(self, arrays: Mapping[str, np.ndarray] | None = None) -> bytes:
+        """What the coordinator's key signs: the request and the message's weights arrays."""
+        return signing_bytes(SETUP_SIGNING_DOMAIN, self.model_dump(mode="json", by_alias=True), arrays or {})
 
 
 class SignedSetup(StrictModel):
@@ -143,13 +227,25 @@ def weights_name(model_id: str) -> str:
     return f"{WEIGHTS_PREFIX}{model_id}"
 
 
+def setup_arrays(weights: Mapping[str, bytes]) -> dict[str, np.ndarray]:
+    """The setup message's arrays: ``weights[model_id]`` as the ``u1`` array ``weights/<model id>``."""
+    return {weights_name(mid): np.frombuffer(data, dtype=np.uint8) for mid, data in weights.items()}
+
+
+def sign_setup(request: SetupRequest, key: Ed25519PrivateKey, weights: Mapping[str, bytes] | None = None) -> SignedSetup:
+    """``request`` stamped (a fresh nonce and ``issued_at`` unless set) and signed by ``key``
+    over the request and the weights the message will attach (pass the same ``weights`` to
+    :func:`setup_payload`)."""
+    stamped = _stamp(request)
+    return SignedSetup(request=stamped, signature=_sign(key, stamped.signing_bytes(setup_arrays(weights or {}))))
+
+
 def setup_payload(signed: SignedSetup, weights: Mapping[str, bytes]) -> Payload:
     """The setup message: the signed request, and ``weights[model_id]`` as ``u1`` arrays."""
     attached = {m.model_id for m in signed.request.models if m.weights_attached}
     if attached != set(weights):
         raise ProtocolError(f"weights attached for {sorted(weights)} but the offers say {sorted(attached)}")
-    arrays = {weights_name(mid): np.frombuffer(data, dtype=np.uint8) for mid, data in weights.items()}
-    return Payload(doc=signed.model_dump(mode="json", by_alias=True), arrays=arrays)
+    return Payload(doc=signed.model_dump(mode="json", by_alias=True), arrays=setup_arrays(weights))
 
 
 def parse_setup(payload: Payload) -> tuple[SignedSetup, dict[str, bytes]]:
@@ -197,8 +293,11 @@ def block_key(model_id: str, key: str) -> str:
     return f"{model_id}/{key}"
 
 
-class JobRoundRequest(StrictModel):
-    """One statistics round of a job: every unfinished model's requests."""
+class JobRoundRequest(SignedRequest):
+    """One statistics round of a job: every unfinished model's requests, signed (with the
+    round's arrays) by the coordinator key that signed the job's setup."""
+
+    SIGNING_DOMAIN: ClassVar[bytes] = ROUND_SIGNING_DOMAIN
 
     schema_: Literal["fedmte.job_round.v1"] = Field(default=ROUND_SCHEMA, alias="schema")
     run_id: str = Field(min_length=1, max_length=64)
@@ -217,7 +316,8 @@ class JobRoundRequest(StrictModel):
 def encode_job_round(
     requests: Mapping[str, Sequence[Stat]], *, run_id: str, round_index: int, num_classes: int
 ) -> tuple[JobRoundRequest, dict[str, np.ndarray]]:
-    """One request for every model, with their argument arrays merged by content hash."""
+    """One request for every model, with their argument arrays merged by content hash
+    (unsigned: :meth:`JobRoundRequest.sign` it with the arrays before sending)."""
     arrays: dict[str, np.ndarray] = {}
     models: dict[str, list[StatSpec]] = {}
     for model_id, stats in requests.items():
@@ -278,9 +378,14 @@ class RoundReplyDoc(StrictModel):
 
 # --------------------------------------------------------------------------- finish
 
-class FinishRequest(StrictModel):
+class FinishRequest(SignedRequest):
+    """The job is over; signed like a round, and numbered after the job's last round."""
+
+    SIGNING_DOMAIN: ClassVar[bytes] = FINISH_SIGNING_DOMAIN
+
     schema_: Literal["fedmte.job_finish.v1"] = Field(default=FINISH_SCHEMA, alias="schema")
     run_id: str = Field(min_length=1, max_length=64)
+    round: int = Field(default=1, ge=1, description="after the last statistics round of the job")
     status: Literal["finished", "failed"] = "finished"
     detail: str = Field(default="", max_length=4096)
 
@@ -317,8 +422,8 @@ def payload_sha256(payload: Payload) -> str:
 
 __all__ = [
     "FINISH", "SETUP", "FinishReply", "FinishRequest", "JobRoundRequest", "ModelOffer", "ModelStatus",
-    "ReleaseCost", "RoundReplyDoc", "SITE_FEATURES", "SetupReply", "SetupRequest", "SignedSetup", "SiteMetrics", "block_key",
-    "decode_job_round", "encode_job_round", "parse_setup", "payload_sha256", "setup_payload", "site_features_id",
-    "split_statistics",
-    "wire_bytes",
+    "ReleaseCost", "RoundReplyDoc", "SITE_FEATURES", "SetupReply", "SetupRequest", "SignedRequest", "SignedSetup",
+    "SiteMetrics", "block_key", "decode_job_round", "encode_job_round", "new_nonce", "parse_setup", "payload_sha256",
+    "setup_arrays", "setup_payload", "sign_setup", "signing_bytes", "site_features_id", "split_statistics",
+    "verify_request_signature", "wire_bytes",
 ]

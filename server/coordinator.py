@@ -15,7 +15,10 @@ grid with :func:`execute_job`, which works over any :class:`~fedmte.server.round
    driven in lockstep by :func:`~fedmte.protocol.plan.execute_many`: each round is one
    ``query.stats`` carrying every unfinished model's requests, summed by the
    :class:`~fedmte.server.rounds.Aggregator` (plain sum by default; the secure sum plugs in
-   there). The number of round trips is the longest plan's, whatever the number of models.
+   there). Each round request is signed by the job's key with a fresh nonce, ``issued_at``, the
+   run and the round number, over its document and arrays
+   (:meth:`~fedmte.protocol.job_messages.JobRoundRequest.sign`), as are the setups and the
+   finish; the sites refuse anything unsigned, stale, replayed or out of order. The number of round trips is the longest plan's, whatever the number of models.
    A model refused by any site is left out (the sum needs every site) and its refusal,
    rule and site are in the report.
 3. **Finish** (``query.finish``): each site signs an audit checkpoint and returns it; the
@@ -33,7 +36,6 @@ audit log, byte for byte.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -63,10 +65,10 @@ from fedmte.protocol.job_messages import (
     RoundReplyDoc,
     SetupReply,
     SetupRequest,
-    SignedSetup,
     SiteMetrics,
     encode_job_round,
     setup_payload,
+    sign_setup,
     site_features_id,
     split_statistics,
     wire_bytes,
@@ -205,8 +207,9 @@ def load_candidates(job: JobSpec) -> list[CandidatePackage]:
 
 # --------------------------------------------------------------------------- keys
 
-def sign_setup(request: SetupRequest, key: Ed25519PrivateKey) -> SignedSetup:
-    return SignedSetup(request=request, signature=base64.b64encode(key.sign(request.signing_bytes())).decode("ascii"))
+# sign_setup (imported from fedmte.protocol.job_messages): the setup, stamped with a nonce and
+# issued_at and signed over the request and its weights; rounds and finishes are signed with
+# JobRoundRequest.sign / FinishRequest.sign by the same key (execute_job, _finish).
 
 
 # --------------------------------------------------------------------------- the exchange, recorded
@@ -316,7 +319,8 @@ def _setup_round(exchange: RecordingExchange, job: JobSpec, packages: Sequence[C
         for model_id in wanted:
             if model_id not in weights:
                 weights[model_id] = next(p for p in packages if p.model_id == model_id).weights()
-        payloads[node] = setup_payload(sign_setup(request, key), {m: weights[m] for m in wanted})
+        attached = {m: weights[m] for m in wanted}
+        payloads[node] = setup_payload(sign_setup(request, key, attached), attached)
     replies = exchange.exchange(SETUP, payloads, group=group)
     parsed: dict[int, SetupReply] = {}
     for node, reply in replies.items():
@@ -425,6 +429,7 @@ def execute_job(
         nonlocal round_index
         round_index += 1
         request, arrays = encode_job_round(pending, run_id=run_id, round_index=round_index, num_classes=job.num_classes)
+        request = request.sign(key, arrays)  # nonce, issued_at, over the document and its arrays
         expected = {model_id: runs[model_id].expected() for model_id in pending}
         began = time.perf_counter()
         total = aggregator.sum_round(recorder, request, arrays)  # type: ignore[arg-type]
@@ -459,12 +464,12 @@ def execute_job(
     try:
         results = execute_many(runs, aggregate_many)
     except BaseException as error:
-        _finish(recorder, run_id, sites, "failed", f"{type(error).__name__}: {error}", rounds)
+        _finish(recorder, run_id, sites, "failed", f"{type(error).__name__}: {error}", rounds, key, round_index + 1)
         raise
     for model_id, result in results.items():
         models[model_id].result = result
         models[model_id].failures.update(result.failures)
-    notes = _finish(recorder, run_id, sites, "finished", "", rounds)
+    notes = _finish(recorder, run_id, sites, "finished", "", rounds, key, round_index + 1)
     dropped = getattr(aggregator, "failures", {}) or {}  # the secure sum goes on without a failed site
     notes += [f"the secure sum left out {site} (its statistics are not in the sums): {reason}"
               for site, reason in sorted(dropped.items())]
@@ -473,9 +478,11 @@ def execute_job(
 
 
 def _finish(exchange: RecordingExchange, run_id: str, sites: Mapping[int, SiteRecord], status: Literal["finished", "failed"],
-            detail: str, rounds: list[RoundInfo]) -> list[str]:
-    """Ask every site to close the job with a signed checkpoint; a failure here is a note."""
-    payload = Payload(doc=FinishRequest(run_id=run_id, status=status, detail=detail[:4096]).model_dump(mode="json", by_alias=True))
+            detail: str, rounds: list[RoundInfo], key: Ed25519PrivateKey, round_index: int) -> list[str]:
+    """Ask every site to close the job with a signed checkpoint; a failure here is a note.
+    The request is signed by the job's key and numbered ``round_index`` (after the last round)."""
+    request = FinishRequest(run_id=run_id, round=round_index, status=status, detail=detail[:4096]).sign(key)
+    payload = Payload(doc=request.model_dump(mode="json", by_alias=True))
     start = time.perf_counter()
     try:
         replies = exchange.exchange(FINISH, {node: payload for node in exchange.nodes}, group="finish")

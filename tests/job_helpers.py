@@ -11,11 +11,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 import fedmte
 from fedmte.cli import app
 from fedmte.protocol.errors import FederationError, FedmteError
+from fedmte.protocol.job_messages import FinishRequest, encode_job_round
+from fedmte.protocol.requests import Stat
 from fedmte.protocol.wire import Payload
 
 INPUT_DIM = 6
@@ -100,3 +103,19 @@ class AgentExchange:
         if failures:
             raise FederationError(f"{query} round {group} failed", failures=failures)
         return replies
+
+
+def signed_round(requests: Mapping[str, Sequence[Stat]], key: Ed25519PrivateKey, *, run_id: str, round_index: int = 1,
+                 num_classes: int = 3, issued_at: int | None = None) -> Payload:
+    """A round request as execute_job sends it: stamped (a fresh nonce, ``issued_at`` now unless
+    given) and signed by ``key`` over its document and arrays."""
+    request, arrays = encode_job_round(requests, run_id=run_id, round_index=round_index, num_classes=num_classes)
+    if issued_at is not None:
+        request = request.model_copy(update={"issued_at": issued_at})
+    return Payload(doc=request.sign(key, arrays).model_dump(mode="json", by_alias=True), arrays=arrays)
+
+
+def signed_finish(key: Ed25519PrivateKey, *, run_id: str, round_index: int, status: str = "finished") -> Payload:
+    """A finish request as execute_job sends it, numbered after the job's last round."""
+    request = FinishRequest(run_id=run_id, round=round_index, status=status)  # type: ignore[arg-type]
+    return Payload(doc=request.sign(key).model_dump(mode="json", by_alias=True))

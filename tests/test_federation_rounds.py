@@ -35,6 +35,7 @@ from fedmte.protocol.errors import (
 from fedmte.protocol.job_messages import (
     SETUP,
     SITE_FEATURES,
+    JobRoundRequest,
     ModelOffer,
     SetupRequest,
     block_key,
@@ -92,16 +93,19 @@ def features_job(root: Path, scorers: Sequence[str], labels: Sequence[str] = LAB
 
 
 def set_up(site_file: Path, key: Ed25519PrivateKey, run_id: str, labels: Sequence[str] = LABELS) -> None:
-    """One site accepts a site-features job (the setup execute_job sends)."""
+    """One site accepts a site-features job (the setup execute_job sends, signed and stamped)."""
     request = SetupRequest(run_id=run_id, labels=list(labels), scorers=["hscore"], coordinator_key=public_key_text(key),
                            models=[ModelOffer(model_id=MODEL, label=FEATURES, kind=SITE_FEATURES)])
     reply = site_agent.answer(SETUP, setup_payload(sign_setup(request, key), {}), site_file, run_id=run_id)
     assert reply.doc["models"][MODEL]["status"] == "ready"
 
 
-def round_payload(stats: Sequence[Stat], run_id: str, num_classes: int = DATA.num_classes) -> Payload:
-    request, arrays = encode_job_round({MODEL: list(stats)}, run_id=run_id, round_index=1, num_classes=num_classes)
-    return Payload(doc=request.model_dump(mode="json", by_alias=True), arrays=arrays)
+def round_payload(stats: Sequence[Stat], run_id: str, key: Ed25519PrivateKey, num_classes: int = DATA.num_classes,
+                  round_index: int = 1) -> Payload:
+    """A round request as execute_job sends it: signed by ``key`` over the document and its arrays."""
+    request, arrays = encode_job_round({MODEL: list(stats)}, run_id=run_id, round_index=round_index,
+                                       num_classes=num_classes)
+    return Payload(doc=request.sign(key, arrays).model_dump(mode="json", by_alias=True), arrays=arrays)
 
 
 def test_federated_scores_equal_pooled_scores_and_rounds_are_as_planned(tmp_path: Path) -> None:
@@ -159,17 +163,19 @@ def test_a_site_refuses_labels_outside_the_jobs_classes(tmp_path: Path) -> None:
     # and a round asking for fewer classes than the job set up is refused
     set_up(files[0], key, "405")
     with pytest.raises(ProtocolError, match="the round asks for 3 classes; the job has 4 labels"):
-        site_agent.answer(STATS, round_payload([Stat.of("class_counts")], "405", num_classes=3), files[0], run_id="405")
+        site_agent.answer(STATS, round_payload([Stat.of("class_counts")], "405", key, num_classes=3), files[0], run_id="405")
 
 
 def test_a_site_refuses_a_statistic_outside_its_catalogue(tmp_path: Path) -> None:
     key, files = write_sites(tmp_path, [np.arange(len(DATA.labels))])
     set_up(files[0], key, "406")
-    payload = round_payload([Stat.of("count")], "406")
+    payload = round_payload([Stat.of("count")], "406", key)
     doc = dict(payload.doc)
     doc["models"] = {MODEL: [dict(doc["models"][MODEL][0], kind="raw_rows")]}
+    signed = JobRoundRequest.parse(doc).model_copy(update={"nonce": ""}).sign(key, payload.arrays)  # signed as sent
     with pytest.raises(UnknownStatisticError, match="unknown statistic 'raw_rows'"):
-        site_agent.answer(STATS, Payload(doc=doc, arrays=payload.arrays), files[0], run_id="406")
+        site_agent.answer(STATS, Payload(doc=signed.model_dump(mode="json", by_alias=True), arrays=payload.arrays),
+                          files[0], run_id="406")
 
 
 def test_plain_sum_adds_every_sites_statistics(tmp_path: Path) -> None:
@@ -179,7 +185,7 @@ def test_plain_sum_adds_every_sites_statistics(tmp_path: Path) -> None:
         set_up(site_file, key, "407")
     stats = [Stat.of("count"), Stat.of("class_sums")]
     request, arrays = encode_job_round({MODEL: stats}, run_id="407", round_index=1, num_classes=DATA.num_classes)
-    total = PlainSum().sum_round(AgentExchange(files, "407"), request, arrays)
+    total = PlainSum().sum_round(AgentExchange(files, "407"), request.sign(key, arrays), arrays)
     assert int(total[block_key(MODEL, stats[0].key)]) == len(DATA.labels)
     expected = np.eye(DATA.num_classes)[DATA.labels].T @ DATA.features
     np.testing.assert_allclose(total[block_key(MODEL, stats[1].key)], expected, rtol=1e-12)

@@ -13,6 +13,7 @@ over Flower.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tomllib
@@ -50,6 +51,7 @@ from fedmte.protocol.job_messages import (
     FINISH,
     SETUP,
     SITE_FEATURES,
+    JobRoundRequest,
     ModelOffer,
     SetupRequest,
     block_key,
@@ -162,6 +164,7 @@ class Federation:
         self.names = [f"site{k}" for k in range(len(rows))]
         self.dirs = {name: root / name for name in self.names}
         self.key, self.key_path = coordinator_key(root)
+        _SIGNER[:] = [self.key]  # signed rounds (issue 11): job_round signs with this federation's key
         self.files = [
             write_site(self.dirs[name], name, {"features": DATA.features[idx], "labels": DATA.labels[idx],
                                                 "source_probs": DATA.source_probs[idx]}, LABELS,
@@ -218,9 +221,30 @@ def site_rows(sites: int) -> list[np.ndarray]:
     return site_split_without_class(DATA, absent=0, sites=sites)
 
 
+# --- signed rounds (issue 11): a site answers only rounds signed by the key that signed the
+# job's setup, each round of a run once and in order. job_round signs with the coordinator key
+# of the Federation made last; site_parts asks its plain round in a run of its own.
+_SIGNER: list[Ed25519PrivateKey] = []
+_PLAIN_RUNS = itertools.count(1)
+
+
 def job_round(round_index: int = 1, stats: Sequence[Stat] = ROUND_STATS, run_id: str = RUN
               ) -> tuple[object, dict[str, np.ndarray]]:
-    return encode_job_round({MODEL: list(stats)}, run_id=run_id, round_index=round_index, num_classes=DATA.num_classes)
+    request, arrays = encode_job_round({MODEL: list(stats)}, run_id=run_id, round_index=round_index,
+                                       num_classes=DATA.num_classes)
+    return request.sign(_SIGNER[-1], arrays), arrays
+
+
+def _plain_run(site_files: Sequence[Path]) -> str:
+    """A fresh run that every site in ``site_files`` accepted (a setup like Federation.setup)."""
+    run_id, key = f"plain-{next(_PLAIN_RUNS)}", _SIGNER[-1]
+    request = SetupRequest(run_id=run_id, labels=LABELS, scorers=["hscore"], coordinator_key=public_key_text(key),
+                           models=[ModelOffer(model_id=MODEL, label=FEATURES, kind=SITE_FEATURES)])
+    payload = setup_payload(sign_setup(request, key), {})
+    for path in site_files:
+        site_agent.answer(SETUP, payload, path, run_id=run_id)
+    return run_id
+# --- end of signed rounds
 
 
 def plain_statistics(site_files: Sequence[Path], stats: Sequence[Stat]) -> Statistics:
@@ -232,9 +256,10 @@ def plain_statistics(site_files: Sequence[Path], stats: Sequence[Stat]) -> Stati
 
 
 def site_parts(site_files: Sequence[Path], stats: Sequence[Stat]) -> list[Statistics]:
-    request, arrays = job_round(stats=stats)
+    run_id = _plain_run(site_files)  # signed rounds: round 1 of RUN was answered already
+    request, arrays = job_round(stats=stats, run_id=run_id)
     payload = Payload(doc=request.model_dump(mode="json", by_alias=True), arrays=arrays)
-    return [Statistics.from_arrays(site_agent.answer(STATS, payload, path, run_id=RUN).arrays) for path in site_files]
+    return [Statistics.from_arrays(site_agent.answer(STATS, payload, path, run_id=run_id).arrays) for path in site_files]
 
 
 def assert_exact_sum(total: Statistics, site_files: Sequence[Path], stats: Sequence[Stat], spec: SumSpec, sites: int) -> None:
@@ -536,6 +561,8 @@ def test_requests_that_differ_between_sites_cannot_be_summed(tmp_path: Path) -> 
         body = dict(envelope.body)
         stats = body["inner_doc"]["models"][MODEL]
         body["inner_doc"] = dict(body["inner_doc"], models={MODEL: stats[:2] + stats[3:]})
+        inner = JobRoundRequest.parse(body["inner_doc"]).sign(federation.key, payload.arrays)  # signed rounds
+        body["inner_doc"] = inner.model_dump(mode="json", by_alias=True)
         forged = envelope.model_copy(update={"body": body, "nonce": os.urandom(16).hex()})
         return sign_request(federation.key, forged, payload.arrays)
 

@@ -171,7 +171,14 @@ def test_tampered_weights_are_refused_before_the_model_is_built(world: World, tm
     site_file = write_site(root, "fresh", site_arrays(1)[0], LABELS, coordinator=world.key, dp=False)
     request = SetupRequest(run_id="105", labels=LABELS, scorers=["hscore"], coordinator_key=public_key_text(world.key),
                            models=[package.offer(attach=True)])
-    payload = setup_payload(sign_setup(request, world.key), {package.model_id: bytes(weights)})
+    # weights changed after the setup was signed: the setup's signature (over its arrays) fails
+    honest = {package.model_id: (package.directory / "weights.safetensors").read_bytes()}
+    swapped = setup_payload(sign_setup(request, world.key, honest), {package.model_id: bytes(weights)})
+    with pytest.raises(RefusalError, match="signature does not verify under the pinned coordinator key"):
+        site_agent.answer(SETUP, swapped, site_file, run_id="105")
+    # weights the coordinator signed into the setup but not into the package: the package check fails
+    payload = setup_payload(sign_setup(request, world.key, {package.model_id: bytes(weights)}),
+                            {package.model_id: bytes(weights)})
     reply = site_agent.answer(SETUP, payload, site_file, run_id="105")
     status = reply.doc["models"][package.model_id]
     assert status["status"] == "refused" and status["rule"] == "package.signature"
@@ -190,7 +197,7 @@ def test_a_forged_setup_signature_and_a_round_without_setup_are_refused(world: W
         site_agent.answer(SETUP, setup_payload(forged, {}), world.site_files[0], run_id="106")
     round_request, arrays = encode_job_round({package.model_id: [Stat.of("count")]}, run_id="107", round_index=1,
                                              num_classes=3)
-    payload = Payload(doc=round_request.model_dump(mode="json", by_alias=True), arrays=arrays)
+    payload = Payload(doc=round_request.sign(world.key, arrays).model_dump(mode="json", by_alias=True), arrays=arrays)
     with pytest.raises(ProtocolError, match="run 107 has no accepted setup at this site"):
         site_agent.answer(STATS, payload, world.site_files[0], run_id="107")
     with pytest.raises(ProtocolError, match="this message belongs to run 108"):
@@ -290,7 +297,8 @@ def test_one_coordinator_key_drives_packages_jobs_and_the_secure_sum(tmp_path: P
     def setup(key: Ed25519PrivateKey, run_id: str) -> dict[str, dict[str, object]]:
         request = SetupRequest(run_id=run_id, labels=LABELS, scorers=["hscore"], coordinator_key=public_key_text(key),
                                models=[p.offer(attach=True) for p in candidates])
-        payload = setup_payload(sign_setup(request, key), {p.model_id: p.weights() for p in candidates})
+        weights = {p.model_id: p.weights() for p in candidates}
+        payload = setup_payload(sign_setup(request, key, weights), weights)
         return site_agent.answer(SETUP, payload, site_file, run_id=run_id).doc["models"]
 
     def advertise(key: Ed25519PrivateKey, job_id: str) -> Payload:

@@ -74,11 +74,12 @@ class Coordinator:
         request = SetupRequest(run_id=str(run_id), labels=LABELS, scorers=["gbc"], coordinator_key=public_key_text(self.key),
                                models=[offer])
         weights = {self.model_id: (self.package / "weights.safetensors").read_bytes()}
-        answer = site.ask(SETUP, setup_payload(sign_setup(request, self.key), weights), run_id=run_id)
+        answer = site.ask(SETUP, setup_payload(sign_setup(request, self.key, weights), weights), run_id=run_id)
         assert answer.payload is not None and answer.payload.doc["models"][self.model_id]["status"] == "ready", answer
         round_request, arrays = encode_job_round({self.model_id: list(STATS_ASKED)}, run_id=str(run_id), round_index=1,
                                                  num_classes=len(LABELS))
-        answer = site.ask(STATS, Payload(doc=round_request.model_dump(mode="json", by_alias=True), arrays=arrays),
+        signed = round_request.sign(self.key, arrays)  # signed rounds (issue 11): as execute_job sends them
+        answer = site.ask(STATS, Payload(doc=signed.model_dump(mode="json", by_alias=True), arrays=arrays),
                           run_id=run_id)
         assert answer.payload is not None, answer.error
         return {stat.kind: answer.payload.arrays[block_key(self.model_id, stat.key)] for stat in STATS_ASKED}

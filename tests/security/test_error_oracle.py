@@ -75,9 +75,11 @@ def set_up(site: ClientAppSite, key: object, run_id: int) -> None:
     assert answer.payload.doc["models"][MODEL]["status"] == "ready"
 
 
-def ask_round(site: ClientAppSite, stats: list[Stat], run_id: int, round_index: int = 1) -> str:
+def ask_round(site: ClientAppSite, stats: list[Stat], run_id: int, round_index: int = 1, *, key: object) -> str:
+    """One round, signed by the coordinator's ``key`` as execute_job signs it."""
     request, arrays = encode_job_round({MODEL: stats}, run_id=str(run_id), round_index=round_index, num_classes=3)
-    answer = site.ask(STATS, Payload(doc=request.model_dump(mode="json", by_alias=True), arrays=arrays), run_id=run_id)
+    signed = request.sign(key, arrays)  # type: ignore[arg-type]
+    answer = site.ask(STATS, Payload(doc=signed.model_dump(mode="json", by_alias=True), arrays=arrays), run_id=run_id)
     return "released" if answer.error is None else answer.error
 
 
@@ -115,7 +117,7 @@ def test_every_answer_is_the_same_with_and_without_the_canary_and_every_attempt_
         answers[name] = {}
         for index, (attack, stats) in enumerate(attacks().items(), start=1):
             before = spent_mu_sq(site_file)
-            answers[name][attack] = ask_round(site, stats, 11, index)
+            answers[name][attack] = ask_round(site, stats, 11, index, key=key)
             after = spent_mu_sq(site_file)
             mu = load_site_config(site_file).require_policy().dp.mu_per_release
             assert after == pytest.approx(before + mu * mu, rel=1e-9), (name, attack)  # charged, before any row
@@ -142,7 +144,7 @@ def test_a_classifier_within_the_bounds_answers_alike_with_and_without_the_canar
     for site_file in files.values():  # type: ignore[union-attr]
         site = ClientAppSite(site_file)
         set_up(site, key, 12)
-        outcomes.append(ask_round(site, stats, 12))
+        outcomes.append(ask_round(site, stats, 12, key=key))
         assert verify(load_site_config(site_file).audit.dir).ok
     assert outcomes == ["released", "released"]
 
@@ -161,7 +163,7 @@ def test_a_failure_after_the_charge_is_one_text_whatever_went_wrong(
     site = ClientAppSite(site_file)
     set_up(site, key, 13)
     before = spent_mu_sq(site_file)
-    text = ask_round(site, [Stat.of("class_counts")], 13)
+    text = ask_round(site, [Stat.of("class_counts")], 13, key=key)
     assert text == f"ReleaseFailed: {privacy.ReleaseFailed.MESSAGE}"
     assert spent_mu_sq(site_file) > before
     records = read_records(load_site_config(site_file).audit.dir)
@@ -193,7 +195,8 @@ def test_block_shapes_and_the_budget_do_not_depend_on_the_rows(sites: dict[str, 
         set_up(site, key, 14)
         request, arrays = encode_job_round({MODEL: [Stat.of("class_counts"), Stat.of("gram")]}, run_id="14",
                                            round_index=1, num_classes=3)
-        answer = site.ask(STATS, Payload(doc=request.model_dump(mode="json", by_alias=True), arrays=arrays), run_id=14)
+        signed = request.sign(key, arrays)  # type: ignore[arg-type]
+        answer = site.ask(STATS, Payload(doc=signed.model_dump(mode="json", by_alias=True), arrays=arrays), run_id=14)
         assert answer.payload is not None, answer.error
         shapes.append({name: value.shape for name, value in answer.payload.arrays.items()})
     assert shapes[0] == shapes[1] and block_key(MODEL, Stat.of("gram").key) in shapes[0]

@@ -300,7 +300,8 @@ def _setup(site_file: Path, package: Path | None, run_id: str, labels: list[str]
                        signature=(package / "signature.json").read_text(encoding="utf-8"), weights_attached=True)
     request = SetupRequest(run_id=run_id, purpose="memory bomb", labels=labels, scorers=["logme"],
                            coordinator_key=public_key_text(key), models=[offer], dp_requested=False)
-    payload = setup_payload(sign_setup(request, key), {model_id: (package / "weights.safetensors").read_bytes()})
+    weights = {model_id: (package / "weights.safetensors").read_bytes()}
+    payload = setup_payload(sign_setup(request, key, weights), weights)  # signed rounds: over the weights too
     try:
         reply = site_agent.answer(SETUP, payload, site_file, run_id=run_id)
     except RefusalError as refusal:
@@ -361,7 +362,8 @@ def _case_release(root: Path) -> dict[str, Any]:
         return verdict
     request, arrays = encode_job_round({model_id: [Stat.of("class_scatters")]}, run_id="release", round_index=1,
                                        num_classes=len(labels))
-    payload = Payload(doc=request.model_dump(mode="json", by_alias=True), arrays=arrays)
+    key, _ = coordinator_key(site_file.parent.parent / "coordinator")  # signed rounds: the setup's key signs
+    payload = Payload(doc=request.sign(key, arrays).model_dump(mode="json", by_alias=True), arrays=arrays)
     try:
         site_agent.answer(STATS, payload, site_file, run_id="release")
     except RefusalError as refusal:

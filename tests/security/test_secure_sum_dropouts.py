@@ -173,7 +173,9 @@ class ForgingCoordinator:
 
     def upload(self, phase: int, stats: Sequence[object] = ROUND_STATS) -> None:
         """Ask every site for the same statistics (the job round of phase 0) in ``phase``."""
-        request, arrays = job_round(stats=stats)  # type: ignore[arg-type]
+        # signed rounds (issue 11): sites answer each round of RUN once, in order; 100 + phase comes
+        # after the rounds an honest aggregator ran in RUN before the forger
+        request, arrays = job_round(100 + phase, stats=stats)  # type: ignore[arg-type]
         self.uploads[phase] = {}
         for site in self.sites:
             bundles = [b.model_dump_json(by_alias=True) for b in self.routed[site]] if phase == 0 else None
