@@ -67,10 +67,10 @@ def _statistics(record: IntentRecord) -> str:
 
 
 DirOpt = Annotated[Path | None, typer.Argument(
-    metavar="[DIR]", help="the site's audit directory (holds log.jsonl); default: the site file's [audit] dir",
+    metavar="[DIR]", help="the site's audit directory (holds log.jsonl); default: the site file's \\[audit] dir",
     show_default=False)]
 SiteOpt = Annotated[Path | None, typer.Option(
-    "--site", help="the site file: its [audit] verification_key_sha256 pins the key, its [audit] dir and "
+    "--site", help="the site file: its \\[audit] verification_key_sha256 pins the key, its \\[audit] dir and "
     "ledger_dir are the log and the ledger checked")]
 KeyOpt = Annotated[Path | None, typer.Option("--key", help="pin the site's public audit key (PEM)")]
 KeyShaOpt = Annotated[str | None, typer.Option(
@@ -181,7 +181,7 @@ def verify_command(
         "--witness", help="a checkpoint the coordinator kept (note or exported JSON); repeatable; it must verify "
         "with the log's key, and so pins it")] = None,
     ledger: Annotated[Path | None, typer.Option(
-        "--ledger", help="also check this ledger directory against the log (default with --site: its [audit] "
+        "--ledger", help="also check this ledger directory against the log (default with --site: its \\[audit] "
         "ledger_dir)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
