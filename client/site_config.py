@@ -51,8 +51,10 @@ local up`` and ``fedmte demo`` write it through :func:`site_file_text`, the read
     threads = 8                         # torch intra-op threads; omit for torch's default
     device = "auto"                     # "cpu", "cuda" or "auto" (CUDA when present)
 
-    [limits]                            # caps on model packages (fedmte.client.weights)
-    max_weights_bytes = 1_000_000_000
+    [limits]                            # resource caps, checked before anything is built or
+    max_weights_bytes = 1_000_000_000   # allocated (fedmte.client.limits: parameters, widths,
+    max_labels = 10_000                 # inputs, batches, labels, release entries)
+    max_address_space_bytes = 17_179_869_184   # optional: RLIMIT_AS of the site runner
 
 Relative paths are resolved against the folder of the site file. Unknown keys are refused,
 so a typo in a security setting is an error, not a silent default.
@@ -67,8 +69,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedmte.client.errors import SiteConfigError
+from fedmte.client.limits import SiteLimits
 from fedmte.client.policy import Fingerprint, SitePolicy
-from fedmte.client.weights import WeightLimits
 from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import FedmteError
 from fedmte.protocol.keys import fingerprint, parse_public_key
@@ -249,7 +251,7 @@ class SiteConfig(StrictModel):
     data: DataSource
     trust: TrustConfig = TrustConfig()
     compute: ComputeConfig = ComputeConfig()
-    limits: WeightLimits = WeightLimits()
+    limits: SiteLimits = SiteLimits()
     policy: SitePolicy | None = None
     audit: AuditSettings = AuditSettings()
     secure: SecureSettings | None = None
