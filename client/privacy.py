@@ -46,12 +46,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmte.client.audit_log import AuditLog
 from fedmte.client.ledger import Ledger
+from fedmte.client.limits import DEFAULT_LIMITS, LimitExceededError, SiteLimits, check_release_limits
 from fedmte.client.policy import SitePolicy, check_coordinator, violations
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import DatasetRef, ModelRef, PrivacyCharge, StatBlock, canonical_json, dec
 from fedmte.protocol.catalogue import Batch, batch_sums, expected_shape
 from fedmte.protocol.errors import (
     BudgetExceededError,
+    FedmteError,
     InvalidInputError,
     PolicyRefusal,
     RefusalError,
@@ -388,6 +390,20 @@ def guarded_sums(stats: Sequence[Stat], batches: Iterable[Batch], counts: ClipCo
     return totals
 
 
+def release_shapes(request: ReleaseRequest) -> list[tuple[int, ...]]:
+    """The shape of every block a release asks for, from the request alone (a block whose
+    shape the catalogue refuses is left to plan_blocks, after the charge)."""
+    shapes: list[tuple[int, ...]] = []
+    for model in request.models:
+        for stat in model.unique_stats():
+            try:
+                shapes.append(tuple(expected_shape(stat, model.feature_dim, request.num_classes,
+                                                   model.num_source_classes)[0]))
+            except FedmteError:
+                continue
+    return shapes
+
+
 def plan_blocks(request: ReleaseRequest, policy: SitePolicy) -> list[PlannedBlock]:
     """Shapes, sensitivities and noise for every block of a release; pure, no data read.
 
@@ -465,8 +481,9 @@ class SitePrivacy:
     """Policy, ledger and audit log together: every release is checked, clipped, noised,
     charged and recorded here."""
 
-    def __init__(self, policy: SitePolicy, ledger: Ledger, log: AuditLog) -> None:
+    def __init__(self, policy: SitePolicy, ledger: Ledger, log: AuditLog, limits: SiteLimits = DEFAULT_LIMITS) -> None:
         self.policy = policy
+        self.limits = limits
         self.ledger = ledger
         self.log = log
         self.policy_sha256 = policy.sha256()
@@ -474,7 +491,8 @@ class SitePrivacy:
 
     @classmethod
     def open(cls, policy: SitePolicy, *, audit_dir: Path | str, ledger_dir: Path | str, site_id: str,
-             signing_key: Ed25519PrivateKey, checkpoint_every: int = 100) -> SitePrivacy:
+             signing_key: Ed25519PrivateKey, checkpoint_every: int = 100,
+             limits: SiteLimits = DEFAULT_LIMITS) -> SitePrivacy:
         """Open the audit log, then the ledger checked against the head the log recorded
         (so a rolled-back ledger is refused before any request is served)."""
         log = AuditLog.open(audit_dir, site_id=site_id, signing_key=signing_key, checkpoint_every=checkpoint_every)
@@ -483,7 +501,7 @@ class SitePrivacy:
         except BaseException:
             log.close()
             raise
-        return cls(policy, ledger, log)
+        return cls(policy, ledger, log, limits)
 
     def close(self) -> None:
         self.log.close()
@@ -531,6 +549,11 @@ class SitePrivacy:
         called when the release is new and within budget.
         """
         self.check(request)
+        try:
+            check_release_limits(self.limits, release_shapes(request))
+        except LimitExceededError as error:
+            self._refuse(request, error)
+            raise
         dp_on = self.policy.dp.enabled
         fingerprint = request_fingerprint(request, self.policy_sha256)
         reserved = None

@@ -178,7 +178,6 @@ def test_a_job_with_too_many_labels_is_refused_by_the_limit_function() -> None:
     assert caught.value.rule == "limits.max_labels" and caught.value.reason_code == "limits:max_labels"
 
 
-@pytest.mark.xfail(reason="until SiteAgent.setup calls check_job_limits (client/site_agent.py, issue 11)", strict=False)
 def test_a_job_with_150010_labels_is_refused_at_setup(tmp_path: Path) -> None:
     site_file = _site(tmp_path / "vector")
     _package(tmp_path / "vector" / "models" / "mlp", "mlp", {"input_dim": 6, "hidden_dims": [8]},
@@ -203,8 +202,6 @@ def test_a_release_too_large_is_refused_by_the_limit_function() -> None:
     assert caught.value.rule == "limits.max_release_entries" and caught.value.value == release_entries(huge)
 
 
-@pytest.mark.xfail(reason="until SitePrivacy.prepare calls check_release_limits (client/privacy.py, issue 11)",
-                   strict=False)
 def test_a_release_too_large_is_refused_before_it_is_computed(tmp_path: Path) -> None:
     """1,000 labels and a 4096-wide model asking for per-class scatters: 8.4e9 entries."""
     labels = LABELS + [f"extra{i}" for i in range(997)]
