@@ -192,10 +192,13 @@ def _check_outputs(out: Path, *, dp: bool) -> dict:
         assert set(policy.allowed_scorers) == set(demo.DEMO_SCORERS)
         for name in truth:
             verify_package(out / "models" / name, config.trust.keys)  # the site's own pins
-        result = verify(out / "sites" / site / "audit")
-        assert result.ok, result.summary()
-        cli = CliRunner().invoke(app, ["audit", "verify", str(out / "sites" / site / "audit")])
+        result = verify(out / "sites" / site / "audit", key_sha256=config.audit.verification_key_sha256,
+                        ledger_dir=config.audit.ledger_dir)
+        assert result.verified, result.summary()
+        cli = CliRunner().invoke(app, ["audit", "verify", "--site", str(out / "sites" / site / "site.toml")])
         assert cli.exit_code == 0, cli.output
+        unpinned = CliRunner().invoke(app, ["audit", "verify", str(out / "sites" / site / "audit")])
+        assert unpinned.exit_code == 3 and "UNVERIFIED" in unpinned.output
     return data
 
 

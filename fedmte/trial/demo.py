@@ -66,12 +66,11 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmte.client.audit_log import AuditVerification, verify
-from fedmte.client.ledger import Ledger
 from fedmte.client.policy import DEFAULT_DELTA, DEFAULT_EPSILON_BUDGET, DEFAULT_EPSILON_PER_RELEASE
-from fedmte.client.site_config import AuditSettings, load_site_config, site_file_text
+from fedmte.client.site_config import load_site_config, site_file_text
 from fedmte.protocol.catalogue import Batch, accumulate
 from fedmte.protocol.durable import replace_file
-from fedmte.protocol.errors import InvalidInputError, VerificationError
+from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.evaluation import MIN_MODELS, RankingMetrics, evaluate_ranking, parse_scores
 from fedmte.protocol.keys import fingerprint, load_private_key, public_key_text, write_private_key
 from fedmte.protocol.plan import PlanRun, make_plan
@@ -165,7 +164,7 @@ class SiteCheck:
 
     @property
     def ok(self) -> bool:
-        return self.verification.ok and self.ledger_problem is None
+        return self.verification.verified and self.ledger_problem is None
 
 
 @dataclass(frozen=True)
@@ -251,11 +250,6 @@ def policy_needs(scorers: Sequence[str], *, dim: int = 4, source_classes: int = 
         transforms.update(step.op for stat in pending for step in stat.view)
         run.feed(accumulate(list(pending), [batch]))
     return sorted(kinds), sorted(transforms)
-
-
-def audit_settings(site_file: Path) -> AuditSettings:
-    """The ``[audit]`` table of a site file, its paths resolved as the site agent resolves them."""
-    return load_site_config(site_file).audit
 
 
 def site_document(name: str, *, trust_key: str, audit_key_sha256: str, dp: bool, scorers: Sequence[str],
@@ -494,21 +488,19 @@ WITNESS_DIR = "witnesses"
 
 
 def verify_sites(site_files: Sequence[Path], witness_dir: Path | None = None) -> list[SiteCheck]:
-    """``fedmte audit verify DIR --ledger LEDGER [--witness NOTE]`` for every site; the witness is
-    the checkpoint the coordinator kept for the site (``witness_dir/<site>.txt``), if any."""
+    """``fedmte audit verify --site SITE.toml [--witness NOTE]`` for every site: the log against
+    the audit key the site file pins and against its ledger (behind or ahead of the log is
+    tampering); the witness is the checkpoint the coordinator kept for the site
+    (``witness_dir/<site>.txt``), if any."""
     checks = []
     for site_file in site_files:
         config = load_site_config(site_file)
-        audit = audit_settings(site_file)
+        audit = config.audit
         witness = None if witness_dir is None else witness_dir / f"{config.site.name}.txt"
-        result = verify(audit.dir, witnesses=[witness] if witness is not None and witness.is_file() else [])
-        problem = None
-        if result.ok:
-            try:
-                Ledger.open(audit.ledger_dir, site_id=result.site_id or "", expected=result.ledger_head, create=False)
-            except VerificationError as error:
-                problem = str(error)
-        checks.append(SiteCheck(site=config.site.name, audit_dir=audit.dir, verification=result, ledger_problem=problem))
+        result = verify(audit.dir, witnesses=[witness] if witness is not None and witness.is_file() else [],
+                        key_sha256=audit.verification_key_sha256, ledger_dir=audit.ledger_dir)
+        checks.append(SiteCheck(site=config.site.name, audit_dir=audit.dir, verification=result,
+                                  ledger_problem=result.ledger_problem))
     return checks
 
 
