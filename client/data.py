@@ -214,6 +214,35 @@ def _sha256(path: Path) -> str:
     return hasher.hexdigest()
 
 
+IDENTITY_SCHEMA = b"fedmte.data_identity.v1\n"
+_IDENTITY_CACHE: dict[tuple[tuple[str, int, int], ...], str] = {}
+
+
+def source_files(source: DataSource) -> list[Path]:
+    """The files that hold a source's rows (an image folder's images, else its array or
+    table files), whatever the label space."""
+    if isinstance(source, ImageFolderSource):
+        return sorted(p for p in source.path.rglob("*") if p.is_file() and p.suffix.lower() in source.extensions)
+    files = [source.path]
+    if isinstance(source, ArraySource) and source.labels_path is not None:
+        files.append(source.labels_path)
+    return files
+
+
+def content_identity(source: DataSource) -> str:
+    """The data's identity for the privacy ledger: sha256 over the sorted content hashes of
+    its files. Renaming the path, moving the folder, relabelling or writing a second site file
+    for the same rows leaves it unchanged, so the budget cannot be reset that way. Computed
+    once per process for files whose size and modification time did not change."""
+    files = source_files(source)
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    known = _IDENTITY_CACHE.get(key)
+    if known is None:
+        digests = sorted(bytes.fromhex(_sha256(path)) for path in files)
+        known = _IDENTITY_CACHE[key] = hashlib.sha256(IDENTITY_SCHEMA + b"".join(digests)).hexdigest()
+    return known
+
+
 class ImageFolderData(SiteData):
     input_kind: InputKind = "image"
 

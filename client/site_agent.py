@@ -73,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedmte.client.architectures import LoadedModel, load_verified, resolve
 from fedmte.client.audit_log import key_fingerprint, load_signing_key
 from fedmte.client.cache import CacheEntry, FeatureCache
-from fedmte.client.data import FeatureData, SiteData, open_site_data
+from fedmte.client.data import FeatureData, SiteData, content_identity, open_site_data
 from fedmte.client.errors import (
     ArchitectureConfigError,
     PackageError,
@@ -85,6 +85,7 @@ from fedmte.client.errors import (
     UntrustedKeyError,
 )
 from fedmte.client.extract import ExtractionSettings, ModelMetrics, extract
+from fedmte.client.limits import check_job_limits
 from fedmte.client.packages import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -158,7 +159,6 @@ class SiteFailed(RefusalError):
 
 PACKAGES_DIR = "packages"
 JOBS_DIR = "jobs"
-MAX_SOURCE_NAME = 200
 Seal = Callable[[Payload], Payload]
 
 
@@ -219,7 +219,7 @@ class SiteAgent:
                                   f"(audit.verification_key_sha256 = {pinned[:16]}...); restore the key or re-pin it")
         self.privacy = SitePrivacy.open(
             self.policy, audit_dir=self.audit.dir, ledger_dir=self.audit.ledger_dir, site_id=self.name,
-            signing_key=audit_key, checkpoint_every=self.audit.checkpoint_every,
+            signing_key=audit_key, checkpoint_every=self.audit.checkpoint_every, limits=self.config.limits,
         )
         self.cache = FeatureCache(self.config.site.cache_dir)
         self.nonces = SeenNonces(self.config.site.cache_dir / JOBS_DIR / NONCES_FILE, window=REQUEST_WINDOW)
@@ -235,11 +235,13 @@ class SiteAgent:
 
     @property
     def data_source(self) -> str:
-        """The name the ledger keeps this data source's budget under."""
-        source = f"{self.config.data.kind}:{self.config.data.path}"
-        if len(source) > MAX_SOURCE_NAME:
-            source = f"{self.config.data.kind}:sha256:{hashlib.sha256(str(self.config.data.path).encode()).hexdigest()}"
-        return source
+        """The name the ledger keeps this data's budget under: the data's content identity
+        (:func:`fedmte.client.data.content_identity`), not its path, so renaming the data or
+        pointing a second site file at it does not start a fresh budget."""
+        try:
+            return f"{self.config.data.kind}:sha256:{content_identity(self.config.data)}"
+        except OSError:  # the data cannot be read, so nothing of it can be released either
+            return f"{self.config.data.kind}:unreadable"
 
     def close(self) -> None:
         self.privacy.close()
@@ -415,7 +417,8 @@ class SiteAgent:
             if denied:
                 raise PolicyRefusal([("allowed_scorers", f"scorer(s) {denied} are not allowed here; allowed: "
                                                          f"{sorted(self.policy.allowed_scorers) or 'none'}")])
-        except PolicyRefusal as refusal:
+            check_job_limits(self.config.limits, len(request.labels))
+        except RefusalError as refusal:
             self.privacy.log.refusal(requester=claimed, run_id=request.run_id, round=0, reason_code=refusal.reason_code,
                                      rule=refusal.rule, message=str(refusal), purpose=request.purpose,
                                      request_sha256=setup_sha, data_source=self.data_source)
@@ -490,7 +493,7 @@ class SiteAgent:
             signature = offer.signature.encode("utf-8")
             verify_signature(manifest_bytes, signature, self.config.trust.keys)
             manifest = parse_manifest(manifest_bytes)
-            _, _, dims = resolve(manifest)
+            _, _, dims = resolve(manifest, self.config.limits, batch_size=self.settings.batch_size)
             dim = int(dims[manifest.feature_output])
             classes = manifest.source_head.num_classes if manifest.source_head is not None else 0
             found = violations(self.policy, [], [], manifest.architecture, dim)
@@ -507,7 +510,7 @@ class SiteAgent:
                     self._stage(offer.model_id, manifest_bytes, weights, signature)
                 else:
                     return ModelStatus(status="need_weights", feature_dim=dim, num_source_classes=classes), manifest
-                loaded = load_verified(package)
+                loaded = load_verified(package, self.config.limits)
                 if loaded.package_id != offer.model_id:
                     raise PackageError("the staged package is not the offered model")
                 self._models[offer.model_id] = loaded
@@ -550,7 +553,7 @@ class SiteAgent:
         model = self._models.get(model_id)
         if model is None:
             staged = self.config.site.cache_dir / PACKAGES_DIR / model_id
-            model = load_verified(verify_package(staged, self.config.trust.keys, self.config.limits))
+            model = load_verified(verify_package(staged, self.config.trust.keys, self.config.limits), self.config.limits)
             self._models[model_id] = model
         entry = self.cache.get(model.package_id, fingerprint)
         if entry is None:
