@@ -103,3 +103,9 @@ class InputKindMismatchError(SiteDataError):
 
 class CacheError(FedmteError, ValueError):
     """A feature-cache entry that is incomplete or does not match its key."""
+
+
+def reply_text(error: BaseException) -> str:
+    """The text of the error reply a failure becomes on the wire (the site runner's ``Error``
+    reason), so the audit log can hold the exact bytes that leave the site."""
+    return f"{type(error).__name__}: {error}"

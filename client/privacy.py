@@ -45,6 +45,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmte.client.audit_log import AuditLog
+from fedmte.client.errors import reply_text
 from fedmte.client.ledger import Ledger
 from fedmte.client.limits import DEFAULT_LIMITS, LimitExceededError, SiteLimits, check_release_limits
 from fedmte.client.policy import SitePolicy, check_coordinator, violations
@@ -87,12 +88,6 @@ class ReleaseFailed(RefusalError):
 
     def __init__(self) -> None:
         super().__init__(self.MESSAGE, reason_code=RELEASE_FAILED, rule="release")
-
-
-def reply_text(error: BaseException) -> str:
-    """The text of the error reply a failure becomes on the wire (the site runner sends
-    ``<type>: <message>``), so the audit log can hold the exact bytes that leave."""
-    return f"{type(error).__name__}: {error}"
 
 
 # --------------------------------------------------------------------------- clipping

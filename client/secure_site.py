@@ -50,7 +50,7 @@ reply payload), written before it is handed over, and an outcome once it is hand
 transport (as the site agent records its own replies): the advertisement,
 the encrypted share bundles, the revealed shares (with the active and dropped lists the site
 acted on, in the intent's purpose and in the reply itself), the abort acknowledgement, and
-every error reply (the bytes of :func:`error_reply_text`, which is what the site runner
+every error reply (the bytes of :func:`fedmte.client.errors.reply_text`, which is what the site runner
 sends). The masked upload is audited once, by the site agent that computed it (the ``seal``
 hook), with the sites it was masked against in its document.
 
@@ -89,6 +89,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmte.client import site_agent
 from fedmte.client.audit_log import AuditLog, load_signing_key
+from fedmte.client.errors import reply_text
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.errors import (
     FedmteError,
@@ -192,11 +193,6 @@ def secure_config(config: SiteConfig) -> SecureSiteConfig:
         min_declared_rows=secure.min_declared_rows, min_declared_feature_norm=secure.min_declared_feature_norm,
         max_sessions=secure.max_sessions, session_ttl=secure.session_ttl,
     )
-
-
-def error_reply_text(error: BaseException) -> str:
-    """The text an error reply carries to the coordinator (the site runner's ``Error`` reason)."""
-    return f"{type(error).__name__}: {error}"
 
 
 @dataclass(frozen=True)
@@ -594,7 +590,7 @@ class SecureSite:
     def _audit_error_reply(self, reply_to: _Reply, query: str, error: Exception) -> None:
         """Audit the error reply's bytes; a log that cannot take it leaves the original error."""
         try:
-            self._transmit(error_reply_text(error).encode("utf-8"), reply_to, f"secure sum {query}: error reply")
+            self._transmit(reply_text(error).encode("utf-8"), reply_to, f"secure sum {query}: error reply")
         except Exception:  # noqa: BLE001 - the error being answered matters more than its record
             pass
 

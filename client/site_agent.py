@@ -83,6 +83,7 @@ from fedmte.client.errors import (
     UnknownArchitectureError,
     UnsignedPackageError,
     UntrustedKeyError,
+    reply_text,
 )
 from fedmte.client.extract import ExtractionSettings, ModelMetrics, extract
 from fedmte.client.limits import check_job_limits
@@ -97,7 +98,7 @@ from fedmte.client.packages import (
     verify_signature,
 )
 from fedmte.client.policy import SitePolicy, check_coordinator, violations
-from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy, reply_text
+from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy
 from fedmte.client.request_guard import NONCES_FILE, REQUEST_WINDOW, SeenNonces
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmte.client.errors import reply_text
 from fedmte.flower_pin import RUNTIME_ACQUIRE_TASK, check_flwr_internals, installed_fab_hash, tune_pull_backoff
 
 IDLE_POLL = 0.05
@@ -442,7 +443,7 @@ class SiteRunner:
                 reply = self.client_app(message=message, context=context)
                 status, details = SubStatus.COMPLETED, ""
             except Exception as error:  # noqa: BLE001 - every failure becomes an error reply
-                details = f"{type(error).__name__}: {error}"
+                details = reply_text(error)
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
                 status = SubStatus.FAILED
             self._push(client, message, reply, context)

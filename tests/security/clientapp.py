@@ -3,7 +3,7 @@
 :class:`ClientAppSite` hands each payload, as a Flower ``Message`` with the site's
 ``--node-config`` in its ``Context``, to :data:`fedmte.client.flower_app.app` (the object the
 site runner calls), and turns a raised error into the text the site runner would send back
-(:func:`fedmte.client.privacy.reply_text`). Every payload crosses the wire form both ways.
+(:func:`fedmte.client.errors.reply_text`). Every payload crosses the wire form both ways.
 Flower needs the task identity of the process set before it builds a Message; the site
 runner sets it from the task it claimed, this helper from the message it is given.
 """
@@ -17,7 +17,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmte.client.flower_app import app
-from fedmte.client.privacy import reply_text
+from fedmte.client.errors import reply_text
 from fedmte.flower_records import payload_from_record, payload_to_record
 from fedmte.protocol.wire import MESSAGE_PREFIX, Payload
 

@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 
 from fedmte.client.audit_log import verify
-from fedmte.client.secure_site import SecureSite, error_reply_text, secure_config
+from fedmte.client.errors import reply_text
+from fedmte.client.secure_site import SecureSite, secure_config
 from fedmte.client.site_config import load_site_config
 from fedmte.protocol.audit_format import IntentRecord, OutcomeRecord
 from fedmte.protocol.errors import (
@@ -145,7 +146,7 @@ class ForgingCoordinator:
         try:
             reply = Payload.from_wire(*self.sites[site].handle(step, request).to_wire())
         except Exception as error:
-            self.replies.append((site, step, error_reply_text(error).encode("utf-8")))
+            self.replies.append((site, step, reply_text(error).encode("utf-8")))
             raise
         self.replies.append((site, step, wire_bytes(reply)))
         return reply
@@ -203,7 +204,7 @@ class ForgingCoordinator:
             try:
                 reveals.append(Reveal.model_validate_json(self.send(SECURE_REVEAL, site, body, phase + 1).doc["reveal"]))
             except ProtocolError as error:
-                refusals[site] = error_reply_text(error)
+                refusals[site] = reply_text(error)
         try:
             return coordinator.finish(phase, reveals), refusals, reveals
         except ThresholdError:
