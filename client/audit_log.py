@@ -648,6 +648,7 @@ class AuditLog:
         self._lock_fd = lock_fd
         self._closed = False
         self._broken: str | None = None
+        self._held: list[PendingIntent] | None = None
 
     @classmethod
     def open(cls, directory: Path | str, *, site_id: str, signing_key: Ed25519PrivateKey,
@@ -798,7 +799,26 @@ class AuditLog:
         except BaseException as error:
             self.failed(pending, f"{type(error).__name__}: {error}")
             raise
-        self.sent(pending)
+        if self._held is not None:
+            self._held.append(pending)  # the transport has not accepted it yet: settle() says
+        else:
+            self.sent(pending)
+
+    def hold_outcomes(self) -> None:
+        """From now until :meth:`settle`, a transmission's outcome is kept back: the caller
+        that owns the transport (the site runner) records ``sent`` only once the transport has
+        accepted the reply, and ``failed`` if it did not."""
+        self._held = []
+
+    def settle(self, *, delivered: bool, detail: str = "") -> int:
+        """Write the outcome of every transmission held since :meth:`hold_outcomes`; how many."""
+        held, self._held = self._held or [], None
+        for pending in held:
+            if delivered:
+                self.sent(pending, detail)
+            else:
+                self.failed(pending, detail or "the transport did not accept the reply")
+        return len(held)
 
     def refusal(self, *, requester: str, run_id: str, round: int, reason_code: str, rule: str, message: str,
                 purpose: str = "", request_sha256: str | None = None, data_source: str | None = None,
@@ -839,6 +859,9 @@ class AuditLog:
         if self._closed:
             return
         try:
+            for pending in self._held or []:  # replies whose delivery nobody confirmed
+                self.outcome(pending, "unknown", "the log closed before the transport confirmed the reply")
+            self._held = None
             if self._broken is None and self._replay.since_checkpoint > 0:
                 self.checkpoint()
         finally:

@@ -713,6 +713,25 @@ def keep_agents_open() -> None:
     _KEEP_OPEN = True
 
 
+def hold_outcomes(site_file: Path | str) -> None:
+    """The site runner is about to hand one message to the ClientApp: keep back the outcome of
+    every reply the site's audit log records until :func:`settle_outcomes` (a kept agent only)."""
+    if not _KEEP_OPEN:
+        return
+    agent = agent_for(site_file)
+    with agent.lock:
+        agent.privacy.log.hold_outcomes()
+
+
+def settle_outcomes(site_file: Path | str, *, delivered: bool, detail: str = "") -> int:
+    """The transport accepted (or refused) the reply: record ``sent`` (or ``failed``) for it."""
+    if not _KEEP_OPEN:
+        return 0
+    agent = agent_for(site_file)
+    with agent.lock:
+        return agent.privacy.log.settle(delivered=delivered, detail=detail)
+
+
 def agent_for(site_file: Path | str) -> SiteAgent:
     path = Path(site_file).resolve()
     with _AGENTS_LOCK:
@@ -744,4 +763,5 @@ def close_agents() -> None:
         _AGENTS.clear()
 
 
-__all__ = ["SITE_FILE_KEY", "JobSession", "SiteAgent", "agent_for", "answer", "close_agents", "keep_agents_open"]
+__all__ = ["SITE_FILE_KEY", "JobSession", "SiteAgent", "agent_for", "answer", "close_agents", "hold_outcomes",
+           "keep_agents_open", "settle_outcomes"]

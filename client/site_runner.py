@@ -439,6 +439,11 @@ class SiteRunner:
                 from fedmte.client.flower_app import app as site_app
 
                 self.client_app = site_app
+            from fedmte.client import site_agent
+
+            site_file = context.node_config.get(site_agent.SITE_FILE_KEY)
+            if isinstance(site_file, str) and site_file:  # "sent" goes to the audit log once the push succeeded
+                site_agent.hold_outcomes(site_file)
             try:
                 reply = self.client_app(message=message, context=context)
                 status, details = SubStatus.COMPLETED, ""
@@ -446,7 +451,14 @@ class SiteRunner:
                 details = reply_text(error)
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
                 status = SubStatus.FAILED
-            self._push(client, message, reply, context)
+            try:
+                self._push(client, message, reply, context)
+            except BaseException as error:
+                if isinstance(site_file, str) and site_file:
+                    site_agent.settle_outcomes(site_file, delivered=False, detail=reply_text(error))
+                raise
+            if isinstance(site_file, str) and site_file:
+                site_agent.settle_outcomes(site_file, delivered=True)
             push_task_output(client, context, status, details)
             decision.seconds = time.perf_counter() - start
             self._record(decision)
