@@ -69,7 +69,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, get_args
@@ -82,7 +81,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from pydantic import Field, ValidationError
 
-from fedmte.protocol.encoding import StrictModel, canonical_json, frame
+from fedmte.protocol.encoding import StrictModel, arrays_digest, canonical_json, frame
 from fedmte.protocol.errors import ProtocolError, StatisticsError, VerificationError
 from fedmte.protocol.fixed_point import DEFAULT_LIMBS, BlockSpec, SumSpec
 from fedmte.protocol.inputs import PROBABILITY_TOLERANCE
@@ -108,7 +107,6 @@ BOUND_SLACK = 1.0 + 2.0**-20
 
 _SIGNED_DOMAIN = b"fedmte.secure_request.v1"
 _DIGEST_DOMAIN = b"fedmte.secure_round_digest.v1"
-_ARRAYS_DOMAIN = b"fedmte.arrays_digest.v1"
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Step = Literal["secure_advertise", "secure_share", "secure_upload", "secure_reveal", "secure_abort"]
@@ -117,16 +115,6 @@ if set(get_args(Step)) != set(SECURE_QUERIES):  # the wire names and the signed 
 
 
 # --------------------------------------------------------------------------- keys and encodings
-
-def arrays_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """sha256 over the arrays in name order: name, little-endian dtype, shape and bytes each."""
-    hasher = hashlib.sha256(_ARRAYS_DOMAIN)
-    for name in sorted(arrays):
-        array = np.asarray(arrays[name])
-        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        hasher.update(frame(name, little.dtype.str, json.dumps(list(array.shape)), np.ascontiguousarray(little).tobytes()))
-    return hasher.digest()
-
 
 # --------------------------------------------------------------------------- envelopes
 

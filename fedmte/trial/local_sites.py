@@ -142,14 +142,16 @@ def write_site(
 
 def provision(site_files: Mapping[str, Path], coordinator_key: Path, *, bounds: DeclaredBounds,
               require_secure_sum: bool = True, self_masks: bool = True, threshold: int | None = None,
-              model_hashes: Sequence[str] = ()) -> SecureJobSpec:
+              model_hashes: Sequence[str] = (), require_self_masks: bool | None = None) -> SecureJobSpec:
     """The secure sum for a trial federation: in each site's folder an identity key, and in
     its site file a ``[secure]`` table pinning every site's identity key, with ``bounds`` as
     its floors. ``coordinator_key`` signs the secure-sum requests; it must be the key the site
     files already trust. Returns the job's ``[secure]`` table.
 
-    In a real deployment each data owner makes its own identity key and writes its own
-    roster from keys exchanged out of band; this helper plays every party on one machine.
+    ``require_self_masks`` (default: ``self_masks``) is the sites' own rule; a site accepts a
+    one-round job (``self_masks=False``) only if it says false. In a real deployment each data
+    owner makes its own identity key and writes its own roster from keys exchanged out of band;
+    this helper plays every party on one machine.
     """
     signer = public_key_text(load_private_key(coordinator_key))
     identities: dict[str, str] = {}
@@ -162,7 +164,9 @@ def provision(site_files: Mapping[str, Path], coordinator_key: Path, *, bounds: 
             raise InvalidInputError(f"{site_file} does not trust the secure sum's coordinator key {coordinator_key}; "
                                     "the secure sum is signed by a key listed in [trust.coordinators]")
         document["secure"] = {"identity_key": "keys/identity.pem", "state_dir": "state",
-                              "require_secure_sum": require_secure_sum, "min_declared_rows": bounds.max_rows,
+                              "require_secure_sum": require_secure_sum,
+                              "require_self_masks": self_masks if require_self_masks is None else require_self_masks,
+                              "min_declared_rows": bounds.max_rows,
                               "min_declared_feature_norm": bounds.feature_norm, "roster": dict(sorted(identities.items()))}
         Path(site_file).write_text(site_file_text(document, header=f"Site file of {name} (written by fedmte local up), "
                                                   "with its part in the secure sum."), encoding="utf-8")
