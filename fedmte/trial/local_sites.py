@@ -163,9 +163,10 @@ def provision(site_files: Mapping[str, Path], coordinator_key: Path, *, bounds: 
         if signer not in document.get("trust", {}).get("coordinators", {}).values():
             raise InvalidInputError(f"{site_file} does not trust the secure sum's coordinator key {coordinator_key}; "
                                     "the secure sum is signed by a key listed in [trust.coordinators]")
+        one_round_allowed = not (self_masks if require_self_masks is None else require_self_masks)
         document["secure"] = {"identity_key": "keys/identity.pem", "state_dir": "state",
                               "require_secure_sum": require_secure_sum,
-                              "require_self_masks": self_masks if require_self_masks is None else require_self_masks,
+                              **({"require_self_masks": False} if one_round_allowed else {}),  # the default: true
                               "min_declared_rows": bounds.max_rows,
                               "min_declared_feature_norm": bounds.feature_norm, "roster": dict(sorted(identities.items()))}
         Path(site_file).write_text(site_file_text(document, header=f"Site file of {name} (written by fedmte local up), "
