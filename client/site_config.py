@@ -62,6 +62,9 @@ so a typo in a security setting is an error, not a silent default.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -278,8 +281,6 @@ class SiteConfig(StrictModel):
     @model_validator(mode="after")
     def _secure_fits(self) -> SiteConfig:
         if self.secure is not None:
-            import re
-
             if not re.match(SITE_ID_PATTERN, self.site.name):
                 raise ValueError(f"site.name {self.site.name!r} is this site's id in the secure sum: use letters, digits, "
                                  "'.', '_' or '-'")
@@ -295,14 +296,6 @@ class SiteConfig(StrictModel):
             raise SiteConfigError("the site file has no [policy] table, so nothing may leave this site; add one "
                                   "(fedmte local up writes a complete example)")
         return self.policy
-
-    def document(self) -> dict[str, Any]:
-        """The site file's tables as plain TOML-ready data (what :func:`site_file_text` writes)."""
-        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        if "policy" in data:
-            data["policy"].pop("coordinator_keys", None)
-            data["policy"].pop("schema", None)
-        return data
 
 
 def _resolve(table: dict[str, Any], key: str, base: Path) -> None:
@@ -342,9 +335,6 @@ def parse_site_config(document: dict[str, Any], base: Path) -> SiteConfig:
 
 
 def _toml_value(value: Any) -> str:
-    import json
-    import math
-
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -363,8 +353,6 @@ def _toml_value(value: Any) -> str:
 
 
 def _toml_key(key: str) -> str:
-    import json
-
     return key if key and key.replace("-", "").replace("_", "").isalnum() and key.isascii() else json.dumps(key)
 
 
