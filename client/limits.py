@@ -58,9 +58,9 @@ XLM-R large, has a 256M-entry embedding and 560M parameters) and refuse every bo
   holds up to ``prefetch`` + 2 batches at once, so the default keeps the inputs under about
   8 GiB; 256 RGB images of 512x512 in float32 take 805 MB. A site with larger inputs lowers
   ``[compute] batch_size``.
-* ``max_labels`` 10,000: the statistics' one-hot of the class labels is built as rows of an
-  identity matrix (:meth:`fedmte.protocol.catalogue.Batch.one_hot`, C x C float64: 800 MB at
-  10,000 classes, 168 GiB at 150,010); 10,000 covers iNaturalist-sized label spaces.
+* ``max_labels`` 10,000: the statistics hold per-class blocks and a (rows, C) one-hot of each
+  batch (:meth:`fedmte.protocol.catalogue.Batch.one_hot`: 164 MB for 2,048 rows at 10,000
+  classes, 2.5 GB at 150,010); 10,000 covers iNaturalist-sized label spaces.
 * ``max_release_entries`` 2^27 (1 GiB of float64): the privacy layer holds a few copies of a
   release (sums, noise, encoded payload, audit copy); a per-class second-moment block of
   1,000 classes by 512 features (131M entries) fits.

@@ -34,7 +34,10 @@ class Batch:
     source_probs: np.ndarray | None = None
 
     def one_hot(self) -> np.ndarray:
-        return np.eye(self.num_classes, dtype=np.float64)[self.labels]
+        """(rows, C) indicators of the labels, built at the batch's size (never a C x C identity)."""
+        out = np.zeros((len(self.labels), self.num_classes), dtype=np.float64)
+        out[np.arange(len(self.labels)), self.labels] = 1.0
+        return out
 
     @classmethod
     def from_model_outputs(cls, features: np.ndarray | None, labels: np.ndarray, logits: np.ndarray | None,
