@@ -54,6 +54,7 @@ from fedmte.client.preprocess import (
     image_array_fits,
     image_batch,
     image_input,
+    row_shape_text,
     tokenize,
     vector_batch,
 )
@@ -451,7 +452,8 @@ class ArrayData(SiteData):
     def check_compatible(self, pre: Preprocessing) -> None:
         super().check_compatible(pre)
         if isinstance(pre, VectorPreprocessing) and self.inputs.shape[1] != pre.dim:
-            raise InputKindMismatchError(f"the model takes {pre.dim}-wide vectors; the site's arrays are {self.inputs.shape}")
+            raise InputKindMismatchError(
+                f"the model takes {pre.dim}-wide vectors; the site's arrays are {row_shape_text(self.inputs.shape)}")
         if isinstance(pre, ImagePreprocessing):
             check_image_array(self.inputs.shape, self.inputs.dtype, pre)
 

@@ -181,13 +181,20 @@ def image_array_fits(shape: Sequence[int], dtype: np.dtype, pre: ImagePreprocess
     return channels == pre.channels and (dtype == np.uint8 or dtype.kind == "f")
 
 
+def row_shape_text(shape: Sequence[int]) -> str:
+    """An array's shape with its row count left out, for messages that reach the coordinator
+    (how many rows a site holds is its data)."""
+    return "(n, " + ", ".join(str(int(v)) for v in shape[1:]) + ")"
+
+
 def check_image_array(shape: Sequence[int], dtype: np.dtype, pre: ImagePreprocessing) -> None:
     if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
-        raise InputKindMismatchError(f"image arrays must be (n, h, w) or (n, h, w, c) with c in 1, 3, 4; got {tuple(shape)}")
+        raise InputKindMismatchError(
+            f"image arrays must be (n, h, w) or (n, h, w, c) with c in 1, 3, 4; got {row_shape_text(shape)}")
     if dtype != np.uint8 and not image_array_fits(shape, dtype, pre):
         raise InputKindMismatchError(
             f"float image arrays must already be {pre.height}x{pre.width} with {pre.channels} channel(s) "
-            f"and values in [0, 1]; got {tuple(shape)} (store uint8 pixels to let the site resize)"
+            f"and values in [0, 1]; got {row_shape_text(shape)} (store uint8 pixels to let the site resize)"
         )
 
 

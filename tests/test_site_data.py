@@ -436,3 +436,21 @@ def test_decoding_refuses_inputs_above_the_limits_before_reading_a_row(tmp_path:
         next(decoded_batches(data, RGB.model_copy(update={"height": 64, "width": 64}), 4, data.new_report(),
                              np.dtype(np.float64), SiteLimits(max_batch_bytes=300_000)))
     assert caught.value.rule == "limits.max_batch_bytes" and caught.value.value == 4 * 64 * 64 * 3 * 8
+
+
+@pytest.mark.parametrize("inputs, pre", [
+    (np.zeros((37, 5)), VectorPreprocessing(dim=6)),
+    (np.zeros((37, 4, 4, 2)), RGB),
+    (np.zeros((37, 5, 5, 3), dtype=np.float32), RGB),
+])
+def test_a_model_the_arrays_do_not_fit_is_refused_without_the_row_count(
+        tmp_path: Path, inputs: np.ndarray, pre: object) -> None:
+    """The refusal reaches the coordinator; how many rows the site holds is its data."""
+    from fedmte.client.site_config import ArraySource
+
+    path = tmp_path / "arrays.npz"
+    np.savez(path, inputs=inputs, labels=np.zeros(len(inputs), dtype=np.int64))
+    data = open_site_data(ArraySource(path=path, labels=("a", "b")))
+    with pytest.raises(InputKindMismatchError) as caught:
+        data.check_compatible(pre)  # type: ignore[arg-type]
+    assert "37" not in str(caught.value) and "(n, " in str(caught.value)
