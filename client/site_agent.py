@@ -231,6 +231,7 @@ class SiteAgent:
         self._entries: dict[tuple[str, str], CacheEntry] = {}
         self._maps: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self._data: dict[tuple[str, ...], tuple[SiteData, str]] = {}
+        self._data_source: str | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -239,10 +240,12 @@ class SiteAgent:
         """The name the ledger keeps this data's budget under: the data's content identity
         (:func:`fedmte.client.data.content_identity`), not its path, so renaming the data or
         pointing a second site file at it does not start a fresh budget."""
-        try:
-            return f"{self.config.data.kind}:sha256:{content_identity(self.config.data)}"
-        except OSError:  # the data cannot be read, so nothing of it can be released either
-            return f"{self.config.data.kind}:unreadable"
+        if self._data_source is None:  # once per opening of the data (every setup reopens it)
+            try:
+                self._data_source = f"{self.config.data.kind}:sha256:{content_identity(self.config.data)}"
+            except OSError:  # the data cannot be read, so nothing of it can be released either
+                return f"{self.config.data.kind}:unreadable"
+        return self._data_source
 
     def close(self) -> None:
         self.privacy.close()
@@ -254,6 +257,7 @@ class SiteAgent:
         if fresh or key not in self._data:
             data = open_site_data(self.config.data, labels)
             self._data[key] = (data, data.fingerprint())
+            self._data_source = None
         return self._data[key]
 
     def _job_path(self, run_id: str) -> Path:

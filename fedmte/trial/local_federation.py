@@ -56,6 +56,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedmte.client.site_config import load_site_config, toml_text
 from fedmte.protocol.errors import FederationError, InvalidInputError
 from fedmte.protocol.inputs import uneven_split
 from fedmte.protocol.secure_rounds import DeclaredBounds
@@ -336,8 +337,6 @@ def serve_site_files(directory: Path, site_files: Sequence[Path], *, labels: Seq
     """A loopback federation (laid out as :func:`up` does, stopped by :func:`down`) whose
     site runners serve existing site files, as ``fedmte demo`` writes them, instead of
     writing their own. Each node's keys, log and decision log go to ``DIR/nodes/<name>/``."""
-    from fedmte.client.site_config import load_site_config
-
     directory = directory.resolve()
     if (directory / STATE_FILE).exists():
         down(directory)  # a federation left running by an interrupted run
@@ -514,9 +513,6 @@ def write_example_job(state: LocalFederation, scorers: Sequence[str] | None = No
     for ``fedmte run``. Over sites of raw inputs its candidates are example MLP packages signed
     with the coordinator's key (``DIR/models/``); over features-kind sites, the sites' own
     features (a ``site_features`` candidate)."""
-    from fedmte.client.site_config import load_site_config, toml_text
-    from fedmte.trial.local_sites import coordinator_key
-
     path = Path(state.directory) / "job.toml"
     config = load_site_config(state.sites[0].site_file)
     if config.data.kind == "features":
