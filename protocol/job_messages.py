@@ -51,7 +51,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -363,6 +363,10 @@ class ReleaseCost(StrictModel):
     mu_sq_after: float = Field(ge=0)
     delta: float | None = None
     epsilon_budget: float | None = None
+    noise_std: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        description="per-entry std of the Gaussian noise this site added to each block, keyed by the reply's "
+                    "array keys (0.0 for exact blocks); public, since it follows from the policy and the request")
 
 
 class RoundReplyDoc(StrictModel):
