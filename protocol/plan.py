@@ -23,6 +23,9 @@ from fedmte.protocol.scorers.base import Context, Program
 from fedmte.protocol.statistics import Statistics
 
 Aggregate = Callable[[Sequence[Stat]], Statistics]
+CLAMP_TOLERANCE = 1e-9
+"""Relative slack (times max(1, |bound|)) before a value counts as outside its range, so
+float rounding of an exact value at its bound (H-score = C - 1 when d >= n - 1) is no clamp."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,23 @@ class ScoringResult:
     scores: dict[str, float]
     rounds: list[RoundRecord]
     failures: dict[str, str] = field(default_factory=dict)
+    clamped: dict[str, float] = field(default_factory=dict)
+    """Scorers whose value fell outside their provable range (:attr:`ScorerSpec.bounds`),
+    by raw value; ``scores`` holds the bound instead. Only noisy sums get there."""
 
     @property
     def bytes_sent_per_site(self) -> int:
         return sum(r.nbytes for r in self.rounds)
+
+
+def clamp(value: float, bounds: tuple[float | None, float | None] | None) -> float:
+    """``value`` moved into ``bounds`` when it lies outside by more than :data:`CLAMP_TOLERANCE`."""
+    low, high = bounds or (None, None)
+    if low is not None and value < low - CLAMP_TOLERANCE * max(1.0, abs(low)):
+        return float(low)
+    if high is not None and value > high + CLAMP_TOLERANCE * max(1.0, abs(high)):
+        return float(high)
+    return value
 
 
 def default_scorers(*, has_features: bool, has_source_probs: bool) -> tuple[str, ...]:
@@ -126,7 +142,9 @@ class PlanRun:
     ``record_failures=True`` a scorer whose data leave it undefined
     (:class:`~fedmte.protocol.errors.ScorerDomainError`, or a non-finite score, which noisy
     DP sums can cause) is recorded in ``failures`` and the others go on; otherwise the
-    error propagates.
+    error propagates. A score outside its scorer's provable range is clamped to it and its
+    raw value kept in ``clamped``: an impossible value (H-score 86.8 with 10 classes) is
+    never reported as a score.
     """
 
     def __init__(
@@ -144,6 +162,7 @@ class PlanRun:
         self.record_failures = record_failures
         self.scores: dict[str, float] = {}
         self.failures: dict[str, str] = {}
+        self.clamped: dict[str, float] = {}
         self.log: list[RoundRecord] = []
         self._programs: dict[str, tuple[Program, dict[str, Stat]]] = {}
         self._rounds_used = 0
@@ -201,6 +220,7 @@ class PlanRun:
             scores={name: self.scores[name] for name in self.plan.scorers if name in self.scores},
             rounds=self.log,
             failures=dict(self.failures),
+            clamped=dict(self.clamped),
         )
 
     def _advance(self, name: str, program: Program, sums: dict[str, np.ndarray] | None) -> None:
@@ -215,7 +235,11 @@ class PlanRun:
                                            "with DP noise, a noisy count or joint can leave a scorer's domain")
                     return
                 raise RuntimeError(f"{name} produced a non-finite score {value}; this is a bug") from None
-            self.scores[name] = value
+            bounds = SCORERS[name].bounds
+            kept = clamp(value, None if bounds is None else bounds(self.ctx))
+            if kept != value:
+                self.clamped[name] = value
+            self.scores[name] = kept
             return
         except ScorerDomainError as error:
             if not self.record_failures:

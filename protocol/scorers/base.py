@@ -9,6 +9,7 @@ different scorers are computed and sent once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from fedmte.protocol.requests import Stat, Transform, View
 Requests = dict[str, Stat]
 Sums = dict[str, np.ndarray]
 Program = Generator[Requests, Sums, float]
+Bounds = tuple[float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,25 @@ class ScorerSpec:
     ``{model: {helper: score}}`` over the candidates whose helpers all succeeded, to
     ``{model: score}``. The ranking ranks that value instead of the program's per-model
     one, which the report keeps as ``auxiliary["<name>_unscaled"]``. None: per-model."""
+    bounds: Callable[[Context], Bounds] | None = None
+    """The range every exact-sum value lies in, (low, high), None for an open side: proved
+    from the formula (each scorer's module says how). The plan clamps a value outside it,
+    which only noisy sums can produce, and records the raw value. None: no provable range."""
 
     def __post_init__(self) -> None:
         if self.combine is not None and not self.helper_scorers:
             raise ValueError(f"scorer {self.name!r}: combine needs the helper_scorers it combines")
+
+
+def probability_bounds(ctx: Context) -> Bounds:
+    """[0, 1]: a mean of probabilities (an accuracy-like score)."""
+    return (0.0, 1.0)
+
+
+def neg_entropy_bounds(ctx: Context) -> Bounds:
+    """[-log C, 0]: minus a conditional entropy of the C target labels, or a mean log
+    probability bounded below by one (LEEP-like scores, by Jensen's inequality)."""
+    return (-math.log(ctx.num_classes), 0.0)
 
 
 def require_classes(counts: np.ndarray, scorer: str) -> np.ndarray:

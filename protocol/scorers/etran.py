@@ -23,6 +23,8 @@ mean of the lowest 0.5% of per-row logsumexp energies, an order statistic that s
 per-site statistics do not give in two rounds. ``etran_lda`` is the LDA term alone, per
 model; it is not the combined ETran score.
 
+Range: [0, 1], a mean posterior probability.
+
 Reference: Gholami et al., "ETran: Energy-Based Transferability Estimation", ICCV 2023.
 """
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedmte.protocol.requests import Stat
-from fedmte.protocol.scorers.base import Context, Program, ScorerSpec, require_all_classes
+from fedmte.protocol.scorers.base import Context, Program, ScorerSpec, probability_bounds, require_all_classes
 
 
 def nearest_mean_classifier(counts: np.ndarray, class_means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,4 +61,5 @@ SPEC = ScorerSpec(
     centred=True,
     summary="ETran's LDA term alone: mean posterior of the true class under a nearest-mean softmax classifier",
     reference="mgholamikn/ETran metrics.LDA_Score (Gholami et al. 2023); not the energy term or the cross-model mix",
+    bounds=probability_bounds,
 )

@@ -9,6 +9,10 @@ first reduces the features to 64 dimensions by PCA; it lives in
 
 Reference: Pandy et al., "Transferability Estimation using Bhattacharyya Class
 Separability", CVPR 2022.
+
+Range: [-C(C - 1), 0]. Each Bhattacharyya distance of two Gaussians is >= 0 (a Mahalanobis
+term and, per coordinate, log((a + b)/2) >= (log a + log b)/2), so each of the at most
+C(C - 1) ordered pairs adds a coefficient exp(-D_B) in (0, 1]. :func:`gbc_bounds`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.requests import Stat, View
-from fedmte.protocol.scorers.base import Context, Program, Requests, ScorerSpec, Sums, require_classes
+from fedmte.protocol.scorers.base import Bounds, Context, Program, Requests, ScorerSpec, Sums, require_classes
 
 VARIANCE_FLOOR = 1e-4
 GAUSSIAN_TYPES = ("spherical", "diagonal")
@@ -51,6 +55,11 @@ def gbc_from_class_moments(counts: np.ndarray, class_sums: np.ndarray, class_sq_
     return float(-total)
 
 
+def gbc_bounds(ctx: Context) -> Bounds:
+    """[-C(C - 1), 0]: see the module docstring."""
+    return (-float(ctx.num_classes * (ctx.num_classes - 1)), 0.0)
+
+
 def program(ctx: Context, gaussian_type: str = "spherical") -> Program:
     sums: Sums = yield class_moment_requests(ctx.centred_view)
     return gbc_from_class_moments(sums["counts"], sums["class_sums"], sums["class_sq_sums"], gaussian_type)
@@ -65,5 +74,6 @@ SPEC = ScorerSpec(
     centred=True,
     summary="minus the total Bhattacharyya overlap of per-class Gaussians (spherical or diagonal)",
     reference="google-research stable_transfer gbc.get_gbc_score (Pandy et al. 2022), no PCA",
+    bounds=gbc_bounds,
     options={"gaussian_type": "spherical"},
 )

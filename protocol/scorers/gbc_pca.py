@@ -27,6 +27,8 @@ Definitions where the reference is silent or fails:
   squared mean differences and variances). Directions within a repeated eigenvalue are
   also arbitrary; spherical GBC is unaffected when the whole repeated block is kept, and
   diagonal GBC can move only in that degenerate case (never met on real features).
+
+Range: GBC's, [-C(C - 1), 0] (:func:`fedmte.protocol.scorers.gbc.gbc_bounds`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from fedmte.protocol.errors import ScorerDomainError
 from fedmte.protocol.requests import Transform, View
 from fedmte.protocol.scorers.base import Context, Program, ScorerSpec
-from fedmte.protocol.scorers.gbc import class_moment_requests, gbc_from_class_moments
+from fedmte.protocol.scorers.gbc import class_moment_requests, gbc_bounds, gbc_from_class_moments
 from fedmte.protocol.scorers.moments import Moments, moment_requests
 
 PCA_COMPONENTS = 64  # config_transferability_source_selection.py: pca_reduction=64
@@ -96,4 +98,5 @@ SPEC = ScorerSpec(
     summary="GBC on the pooled PCA-64 projection of the features, as in the reference pipeline",
     reference="google-research stable_transfer gbc.get_gbc_score after pca_reduction(64, 'full'), float64",
     options={"gaussian_type": "spherical"},
+    bounds=gbc_bounds,
 )

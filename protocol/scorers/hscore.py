@@ -5,6 +5,13 @@
 1/(n-1). ``shrinkage_hscore`` follows tllib ``regularized_h_score`` (Ibrahim et al.):
 the feature covariance replaced by scikit-learn's Ledoit-Wolf estimate.
 
+Ranges. cov f = cov_w + cov g with both PSD, so cov g <= cov f and the eigenvalues of
+cov_f^{+/2} cov_g cov_f^{+/2} lie in [0, 1] (range(cov g) is inside range(cov f)): H-score lies in
+[0, rank(cov g)] and rank(cov g) <= min(C - 1, d) (C class means about their weighted mean).
+The shrinkage variant is >= 0 (the shrinkage lies in [0, 1]: beta <= delta, both >= 0); its
+upper end is n/(n-1) min(C - 1, d) (covariance at 1/n, class signal at 1/(n-1)), which needs
+n, so only the lower end is declared.
+
 References: Bao et al., "An Information-Theoretic Approach to Transferability in Task
 Transfer Learning", ICIP 2019; Ibrahim et al., "Newer is not always better: Rethinking
 transferability metrics, their peculiarities, stability and performance", ECML-PKDD 2022.
@@ -15,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedmte.protocol.requests import Stat
-from fedmte.protocol.scorers.base import Context, Program, ScorerSpec, require_classes
+from fedmte.protocol.scorers.base import Bounds, Context, Program, ScorerSpec, require_classes
 from fedmte.protocol.scorers.moments import Moments, moment_requests
 
 RCOND = 1e-15  # the reference's pinv cutoff
@@ -34,6 +41,11 @@ def symmetric_pinv(matrix: np.ndarray) -> np.ndarray:
     cutoff = max(RCOND, matrix.shape[0] * np.finfo(np.float64).eps) * np.max(np.abs(eigvals))
     keep = eigvals > cutoff
     return (eigvecs[:, keep] / eigvals[keep]) @ eigvecs[:, keep].T
+
+
+def hscore_bounds(ctx: Context) -> Bounds:
+    """[0, min(C - 1, d)]: see the module docstring."""
+    return (0.0, float(min(ctx.num_classes - 1, ctx.dim)))
 
 
 def hscore_program(ctx: Context) -> Program:
@@ -95,6 +107,7 @@ HSCORE = ScorerSpec(
     centred=True,
     summary="tr(cov(f)^+ cov(E[f|y])): class signal relative to feature variance",
     reference="tllib ranking.hscore.h_score (Bao et al. 2019)",
+    bounds=hscore_bounds,
 )
 
 SHRINKAGE_HSCORE = ScorerSpec(
@@ -106,4 +119,5 @@ SHRINKAGE_HSCORE = ScorerSpec(
     centred=True,
     summary="H-score with a Ledoit-Wolf shrunk feature covariance, stable when d is large",
     reference="tllib ranking.hscore.regularized_h_score (Ibrahim et al. 2022)",
+    bounds=lambda ctx: (0.0, None),
 )

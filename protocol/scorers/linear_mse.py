@@ -3,6 +3,9 @@
 No reference code exists; the definition follows Nguyen et al. (UAI 2023, "negative
 regularized MSE of a linear regression"), implemented as scikit-learn's ``Ridge(alpha=1)``
 with an unpenalised intercept: score = -(1/n) sum_i ||y_i - yhat_i||^2 on the training rows.
+
+Range: [-(1 - 1/C), 0]. The RSS is >= 0, and the ridge optimum costs at most W = 0 does, whose
+RSS is tr(Y_c^T Y_c) = n (1 - sum_c pi_c^2) <= n (1 - 1/C).
 """
 
 from __future__ import annotations
@@ -39,4 +42,5 @@ SPEC = ScorerSpec(
     summary="negative training MSE of a ridge probe (alpha=1, free intercept) onto one-hot labels",
     reference="Nguyen et al. UAI 2023 definition; checked against sklearn.linear_model.Ridge",
     options={"alpha": ALPHA},
+    bounds=lambda ctx: (-(1.0 - 1.0 / ctx.num_classes), 0.0),
 )

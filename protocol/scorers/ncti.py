@@ -60,6 +60,9 @@ Definitions and deviations:
   data vc agrees to 1e-15 relative; square roots of the eigenvalues of P_c^T P_c were 4e-9
   off.
 
+Ranges: ``ncti_ncc`` is a mean probability, in [0, 1]; ``ncti_seli`` is a norm, >= 0;
+``ncti_vc`` and the unscaled ``ncti`` declare none.
+
 Reference: Wang et al., "How Far Pre-trained Models Are from Neural Collapse on the Target
 Dataset Informs their Transferability", ICCV 2023.
 """
@@ -75,7 +78,16 @@ import scipy.linalg
 from fedmte.protocol import symmetric
 from fedmte.protocol.errors import InvalidInputError, ScorerDomainError
 from fedmte.protocol.requests import Stat
-from fedmte.protocol.scorers.base import Context, Program, Requests, ScorerSpec, Sums, require_all_classes
+from fedmte.protocol.scorers.base import (
+    Bounds,
+    Context,
+    Program,
+    Requests,
+    ScorerSpec,
+    Sums,
+    probability_bounds,
+    require_all_classes,
+)
 from fedmte.protocol.scorers.gbc_pca import Pca, pca_from_moments
 from fedmte.protocol.scorers.moments import Moments, moment_requests
 
@@ -317,8 +329,9 @@ def combine_scores(helpers: Mapping[str, Mapping[str, float]]) -> dict[str, floa
 
 def _spec(name: str, program_fn: Callable[[Context], Program], rounds: int, summary: str, *, opt_in: bool = True,
           helpers: tuple[str, ...] = (), cross_model: Callable[[Mapping[str, Mapping[str, float]]], dict[str, float]] | None = None,
-          ) -> ScorerSpec:
+          bounds: Callable[[Context], Bounds] | None = None) -> ScorerSpec:
     return ScorerSpec(
+        bounds=bounds,
         helper_scorers=helpers,
         combine=cross_model,
         opt_in=opt_in,
@@ -335,6 +348,8 @@ def _spec(name: str, program_fn: Callable[[Context], Program], rounds: int, summ
 
 NCTI = _spec("ncti", program, 2, "NCTI's terms seli + ncc - vc of one model, unscaled (combine() gives the paper's cross-model mix)",
              opt_in=False, helpers=TERMS, cross_model=combine_scores)
-NCTI_SELI = _spec("ncti_seli", seli_program, 1, "NCTI seli: nuclear norm of the centred LDA projection after PCA-64")
-NCTI_NCC = _spec("ncti_ncc", ncc_program, 2, "NCTI ncc: mean LDA posterior of the true class after PCA-64")
+NCTI_SELI = _spec("ncti_seli", seli_program, 1, "NCTI seli: nuclear norm of the centred LDA projection after PCA-64",
+                  bounds=lambda ctx: (0.0, None))  # a norm
+NCTI_NCC = _spec("ncti_ncc", ncc_program, 2, "NCTI ncc: mean LDA posterior of the true class after PCA-64",
+                 bounds=probability_bounds)  # a mean probability
 NCTI_VC = _spec("ncti_vc", vc_program, 2, "NCTI vc: log of the summed per-class nuclear norms of the LDA posteriors")

@@ -41,6 +41,9 @@ Precision (documented deviation). The reference casts the PCA features to float3
 LEEP in float32; fedmte stays in float64 end to end. LEEP's "-log C when eep = 0" branch
 never fires here: a row's own responsibility makes eep >= max_z r_iz^2 / n > 0.
 
+Range: LEEP's, [-log C, 0] (:mod:`fedmte.protocol.scorers.source_label`; the mixture's
+posteriors play the source head's probabilities).
+
 Reference: Li et al., "Ranking Neural Checkpoints", CVPR 2021.
 """
 
@@ -54,7 +57,7 @@ import numpy as np
 from fedmte.protocol import symmetric
 from fedmte.protocol.errors import ScorerDomainError
 from fedmte.protocol.requests import Stat, Transform
-from fedmte.protocol.scorers.base import Context, Program, ScorerSpec, Sums
+from fedmte.protocol.scorers.base import Context, Program, ScorerSpec, Sums, neg_entropy_bounds
 from fedmte.protocol.scorers.source_label import leep_conditional
 
 VARIANCE_KEPT = 0.8  # PCA(n_components=0.8) in the google-research pipeline
@@ -223,4 +226,5 @@ SPEC = ScorerSpec(
     iterative=True,
     summary="LEEP of a 5C-component Gaussian mixture fitted (EM) to the PCA-reduced features",
     reference="google-research stable_transfer nleep.get_nleep_score (Li et al. 2021), fedmte's moment-based init",
+    bounds=neg_entropy_bounds,
 )

@@ -30,6 +30,8 @@ score does not depend on it (the tests show it on the reference transcription), 
 fedmte does not ask for it. Like SFDA, PED is translation invariant, so all moments are
 taken on the centred view.
 
+Range: SFDA's, [0, 1].
+
 Reference: Li et al., "Exploring Model Transferability through the Lens of Potential
 Energy", ICCV 2023.
 """
@@ -42,7 +44,7 @@ import numpy as np
 
 from fedmte.protocol.errors import InvalidInputError, ScorerDomainError
 from fedmte.protocol.requests import Stat, Transform
-from fedmte.protocol.scorers.base import Context, Program, ScorerSpec
+from fedmte.protocol.scorers.base import Context, Program, ScorerSpec, probability_bounds
 from fedmte.protocol.scorers.moments import moment_requests
 from fedmte.protocol.scorers.sfda import confmix_rounds, first_round_moments
 
@@ -144,4 +146,5 @@ SPEC = ScorerSpec(
     summary="SFDA after a potential-energy descent that pushes overlapping classes apart",
     reference="lixiaotong97/PED metrics.PED_Score, type='SFDA' (Li et al. 2023)",
     options={"reference_std": None, "nsigma": NSIGMA, "time_step": TIME_STEP, "exit_ratio": EXIT_RATIO},
+    bounds=probability_bounds,
 )

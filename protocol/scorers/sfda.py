@@ -28,6 +28,8 @@ When n - C < d and lambda sits at its 1e-10 floor, Shr(S_w) is ill-conditioned (
 the posteriors of the rows come out one-hot in both LDAs and the score is 1, in the
 reference and here alike (observed exactly); the conditioning does not reach the score.
 
+Range: [0, 1], a mean posterior probability.
+
 Reference: Shao et al., "Not All Models Are Equal: Predicting Model Transferability in a
 Self-challenging Fisher Space", ECCV 2022.
 """
@@ -40,7 +42,14 @@ import numpy as np
 
 from fedmte.protocol.errors import ScorerDomainError
 from fedmte.protocol.requests import Stat, Transform, View
-from fedmte.protocol.scorers.base import Context, Program, Requests, ScorerSpec, require_all_classes
+from fedmte.protocol.scorers.base import (
+    Context,
+    Program,
+    Requests,
+    ScorerSpec,
+    probability_bounds,
+    require_all_classes,
+)
 from fedmte.protocol.scorers.moments import Moments, moment_requests
 
 SHRINKAGE_RATE = 5.0  # lambda = exp(-5 lambda_hat)
@@ -173,4 +182,5 @@ SPEC = ScorerSpec(
     centred=True,
     summary="accuracy-like mean posterior of a shrunk LDA refitted on confidence-mixed features",
     reference="TencentARC/SFDA metrics.SFDA_Score (Shao et al. 2022)",
+    bounds=probability_bounds,
 )

@@ -6,6 +6,11 @@
 References: Tran et al., "Transferability and Hardness of Supervised Classification Tasks",
 ICCV 2019; Nguyen et al., "LEEP: A New Measure to Evaluate Transferability of Learned
 Representations", ICML 2020.
+
+Ranges: both lie in [-log C, 0]. NCE is minus a conditional entropy of C labels (the noisy
+joint is clipped at 0 first, so it stays a distribution). LEEP averages log sum_z P(y|z)
+theta_z <= log 1; by Jensen it is >= sum_z J(y, z) log P(y|z) = -sum_z P(z) H(Y | z) >= -log C
+for the soft joint J the conditional came from.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedmte.protocol.requests import Stat
-from fedmte.protocol.scorers.base import Context, Program, ScorerSpec
+from fedmte.protocol.scorers.base import Context, Program, ScorerSpec, neg_entropy_bounds
 
 
 def nce_from_counts(joint_counts: np.ndarray) -> float:
@@ -61,6 +66,7 @@ NCE = ScorerSpec(
     needs_source_probs=True,
     summary="negative conditional entropy of target labels given the source model's hard labels",
     reference="thuml/LogME NCE.py (Tran et al. 2019)",
+    bounds=neg_entropy_bounds,
 )
 
 LEEP = ScorerSpec(
@@ -71,4 +77,5 @@ LEEP = ScorerSpec(
     needs_source_probs=True,
     summary="log expected empirical prediction of a source head re-mapped to target labels",
     reference="thuml/LogME LEEP.py (Nguyen et al. 2020)",
+    bounds=neg_entropy_bounds,
 )

@@ -4,6 +4,10 @@ Follows tllib ``ranking.transrate.transrate`` (the paper's appendix code): eps =
 R(Z) = 1/2 logdet(I + Z^T Z / (n eps)) on globally centred features, and
 TrR = R(Z) - (1/C) sum_c R(Z_c) with C = max(y) + 1.
 
+No range is declared. It is >= 0 for balanced classes (logdet is concave and the total
+scatter is the n_c/n-weighted mix of the class ones), but the reference weighs the classes
+by 1/C, so a rare class with a wide spread can make it negative (seen on real numbers).
+
 Reference: Huang et al., "Frustratingly Easy Transferability Estimation", ICML 2022.
 """
 
