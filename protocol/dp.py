@@ -159,6 +159,42 @@ def noise_multiplier(mu_release: float, num_blocks: int) -> float:
     return math.sqrt(num_blocks) / mu_release
 
 
+Allocation = Literal["by_size", "even"]
+ALLOCATIONS: tuple[str, ...] = ("by_size", "even")
+
+
+def allocate_sigmas(sensitivities: Sequence[float], entries: Sequence[int], mu: float,
+                    rule: Allocation = "by_size") -> list[float]:
+    """Noise std per block so that the release is exactly ``mu``-GDP: sqrt(sum (Delta_b/sigma_b)^2) = mu.
+
+    Block b gets a share rho_b of the release's mu^2 and sigma_b = Delta_b / sqrt(rho_b).
+
+    ``"by_size"`` (the default) gives rho_b = mu^2 * w_b / sum(w) with w_b = sqrt(entries_b).
+    Why: n rows can move block b by up to n*Delta_b, so its noise relative to that scale is
+    entries_b * sigma_b^2 / (n Delta_b)^2 = entries_b / (rho_b n^2) summed over its entries.
+    Minimising sum_b entries_b / rho_b subject to sum_b rho_b = mu^2 (Lagrange: entries_b /
+    rho_b^2 is the same for every b) gives rho_b proportional to sqrt(entries_b): a small block
+    (n, class counts) is accurate on little budget and gets little, the Gram gets most.
+    ``"even"`` gives every block mu^2 / B, sigma_b = Delta_b * sqrt(B) / mu (:func:`noise_multiplier`).
+
+    A block with Delta_b = 0 or no entries cannot move, takes no share and gets sigma 0.
+    """
+    if len(sensitivities) != len(entries):
+        raise InvalidInputError("one entry count per block is needed")
+    if rule not in ALLOCATIONS:
+        raise InvalidInputError(f"unknown allocation {rule!r}; known: {', '.join(ALLOCATIONS)}")
+    if not mu > 0 or math.isinf(mu):
+        raise InvalidInputError(f"mu per release must be positive and finite, got {mu}")
+    if any(d < 0 or math.isnan(d) or math.isinf(d) for d in sensitivities) or any(e < 0 for e in entries):
+        raise InvalidInputError("sensitivities must be finite and >= 0, entry counts >= 0")
+    noised = [d > 0 and e > 0 for d, e in zip(sensitivities, entries)]
+    if not any(noised):
+        return [0.0] * len(sensitivities)
+    weights = [(math.sqrt(e) if rule == "by_size" else 1.0) if on else 0.0 for e, on in zip(entries, noised)]
+    total = math.fsum(weights)
+    return [d * math.sqrt(total / w) / mu if on else 0.0 for d, w, on in zip(sensitivities, weights, noised)]
+
+
 def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
     """Noise std of the analytic Gaussian mechanism: (epsilon, delta)-DP for one block of
     L2 sensitivity ``sensitivity`` (the tightest calibration, Balle-Wang 2018)."""
