@@ -147,6 +147,7 @@ class _Replay:
         self.site_id: str | None = None
         self.last_ts: datetime | None = None
         self.spent: dict[str, float] = {}
+        self.spent_alone: dict[str, float] = {}  # the spend by the site's guarantee alone (share noise)
         self.ledger_version = 0
         self.ledger_head: LedgerHead | None = None
         self.open_intents: dict[int, str] = {}
@@ -177,7 +178,7 @@ class _Replay:
         if self.last_ts is not None and moment < self.last_ts - CLOCK_SKEW_TOLERANCE:
             raise VerificationError(f"timestamp {record.ts} goes back more than {CLOCK_SKEW_TOLERANCE} "
                                     "before the previous record")
-        spent_update: tuple[str, float] | None = None
+        spent_update: tuple[str, float, float] | None = None
         version = self.ledger_version
         head = self.ledger_head
         if isinstance(record, IntentRecord):
@@ -202,6 +203,7 @@ class _Replay:
             self.site_id = record.site_id
         if spent_update is not None:
             self.spent[spent_update[0]] = spent_update[1]
+            self.spent_alone[spent_update[0]] = spent_update[2]
         self.ledger_version, self.ledger_head = version, head
         if isinstance(record, IntentRecord):
             self.open_intents[record.seq] = record.payload.sha256
@@ -220,7 +222,7 @@ class _Replay:
         self.kinds[record.kind] = self.kinds.get(record.kind, 0) + 1
         self.seq += 1
 
-    def _replay_charge(self, record: IntentRecord) -> tuple[tuple[str, float], int, LedgerHead | None]:
+    def _replay_charge(self, record: IntentRecord) -> tuple[tuple[str, float, float], int, LedgerHead | None]:
         charge = record.privacy
         assert charge is not None
         if record.dataset is None:
@@ -252,11 +254,40 @@ class _Replay:
                                         f"the record says {charge.mu_sq_after}: the ledger values were edited")
         elif after != before:
             raise VerificationError("a free (cached or noiseless) release changed the spent budget")
+        alone_after = self._replay_alone(charge, source, skipped, paid, before, after)
         if charge.mu_cap is not None and after > float(charge.mu_cap) ** 2 * (1 + 1e-9):
             self.warnings.append(f"record {record.seq}: {source!r} was charged past its cap")
         head = (LedgerHead(version=charge.ledger_version, sha256=charge.ledger_sha256)
                 if charge.ledger_sha256 is not None else self.ledger_head)
-        return (source, after), charge.ledger_version, head
+        return (source, after, alone_after), charge.ledger_version, head
+
+    def _replay_alone(self, charge: PrivacyCharge, source: str, skipped: int, paid: bool, before: float,
+                      after: float) -> float:
+        """Check the spend by the site's guarantee alone the way the spend itself is checked:
+        it follows from the previous record by :func:`fedmte.protocol.dp.compose_sq` of the
+        record's ``mu_alone_release``. A record without these fields (full noise, or written
+        before share noise) steps both totals by the same mu."""
+        replayed = self.spent_alone.get(source, self.spent.get(source, 0.0))
+        alone_before = float(charge.mu_alone_sq_before) if charge.mu_alone_sq_before is not None else None
+        if alone_before is None:  # an older record: only full noise existed, the totals move together
+            alone_before = replayed if skipped == 0 else before + (replayed - self.spent.get(source, 0.0))
+        elif skipped == 0 and alone_before != replayed:
+            raise VerificationError(f"{source!r} had spent mu^2={dec(replayed)} by the site's guarantee alone, the "
+                                    f"record says {charge.mu_alone_sq_before}: the ledger values were edited")
+        elif alone_before < replayed:
+            raise VerificationError(f"{source!r} spend alone goes down from {dec(replayed)} to "
+                                    f"{charge.mu_alone_sq_before}: the ledger values were edited")
+        if not paid:
+            expected = alone_before
+        else:
+            mu_alone = charge.mu_alone_release if charge.mu_alone_release is not None else charge.mu_release
+            expected = dp.compose_sq(alone_before, float(mu_alone))  # type: ignore[arg-type]
+        if charge.mu_alone_sq_after is not None and float(charge.mu_alone_sq_after) != expected:
+            raise VerificationError(f"{source!r} spend alone after the release should be {dec(expected)}, the "
+                                    f"record says {charge.mu_alone_sq_after}: the ledger values were edited")
+        if expected < after:
+            raise VerificationError(f"{source!r} spend alone {dec(expected)} is below its spent mu^2 {dec(after)}")
+        return expected
 
     def _check_checkpoint(self, record: CheckpointRecord, key: Ed25519PublicKey | None) -> None:
         if record.tree_size != self.seq:

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, StringConstraints, ValidationError
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+)
 
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import GENESIS, Decimal, Hex64, LedgerHead, canonical_json, dec
@@ -43,10 +50,28 @@ BUDGET_RULE = "dp.epsilon_budget"
 
 
 class SourceSpend(StrictModel):
-    """Spent mu^2 on one data source, and how many releases spent it."""
+    """Spent mu^2 on one data source, and how many releases spent it.
+
+    ``mu_alone_sq`` is the spend by the guarantee the site gives on its own, should the
+    secure sum be broken (share noise, :func:`fedmte.client.privacy.honest_shares`). It is
+    stored only once it differs from ``mu_sq``, and left out of the file while absent, so a
+    ledger that never added share noise (every older ledger) keeps its bytes and hashes.
+    """
 
     mu_sq: Decimal
     releases: NonNegativeInt
+    mu_alone_sq: Decimal | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if data.get("mu_alone_sq") is None:
+            data.pop("mu_alone_sq", None)
+        return data
+
+    @property
+    def alone_sq(self) -> float:
+        return float(self.mu_alone_sq if self.mu_alone_sq is not None else self.mu_sq)
 
 
 class CachedRelease(StrictModel):
@@ -92,6 +117,8 @@ class Receipt:
     head: LedgerHead
     payload_sha256: str
     suppressed_classes: dict[str, list[int]]
+    mu_alone_sq_before: float = 0.0  # the spend by the site's guarantee alone (SourceSpend.mu_alone_sq)
+    mu_alone_sq_after: float = 0.0
 
 
 class Ledger:
@@ -154,6 +181,8 @@ class Ledger:
         for source, spend in state.sources.items():
             if not (math.isfinite(float(spend.mu_sq)) and float(spend.mu_sq) >= 0):
                 raise VerificationError(f"{path}: spent mu^2 of {source!r} is not a non-negative number")
+            if not (math.isfinite(spend.alone_sq) and spend.alone_sq >= float(spend.mu_sq)):
+                raise VerificationError(f"{path}: the spend alone of {source!r} is below its spent mu^2")
         return file
 
     def _check_against(self, expected: LedgerHead) -> None:
@@ -187,6 +216,12 @@ class Ledger:
     def spent_mu(self, data_source: str) -> float:
         return math.sqrt(self.spent_mu_sq(data_source))
 
+    def spent_alone_sq(self, data_source: str) -> float:
+        """Spent mu^2 by the guarantee the site gives alone (equal to :meth:`spent_mu_sq`
+        unless releases went out with share noise)."""
+        spend = self._file.state.sources.get(data_source)
+        return spend.alone_sq if spend else 0.0
+
     def lookup(self, fingerprint: str) -> tuple[bytes, Receipt] | None:
         """The cached bytes and a zero-cost receipt for a request paid for before, else None."""
         entry = self._file.state.releases.get(fingerprint)
@@ -199,11 +234,12 @@ class Ledger:
             raise VerificationError(f"cached release {path} is missing; the ledger still counts its cost") from None
         if hashlib.sha256(data).hexdigest() != entry.payload_sha256:
             raise VerificationError(f"cached release {path} was altered (hash mismatch)")
-        spent = self.spent_mu_sq(entry.data_source)
+        spent, alone = self.spent_mu_sq(entry.data_source), self.spent_alone_sq(entry.data_source)
         receipt = Receipt(
             data_source=entry.data_source, fingerprint=fingerprint, cached=True, mu_release=float(entry.mu_release),
             mu_sq_before=spent, mu_sq_after=spent, mu_cap=None, head=self.head,
             payload_sha256=entry.payload_sha256, suppressed_classes=dict(entry.suppressed_classes),
+            mu_alone_sq_before=alone, mu_alone_sq_after=alone,
         )
         return data, receipt
 
@@ -221,23 +257,33 @@ class Ledger:
 
     # ------------------------------------------------------------------ charging
 
-    def reserve(self, data_source: str, mu_release: float, mu_cap: float) -> Receipt:
+    def reserve(self, data_source: str, mu_release: float, mu_cap: float, *,
+                mu_alone_release: float | None = None) -> Receipt:
         """Spend ``mu_release`` on ``data_source`` now, before anything is computed: an attempt
         costs its budget whether or not it ends in a release, so a failure cannot be probed
-        for free. :meth:`keep` later stores the bytes of a release that succeeded."""
+        for free. :meth:`keep` later stores the bytes of a release that succeeded.
+
+        ``mu_alone_release`` (default ``mu_release``) is what the release costs by the site's
+        guarantee alone (share noise); it is tracked beside the spend, the cap applies to
+        ``mu_release``. Both totals step by :func:`fedmte.protocol.dp.compose_sq`."""
         if not (mu_release > 0 and math.isfinite(mu_release)):
             raise InvalidInputError(f"a release costs a positive, finite mu, got {mu_release}")
+        alone_release = mu_release if mu_alone_release is None else mu_alone_release
+        if not (alone_release >= mu_release and math.isfinite(alone_release)):
+            raise InvalidInputError(f"the guarantee alone is at least the release's mu, got {alone_release}")
         self.check(data_source, mu_release, mu_cap)
         state = self._file.state
-        before = self.spent_mu_sq(data_source)
-        after = dp.compose_sq(before, mu_release)
+        before, alone_before = self.spent_mu_sq(data_source), self.spent_alone_sq(data_source)
+        after, alone_after = dp.compose_sq(before, mu_release), dp.compose_sq(alone_before, alone_release)
         previous = state.sources.get(data_source)
         sources = dict(state.sources)
-        sources[data_source] = SourceSpend(mu_sq=dec(after), releases=(previous.releases if previous else 0) + 1)
+        sources[data_source] = SourceSpend(mu_sq=dec(after), releases=(previous.releases if previous else 0) + 1,
+                                           mu_alone_sq=None if alone_after == after else dec(alone_after))
         self._commit(sources=sources, releases=dict(state.releases))
         return Receipt(
             data_source=data_source, fingerprint="", cached=False, mu_release=mu_release, mu_sq_before=before,
             mu_sq_after=after, mu_cap=mu_cap, head=self.head, payload_sha256="", suppressed_classes={},
+            mu_alone_sq_before=alone_before, mu_alone_sq_after=alone_after,
         )
 
     def keep(self, reserved: Receipt, fingerprint: str, payload: bytes, *,
@@ -269,6 +315,7 @@ class Ledger:
             data_source=reserved.data_source, fingerprint=fingerprint, cached=False, mu_release=reserved.mu_release,
             mu_sq_before=reserved.mu_sq_before, mu_sq_after=reserved.mu_sq_after, mu_cap=reserved.mu_cap,
             head=self.head, payload_sha256=payload_sha, suppressed_classes=suppressed_classes or {},
+            mu_alone_sq_before=reserved.mu_alone_sq_before, mu_alone_sq_after=reserved.mu_alone_sq_after,
         )
 
     def charge(

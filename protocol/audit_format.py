@@ -205,6 +205,21 @@ class PrivacyCharge(StrictModel):
     ledger_sha256: Hex64 | None = None
     policy_sha256: Hex64 | None = None
     suppressed_classes: dict[str, list[NonNegativeInt]] = Field(default_factory=dict)
+    # How the release's mu^2 was split across its blocks (protocol.dp.allocate_sigmas).
+    allocation: Literal["by_size", "even"] | None = None
+    # Share noise through the secure sum (client.privacy.honest_shares). mu_release above holds
+    # given the secure sum and at most the policy's colluders; the *_alone fields are the weaker
+    # guarantee the site gives on its own, had the secure sum been broken or every other site
+    # colluded. Absent (old records): full noise, the alone values equal the charged ones.
+    secure_threshold: NonNegativeInt | None = None
+    secure_sites: NonNegativeInt | None = None
+    colluding_sites: NonNegativeInt | None = None
+    honest_shares: NonNegativeInt | None = None
+    noise_share: Decimal | None = None
+    mu_alone_release: Decimal | None = None
+    mu_alone_sq_before: Decimal | None = None
+    mu_alone_sq_after: Decimal | None = None
+    epsilon_alone_spent: Decimal | None = None
 
 
 class PayloadRef(StrictModel):
