@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     StringConstraints,
@@ -63,6 +64,15 @@ class DPPolicy(BaseModel):
     epsilon_budget: PositiveFloat = DEFAULT_EPSILON_BUDGET
     delta: float = Field(DEFAULT_DELTA, gt=0.0, le=1e-3)
     neighbouring: Literal["add_remove", "replace_one"] = "add_remove"
+    allocation: dp.Allocation = Field(
+        "by_size", description="how a release's mu^2 is split across its blocks (dp.allocate_sigmas): by_size gives "
+                               "block b a share proportional to sqrt(its entries), even the same share to every block")
+    distributed: bool = Field(
+        False, description="through the secure sum, add only a share of the noise (the sum of the honest shares "
+                           "carries the full noise); never without the secure sum")
+    colluding_sites: NonNegativeInt | None = Field(
+        None, description="how many other sites of a secure sum may collude with the coordinator; unset: the "
+                          "secure sum's own tolerance, sites - threshold")
 
     @model_validator(mode="after")
     def _release_fits_budget(self) -> DPPolicy:

@@ -9,10 +9,14 @@ only defence that holds for any weights is in the site's own code, after the mod
    simplex (:func:`sanitize_probs`).
 2. The catalogue sums the requested statistics over the clipped rows
    (:func:`fedmte.protocol.catalogue.accumulate`).
-3. Every block b gets N(0, sigma_b^2) noise with sigma_b = z * Delta_b, Delta_b its L2
-   sensitivity (:func:`fedmte.protocol.dp.stat_sensitivity`) and z = sqrt(B) / mu for the B
-   blocks of the release, so the release is mu-GDP with mu fixed by the site's policy.
-   Integer blocks (counts) are rounded after the noise, which is post-processing.
+3. Every block b gets N(0, sigma_b^2) noise, Delta_b / sigma_b set by the policy's
+   allocation of the release's mu^2 (:func:`fedmte.protocol.dp.allocate_sigmas`; Delta_b its
+   L2 sensitivity, :func:`fedmte.protocol.dp.stat_sensitivity`), so the release is mu-GDP with
+   mu fixed by the site's policy. Label-only blocks (``count``, ``class_counts``) are the same
+   whatever the model, so each is computed and noised once per release and sent under every
+   model's name; with class counts in the release, n is their noisy sum (free). Integer blocks
+   (counts) are rounded after the noise, which is post-processing. Through the secure sum a
+   site that opts in adds only a share of the noise (:func:`honest_shares`).
    Noise comes from a generator seeded with 256 fresh bits of the OS CSPRNG per release
    (:func:`noise_generator`), never from numpy's global state.
 4. Classes whose *noisy* count is below ``policy.min_noisy_class_count`` have their
@@ -38,7 +42,7 @@ import math
 import secrets
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +50,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmte.client.audit_log import AuditLog
 from fedmte.client.errors import reply_text
-from fedmte.client.ledger import Ledger
+from fedmte.client.ledger import Ledger, Receipt
 from fedmte.client.limits import DEFAULT_LIMITS, LimitExceededError, SiteLimits, check_release_limits
-from fedmte.client.policy import SitePolicy, check_coordinator, violations
+from fedmte.client.policy import DPPolicy, SitePolicy, check_coordinator, violations
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import DatasetRef, ModelRef, PrivacyCharge, StatBlock, canonical_json, dec
-from fedmte.protocol.catalogue import Batch, batch_sums, expected_shape
+from fedmte.protocol.catalogue import STATISTICS, Batch, batch_sums, expected_shape
 from fedmte.protocol.errors import (
     BudgetExceededError,
     FedmteError,
@@ -70,6 +74,9 @@ CLASS_INDEXED = frozenset({
     "class_sums", "class_sq_sums", "class_scatters", "soft_joint", "hard_joint", "tilted_joint",
     "gmm_soft_joint", "class_prob_outer_sums",
 })
+# Statistics that read only the labels: the same value whatever the model or view.
+LABEL_ONLY = frozenset(kind for kind, spec in STATISTICS.items()
+                       if not spec.needs_features and not spec.needs_source_probs)
 _DTYPES = {"float64": np.dtype("<f8"), "int64": np.dtype("<i8")}
 MAX_BROADCAST_ABS = 1e8
 """The largest magnitude a broadcast array entry (offset, basis, shift, classifier weights,
@@ -257,6 +264,39 @@ def block_name(weights_sha256: str, stat: Stat) -> str:
 # --------------------------------------------------------------------------- requests
 
 @dataclass(frozen=True)
+class SecureContext:
+    """The secure sum a release is masked into (:mod:`fedmte.client.secure_site`): its job,
+    the threshold t of uploads any unmasked sum needs, its N sites, and whether self masks
+    are on. Public parameters of the job, no data."""
+
+    job_id: str
+    threshold: int
+    sites: int
+    self_masks: bool = True
+
+
+def honest_shares(settings: DPPolicy, secure: SecureContext | None) -> int:
+    """h, the number of honest noise shares any released sum is guaranteed to hold; the site
+    adds sigma^2 / h of each (float) block's noise variance, full noise when h is 1.
+
+    With ``distributed`` on and the release going through a secure sum with self masks,
+    h = t - c, c the policy's ``colluding_sites`` (unset: N - t, the secure sum's own collusion
+    tolerance), and h < 2 means full noise. Why t - c and not t: the coordinator can falsely
+    declare honest sites dropped, and the secure sum then unmasks a sum of t uploads of which
+    up to c come from colluders whose inputs (and noise) the coordinator knows, so only t - c
+    honest shares are guaranteed in a released sum. This is stricter than "any t honest
+    sites" on purpose. Without the secure sum (a plain sum, or self masks off, where a site
+    declared dropped after its upload is read on its own) the site adds full noise, whatever
+    the policy says.
+    """
+    if not (settings.enabled and settings.distributed) or secure is None or not secure.self_masks:
+        return 1
+    colluders = settings.colluding_sites if settings.colluding_sites is not None else secure.sites - secure.threshold
+    shares = secure.threshold - colluders
+    return shares if shares >= 2 else 1
+
+
+@dataclass(frozen=True)
 class ModelRequest:
     """One candidate model's part of a request: what it is and which statistics to release."""
 
@@ -289,16 +329,25 @@ class ReleaseRequest:
     scorers: tuple[str, ...] = ()
     purpose: str = ""
     request_sha256: str | None = None
+    secure: SecureContext | None = None  # the secure sum the release goes through, None for a plain sum
 
     @property
     def dataset(self) -> DatasetRef:
         return DatasetRef(data_source=self.data_source, version_sha256=self.dataset_version)
 
 
-def request_fingerprint(request: ReleaseRequest, policy_sha256: str) -> str:
+def request_fingerprint(request: ReleaseRequest, policy_sha256: str, shares: int = 1) -> str:
     """What makes two requests the same release: the data, the policy, the models and the
-    statistics (with their views and arguments), not the run, round or requester."""
+    statistics (with their views and arguments), not the run, round or requester; and how
+    it leaves: plain or through the secure sum, and the noise share (``shares``,
+    :func:`honest_shares`). Bytes with share noise are private only inside one secure sum,
+    so they are never replayed in the clear, at another share, or into another secure job
+    (sums of the same shares over other sets of sites could be differenced): the job id is
+    part of such a release's fingerprint."""
     description = {
+        "secure": request.secure is not None,
+        "honest_shares": shares,
+        "secure_job": request.secure.job_id if request.secure is not None and shares > 1 else None,
         "data_source": request.data_source,
         "dataset_version": request.dataset_version,
         "policy_sha256": policy_sha256,
@@ -314,7 +363,11 @@ def request_fingerprint(request: ReleaseRequest, policy_sha256: str) -> str:
 
 @dataclass(frozen=True)
 class PlannedBlock:
-    """One block of a release: its shape, sensitivity and noise std (0 without DP)."""
+    """One block of a release: its shape, sensitivity and the noise std this site adds (0
+    without DP). Blocks with the same ``group`` hold one value, noised once (label-only
+    statistics); a block ``derived_from`` a group is computed from that group's noisy value
+    and adds no noise of its own (n from the class counts). ``sigma_full`` is the calibrated
+    std before any secure-sum share (:func:`honest_shares`); ``sigma`` is what the site adds."""
 
     model: ModelRequest
     stat: Stat
@@ -323,10 +376,21 @@ class PlannedBlock:
     sensitivity: float | None
     sigma: float
     internal: bool = False  # computed and noised only to decide which classes to suppress; never sent
+    group: str = ""  # the allocation unit; empty: the block's own name
+    derived_from: str | None = None
+    sigma_full: float = 0.0
 
     @property
     def name(self) -> str:
         return block_name(self.model.weights_sha256, self.stat)
+
+    @property
+    def unit(self) -> str:
+        return self.group or self.name
+
+    @property
+    def entries(self) -> int:
+        return math.prod(self.shape)
 
     def audit(self) -> StatBlock:
         return StatBlock(model_sha256=self.model.weights_sha256, key=self.name, kind=self.stat.kind,
@@ -399,30 +463,90 @@ def release_shapes(request: ReleaseRequest) -> list[tuple[int, ...]]:
     return shapes
 
 
+def label_group(stat: Stat) -> str:
+    """The one allocation unit of a label-only statistic in a release, whatever its model and view."""
+    return "labels/" + Stat(stat.kind, (), stat.args).key
+
+
 def plan_blocks(request: ReleaseRequest, policy: SitePolicy) -> list[PlannedBlock]:
     """Shapes, sensitivities and noise for every block of a release; pure, no data read.
 
-    With DP on, sigma_b = z * Delta_b with z = sqrt(B) / mu_per_release over the B blocks
-    with non-zero sensitivity, so sqrt(sum (Delta_b / sigma_b)^2) = mu_per_release. When the
-    policy suppresses small classes and a model's release has class-indexed blocks but no
-    class counts, noisy counts are planned as an internal block (within the same mu), so the
-    suppression rule holds for every release; the internal block never leaves the site.
+    With DP on, the release's mu^2 is split over its noised units by the policy's allocation
+    (:func:`fedmte.protocol.dp.allocate_sigmas`), so sqrt(sum (Delta_b / sigma_b)^2) over the
+    units is mu_per_release. A unit is a block, except that a label-only statistic is one unit
+    for the whole release (every model's copy holds the same noisy value), and ``count`` is no
+    unit at all when the release has class counts: it is their noisy sum, with std
+    sigma_cc * sqrt(C). When the policy suppresses small classes and a model's release has
+    class-indexed blocks but no class counts, noisy counts are planned as an internal block
+    (within the same mu), so the suppression rule holds for every release; the internal block
+    never leaves the site. Through the secure sum with share noise the site adds sigma / sqrt(h)
+    on float blocks (:func:`honest_shares`); integer blocks keep full noise, since rounding a
+    share of the noise at each site is not post-processing of the noisy sum.
     """
-    raw: list[tuple[ModelRequest, Stat, tuple[int, ...], np.dtype, float | None, bool]] = []
+    settings = policy.dp
+    raw: list[PlannedBlock] = []
     for model in request.models:
         stats = [(stat, False) for stat in model.unique_stats()]
         kinds = {stat.kind for stat, _ in stats}
-        if policy.dp.enabled and policy.min_noisy_class_count > 0 and kinds & CLASS_INDEXED and "class_counts" not in kinds:
+        if settings.enabled and policy.min_noisy_class_count > 0 and kinds & CLASS_INDEXED and "class_counts" not in kinds:
             stats.append((Stat.of("class_counts"), True))  # suppression needs noisy counts; they share this release's mu
         for stat, internal in stats:
             shape, dtype = expected_shape(stat, model.feature_dim, request.num_classes, model.num_source_classes)
-            delta = (dp.stat_sensitivity(stat, policy.clip_norm, policy.dp.neighbouring)
-                     if policy.dp.enabled else None)
-            raw.append((model, stat, tuple(shape), np.dtype(dtype), delta, internal))
-    noised = sum(1 for *_, delta, _ in raw if delta)
-    z = dp.noise_multiplier(policy.dp.mu_per_release, noised) if policy.dp.enabled and noised else 0.0
-    return [PlannedBlock(m, s, shape, dtype, delta, z * delta if delta else 0.0, internal)
-            for m, s, shape, dtype, delta, internal in raw]
+            delta = dp.stat_sensitivity(stat, policy.clip_norm, settings.neighbouring) if settings.enabled else None
+            group = label_group(stat) if settings.enabled and stat.kind in LABEL_ONLY else ""
+            raw.append(PlannedBlock(model, stat, tuple(shape), np.dtype(dtype), delta, 0.0, internal, group))
+    if not settings.enabled:
+        return raw
+    counts_group = next((b.group for b in raw if b.stat.kind == "class_counts" and not b.stat.args), None)
+    if counts_group is not None:
+        raw = [replace(b, derived_from=counts_group) if b.stat.kind == "count" else b for b in raw]
+    units: dict[str, PlannedBlock] = {}
+    for block in raw:
+        if block.derived_from is None:
+            units.setdefault(block.unit, block)
+    full = dict(zip(units, dp.allocate_sigmas([b.sensitivity or 0.0 for b in units.values()],
+                                              [b.entries for b in units.values()], settings.mu_per_release,
+                                              settings.allocation)))
+    shares = honest_shares(settings, request.secure)
+    added = {unit: sigma / math.sqrt(shares) if shares > 1 and units[unit].dtype.kind == "f" else sigma
+             for unit, sigma in full.items()}
+    planned = []
+    for block in raw:
+        if block.derived_from is not None:
+            source = units[block.derived_from]
+            factor = math.sqrt(source.entries)
+            planned.append(replace(block, sigma=added[source.unit] * factor, sigma_full=full[source.unit] * factor))
+        else:
+            planned.append(replace(block, sigma=added[block.unit], sigma_full=full[block.unit]))
+    return planned
+
+
+def plan_units(planned: Sequence[PlannedBlock]) -> list[PlannedBlock]:
+    """One block per allocation unit of a plan (derived blocks left out): the Gaussian
+    mechanisms the release is made of, for its mu (:func:`fedmte.protocol.dp.release_mu`)."""
+    units: dict[str, PlannedBlock] = {}
+    for block in planned:
+        if block.derived_from is None and block.sensitivity and block.entries:
+            units.setdefault(block.unit, block)
+    return list(units.values())
+
+
+def add_release_noise(blocks: dict[str, np.ndarray], planned: Sequence[PlannedBlock],
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The planned noise, in place: each unit noised once and its value put under every
+    member's name, then derived blocks computed from the noisy values (post-processing)."""
+    noisy: dict[str, np.ndarray] = {}
+    for block in planned:
+        if block.derived_from is not None:
+            continue
+        if block.unit not in noisy:
+            value = blocks[block.name]
+            noisy[block.unit] = add_noise(value, block.sigma, rng) if block.sigma > 0 else value
+        blocks[block.name] = noisy[block.unit]
+    for block in planned:
+        if block.derived_from is not None:
+            blocks[block.name] = np.asarray(noisy[block.derived_from].sum(), dtype=block.dtype).reshape(block.shape)
+    return blocks
 
 
 def suppress_small_classes(blocks: dict[str, np.ndarray], planned: Sequence[PlannedBlock],
@@ -550,22 +674,21 @@ class SitePrivacy:
             self._refuse(request, error)
             raise
         dp_on = self.policy.dp.enabled
-        fingerprint = request_fingerprint(request, self.policy_sha256)
+        shares = honest_shares(self.policy.dp, request.secure)
+        fingerprint = request_fingerprint(request, self.policy_sha256, shares)
         reserved = None
         if dp_on:
             cached = self.ledger.lookup(fingerprint)
             if cached is not None:  # the same request was answered before: its plan was sound
                 payload, receipt = cached
                 return self._release(request, plan_blocks(request, self.policy), payload, fingerprint, cached=True,
-                                     before=receipt.mu_sq_before, after=receipt.mu_sq_after,
-                                     suppressed=receipt.suppressed_classes)
+                                     receipt=receipt, suppressed=receipt.suppressed_classes)
             try:
-                reserved = self.ledger.reserve(request.data_source, self.policy.dp.mu_per_release, self.policy.dp.mu_cap)
+                reserved = self.ledger.reserve(request.data_source, self.policy.dp.mu_per_release, self.policy.dp.mu_cap,
+                                               mu_alone_release=self._mu_alone(shares))
             except BudgetExceededError as error:
                 self._refuse(request, error)
                 raise
-        spent = self.ledger.spent_mu_sq(request.data_source)
-        before, after = (reserved.mu_sq_before, reserved.mu_sq_after) if reserved is not None else (spent, spent)
         planned: list[PlannedBlock] = []
         try:
             check_broadcast(request)
@@ -573,36 +696,38 @@ class SitePrivacy:
             blocks = self._compute(request, planned, batches_for)
             suppressed: dict[str, list[int]] = {}
             if dp_on:
-                rng = noise_generator()
-                for block in planned:
-                    if block.sigma > 0:
-                        blocks[block.name] = add_noise(blocks[block.name], block.sigma, rng)
+                add_release_noise(blocks, planned, noise_generator())
                 suppressed = suppress_small_classes(blocks, planned, self.policy.min_noisy_class_count)
             payload = encode_release({b.name: blocks[b.name] for b in planned if not b.internal})
         except RefusalError as refusal:  # decided from the request alone: its own words may go back
-            self._failed(request, planned, refusal, refusal, fingerprint, before, after)
+            self._failed(request, planned, refusal, refusal, fingerprint, reserved)
             refusal.reply_audited = True  # type: ignore[attr-defined]
             raise
         except Exception as error:  # noqa: BLE001 - whatever went wrong, the coordinator sees one text
             generic = ReleaseFailed()
-            self._failed(request, planned, generic, error, fingerprint, before, after)
+            self._failed(request, planned, generic, error, fingerprint, reserved)
             generic.reply_audited = True  # type: ignore[attr-defined]
             raise generic from None
         if reserved is None:
-            return self._release(request, planned, payload, fingerprint, cached=False, before=before, after=after,
+            return self._release(request, planned, payload, fingerprint, cached=False, receipt=None,
                                  suppressed=suppressed)
         receipt = self.ledger.keep(reserved, fingerprint, payload, suppressed_classes=suppressed)
-        return self._release(request, planned, payload, fingerprint, cached=False, before=receipt.mu_sq_before,
-                             after=receipt.mu_sq_after, suppressed=suppressed)
+        return self._release(request, planned, payload, fingerprint, cached=False, receipt=receipt,
+                             suppressed=suppressed)
+
+    def _mu_alone(self, shares: int) -> float:
+        """What one release costs by the site's guarantee alone: mu * sqrt(h). Exact when every
+        block carries share noise, an upper bound when integer blocks keep full noise."""
+        mu = self.policy.dp.mu_per_release
+        return mu if shares == 1 else mu * math.sqrt(shares)
 
     def _failed(self, request: ReleaseRequest, planned: Sequence[PlannedBlock], reply: RefusalError,
-                cause: BaseException, fingerprint: str, before: float, after: float) -> None:
+                cause: BaseException, fingerprint: str, reserved: Receipt | None) -> None:
         """Audit a failed attempt: the detailed cause (an abort record, for the data owner),
         then the error reply's exact bytes with the charge it cost (intent and outcome)."""
         self.log.abort(run_id=request.run_id[:64], reason_code=reply.reason_code[:64],
                        detail=f"round {request.round}: {reply_text(cause)}"[:4096])
-        failed = self._release(request, planned, b"", fingerprint, cached=False, before=before, after=after,
-                               suppressed={})
+        failed = self._release(request, planned, b"", fingerprint, cached=False, receipt=reserved, suppressed={})
         with self.log.transmission(
             reply_text(reply).encode("utf-8"), requester=request.requester, recipient=request.recipient,
             run_id=request.run_id, round=request.round, purpose=request.purpose, request_sha256=request.request_sha256,
@@ -614,8 +739,18 @@ class SitePrivacy:
                  batches_for: BatchSource) -> dict[str, np.ndarray]:
         counts = ClipCounts()
         blocks: dict[str, np.ndarray] = {}
+        done: dict[str, str] = {}  # label-only unit -> the block name that holds its value
         for model in request.models:
-            mine = [b for b in planned if b.model is model]
+            mine = []
+            for block in planned:
+                if block.model is not model:
+                    continue
+                if block.group and block.group in done:  # the same labels, already summed for another model
+                    blocks[block.name] = np.array(blocks[done[block.group]], copy=True)
+                    continue
+                mine.append(block)
+            if not mine:
+                continue
             sums = guarded_sums([b.stat for b in mine], clip_batches(batches_for(model), self.policy.clip_norm, counts),
                                 counts)
             for block in mine:
@@ -627,13 +762,25 @@ class SitePrivacy:
                 if not np.isfinite(value).all():
                     raise StatisticsError(f"{block.stat.kind} for model {model.weights_sha256[:12]} overflowed")
                 blocks[block.name] = np.array(value, copy=True)
+                if block.group:
+                    done.setdefault(block.group, block.name)
         self.last_clip_counts = counts
         return blocks
 
     def _release(self, request: ReleaseRequest, planned: Sequence[PlannedBlock], payload: bytes, fingerprint: str,
-                 *, cached: bool, before: float, after: float, suppressed: dict[str, list[int]]) -> Release:
+                 *, cached: bool, receipt: Receipt | None, suppressed: dict[str, list[int]]) -> Release:
+        """The release and its audit charge; ``receipt`` is the ledger's (None without DP)."""
         settings = self.policy.dp
         head = self.ledger.head
+        source = request.data_source
+        if receipt is None:
+            before = after = self.ledger.spent_mu_sq(source)
+            alone_before = alone_after = self.ledger.spent_alone_sq(source)
+        else:
+            before, after = receipt.mu_sq_before, receipt.mu_sq_after
+            alone_before, alone_after = receipt.mu_alone_sq_before, receipt.mu_alone_sq_after
+        shares = honest_shares(settings, request.secure)
+        secure = request.secure
         charge = PrivacyCharge(
             mechanism="gaussian" if settings.enabled else "none",
             neighbouring=settings.neighbouring,
@@ -650,6 +797,17 @@ class SitePrivacy:
             ledger_sha256=head.sha256,
             policy_sha256=self.policy_sha256,
             suppressed_classes=suppressed,
+            allocation=settings.allocation if settings.enabled else None,
+            secure_threshold=secure.threshold if secure is not None else None,
+            secure_sites=secure.sites if secure is not None else None,
+            colluding_sites=(settings.colluding_sites if settings.colluding_sites is not None
+                             else secure.sites - secure.threshold) if secure is not None and settings.distributed else None,
+            honest_shares=shares if settings.enabled else None,
+            noise_share=dec(1.0 / shares) if settings.enabled else None,
+            mu_alone_release=dec(self._mu_alone(shares)) if settings.enabled else None,
+            mu_alone_sq_before=dec(alone_before),
+            mu_alone_sq_after=dec(alone_after),
+            epsilon_alone_spent=dec(dp.gdp_epsilon(math.sqrt(alone_after), settings.delta)),
         )
         return Release(payload=payload, fingerprint=fingerprint, privacy=charge,
                        statistics=[block.audit() for block in planned if not block.internal],

@@ -54,6 +54,14 @@ every error reply (the bytes of :func:`fedmte.client.errors.reply_text`, which i
 sends). The masked upload is audited once, by the site agent that computed it (the ``seal``
 hook), with the sites it was masked against in its document.
 
+Share noise
+-----------
+The seal a phase hands to the site agent is a :class:`~fedmte.client.site_agent.SecureSeal`
+carrying the job's threshold, sites and self-mask setting, so a site whose policy opts in
+(``[policy.dp] distributed = true``) adds only a share of the DP noise: the honest shares
+in any sum the secure sum unmasks add up to the full noise
+(:func:`fedmte.client.privacy.honest_shares`). A plain sum always gets full noise.
+
 Where the job's state lives
 ---------------------------
 The :class:`~fedmte.protocol.secure_sum.SiteSecureSum` of a job (its X25519 private keys,
@@ -90,6 +98,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedmte.client import site_agent
 from fedmte.client.audit_log import AuditLog, load_signing_key
 from fedmte.client.errors import reply_text
+from fedmte.client.privacy import SecureContext
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.errors import (
     FedmteError,
@@ -432,7 +441,11 @@ class SecureSite:
             sealed.append(out)
             return out
 
-        answered = self._compute(body.inner_query, Payload(doc=body.inner_doc, arrays=arrays), seal)
+        params = session.secure.params
+        context = SecureContext(job_id=params.job_id, threshold=params.threshold, sites=len(params.sites),
+                                self_masks=params.self_masks)
+        answered = self._compute(body.inner_query, Payload(doc=body.inner_doc, arrays=arrays),
+                                 site_agent.SecureSeal(seal, context))
         if len(sealed) != 1 or answered is not sealed[0]:
             raise ProtocolError("the site's statistics handler did not return the sealed (masked) reply; nothing is sent")
         session.digests[phase] = digest

@@ -63,6 +63,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -98,7 +99,7 @@ from fedmte.client.packages import (
     verify_signature,
 )
 from fedmte.client.policy import SitePolicy, check_coordinator, violations
-from fedmte.client.privacy import ModelRequest, ReleaseRequest, SitePrivacy
+from fedmte.client.privacy import ModelRequest, ReleaseRequest, SecureContext, SitePrivacy
 from fedmte.client.request_guard import NONCES_FILE, REQUEST_WINDOW, SeenNonces
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note
@@ -161,6 +162,19 @@ class SiteFailed(RefusalError):
 PACKAGES_DIR = "packages"
 JOBS_DIR = "jobs"
 Seal = Callable[[Payload], Payload]
+
+
+@dataclass(frozen=True)
+class SecureSeal:
+    """A seal that masks the reply into a secure-sum upload, with the sum's public parameters:
+    the privacy layer sizes share noise from them (:func:`fedmte.client.privacy.honest_shares`).
+    A plain :data:`Seal` carries none, and its release gets full noise."""
+
+    mask: Seal
+    secure: SecureContext
+
+    def __call__(self, reply: Payload) -> Payload:
+        return self.mask(reply)
 
 
 class SessionModel(StrictModel):
@@ -288,7 +302,8 @@ class SiteAgent:
 
     # ------------------------------------------------------------------ dispatch
 
-    def answer(self, query: str, payload: Payload, *, run_id: str | int | None = None, seal: Seal | None = None) -> Payload:
+    def answer(self, query: str, payload: Payload, *, run_id: str | int | None = None,
+               seal: Seal | SecureSeal | None = None) -> Payload:
         """Answer one message; ``run_id`` is the transport's run (checked against the request)."""
         expected = None if run_id is None else str(run_id)
         with self.lock:
@@ -600,7 +615,7 @@ class SiteAgent:
                            throughput=metrics.throughput, peak_rss_bytes=metrics.peak_rss_bytes,
                            peak_device_bytes=metrics.peak_device_bytes)
 
-    def stats(self, payload: Payload, expected_run: str | None, *, seal: Seal | None = None) -> Payload:
+    def stats(self, payload: Payload, expected_run: str | None, *, seal: Seal | SecureSeal | None = None) -> Payload:
         """Release one round's statistics for every requested model (see the module docstring)."""
         request = JobRoundRequest.parse(payload.doc)
         if expected_run is not None and request.run_id != expected_run:
@@ -634,6 +649,7 @@ class SiteAgent:
             round=request.round, data_source=self.data_source, dataset_version=fingerprint,
             num_classes=request.num_classes, models=tuple(model_requests.values()), scorers=tuple(session.scorers),
             purpose=session.purpose, request_sha256=request_sha,
+            secure=seal.secure if isinstance(seal, SecureSeal) else None,
         )
 
         def batches_for(model: ModelRequest) -> Iterator[Batch]:
@@ -645,9 +661,13 @@ class SiteAgent:
         release = self.privacy.prepare(release_request, batches_for)
         blocks = release.blocks()
         arrays: dict[str, np.ndarray] = {}
+        noise_std: dict[str, float] = {}
+        added = {block.key: 0.0 if block.noise_std is None else float(block.noise_std) for block in release.statistics}
         for model_id, model in model_requests.items():
             for stat in model.unique_stats():
-                arrays[block_key(model_id, stat.key)] = blocks[f"{model.weights_sha256}/{stat.key}"]
+                name = f"{model.weights_sha256}/{stat.key}"
+                arrays[block_key(model_id, stat.key)] = blocks[name]
+                noise_std[block_key(model_id, stat.key)] = added[name]
         metrics = {}
         for model_id in model_requests:
             if model_id not in session.reported:
@@ -660,7 +680,8 @@ class SiteAgent:
             privacy=ReleaseCost(
                 mechanism=charge.mechanism, cached=charge.cached, mu_sq_before=float(charge.mu_sq_before),
                 mu_sq_after=float(charge.mu_sq_after), delta=None if charge.delta is None else float(charge.delta),
-                epsilon_budget=None if charge.epsilon_budget is None else float(charge.epsilon_budget)),
+                epsilon_budget=None if charge.epsilon_budget is None else float(charge.epsilon_budget),
+                noise_std=noise_std),
         )
         reply = Payload(doc=doc.model_dump(mode="json", by_alias=True), arrays=arrays)
         if seal is not None:
@@ -748,7 +769,7 @@ def agent_for(site_file: Path | str) -> SiteAgent:
 
 
 def answer(query: str, payload: Payload, site_file: Path | str, *, run_id: str | int | None = None,
-           seal: Seal | None = None) -> Payload:
+           seal: Seal | SecureSeal | None = None) -> Payload:
     """Answer one message with the agent of ``site_file``."""
     agent = agent_for(site_file)
     try:
@@ -767,5 +788,5 @@ def close_agents() -> None:
         _AGENTS.clear()
 
 
-__all__ = ["SITE_FILE_KEY", "JobSession", "SiteAgent", "agent_for", "answer", "close_agents", "hold_outcomes",
+__all__ = ["SITE_FILE_KEY", "JobSession", "SecureSeal", "SiteAgent", "agent_for", "answer", "close_agents", "hold_outcomes",
            "keep_agents_open", "settle_outcomes"]

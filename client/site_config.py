@@ -31,6 +31,9 @@ local up`` and ``fedmte demo`` write it through :func:`site_file_text`, the read
     clip_norm = 1.0
     [policy.dp]
     enabled = true
+    allocation = "by_size"              # split of each release's mu^2: sqrt(entries) per block, or "even"
+    distributed = false                 # true: through the secure sum, add only a share of the noise
+    # colluding_sites = 1               # other sites that may collude (default: sites - threshold)
 
     [audit]
     dir = "audit"

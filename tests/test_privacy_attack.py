@@ -270,10 +270,15 @@ def test_the_canary_is_no_more_distinguishable_than_mu_allows(
     assert budget.mu_per_release == default.mu_per_release
     site = Site(tmp_path / "site-0", policy(budget))
     mu = default.mu_per_release
-    # Each block is noised as sqrt(B) / mu times its sensitivity (1 for counts, C for sums),
-    # so that sqrt((1/sigma_c)^2 + (C/sigma_S)^2) = mu.
-    sigma_counts = math.sqrt(len(STATS)) / mu * 1.0
-    sigma_sums = math.sqrt(len(STATS)) / mu * CLIP
+    # The default allocation gives each block a share of mu^2 proportional to sqrt(its entries)
+    # (K counts, K x 64 sums), sigma_b = Delta_b / sqrt(share), so that
+    # sqrt((1/sigma_c)^2 + (C/sigma_S)^2) = mu.
+    shares = np.sqrt([len(LABELS), len(LABELS) * PIXELS])
+    rho_counts, rho_sums = mu ** 2 * shares / shares.sum()
+    sigma_counts = 1.0 / math.sqrt(rho_counts)
+    sigma_sums = CLIP / math.sqrt(rho_sums)
+    assert math.hypot(1 / sigma_counts, CLIP / sigma_sums) == pytest.approx(mu, rel=1e-12)
+    assert sigma_sums < math.sqrt(len(STATS)) / mu * CLIP < sigma_counts  # the sums get more than an even split
     without, with_canary = versions["without"], versions["with"]
     known_counts = np.bincount(without.labels, minlength=len(LABELS))
     clipped_rows, _, _ = clip_rows(without.features, CLIP)

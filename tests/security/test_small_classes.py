@@ -55,11 +55,14 @@ def test_class_sums_alone_still_suppress_small_classes_and_the_counts_stay_at_th
     assert np.all(sums[2] == 0) and np.all(sums[:2] != 0)  # the one-row class is zeroed
     assert intent.privacy is not None and intent.privacy.suppressed_classes == {SHA: [2]}
     assert [b.kind for b in intent.statistics] == ["class_sums"]
-    # both blocks shared the release's mu: z = sqrt(2) / mu for the two noised blocks
+    # both blocks shared the release's mu: by size, the 3 x 2 sums get sqrt(6) / (sqrt(6) + sqrt(3)) of
+    # mu^2 and the 3 internal counts the rest: less noise on the sums than an even split, more than alone
     mu = DPPolicy().mu_per_release
     sigma = float(intent.statistics[0].noise_std)
-    assert sigma == float(intent.statistics[0].sensitivity) * dp.noise_multiplier(mu, 2)
-    assert math.isclose(dp.noise_multiplier(mu, 2), math.sqrt(2) / mu, rel_tol=1e-12)
+    assert float(intent.statistics[0].sensitivity) == 1.0
+    assert math.isclose(sigma, 1.0 / math.sqrt(mu ** 2 * math.sqrt(6) / (math.sqrt(6) + math.sqrt(3))), rel_tol=1e-12)
+    assert sigma == dp.allocate_sigmas([1.0, 1.0], [6, 3], mu)[0]
+    assert dp.noise_multiplier(mu, 1) < sigma < dp.noise_multiplier(mu, 2)
 
 
 def test_without_a_threshold_nothing_extra_is_planned(tmp_path: Path) -> None:
