@@ -41,6 +41,26 @@ Steps of :func:`rank_models`:
    least one successful score; a model tied (equal aggregate) with the k-th is included
    too, so a tie never hides an equally good model (the list may then exceed k).
 
+7. **Uncertainty** (``replicates``: bootstrap scores of the DP-noised sums,
+   :func:`fedmte.protocol.uncertainty.bootstrap_scores`). Steps 2 to 5 are re-run on each
+   replicate with the same settings and the same screening (the pool and the ranked
+   scorers are the point ranking's), replicate r of every model from the same draw index.
+   Each candidate gets a ``level`` interval per scorer (basic bootstrap, see
+   :func:`fedmte.protocol.uncertainty.interval`), an interval of its final rank (the
+   replicate ranks' percentiles: ranks are bounded integers, with no pivot to reflect),
+   ``p_best`` (the share of replicates where it ranks first; a replicate tie for first
+   counts 1/k to each of the k, so the p_best of the pool sum to 1) and ``p_top_k``.
+   **Tie groups** from the pairwise chances P(i above j) (a replicate tie counts half):
+   walking the point order, the next candidate joins the current group unless *every*
+   member ranks above it in at least ``SEPARATION`` (90%) of replicates. A group is a set
+   of candidates the noise cannot order; the recommendation keeps a group whole (like an
+   exact tie at the cut), and the report shows its ranks as ``1=``. A scorer whose
+   replicates all failed for a model while its point is finite could not be resampled (a
+   later round of it asks for statistics the release lacks): it is held at its point in
+   every replicate, and listed, since its noise is then not counted. No replicates (or
+   replicates all equal: no noise) give collapsed intervals, p_best 1 or 0, and tie groups
+   of exact ties only; ``uncertainty.assessed`` says which.
+
 Agreement between scorers is Kendall's tau-b of each pair of scorers' scores over the ranked
 models where both succeeded (:func:`fedmte.protocol.evaluation.evaluate_ranking`, one
 scorer taken as the "truth"; tau-b is symmetric). It is None with fewer than two such
@@ -65,9 +85,14 @@ from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.evaluation import evaluate_ranking
 from fedmte.protocol.scorers import SCORERS, ScorerSpec
+from fedmte.protocol.scorers.base import Bounds
+from fedmte.protocol.uncertainty import interval
 from fedmte.server.job import Constraints, RankingSettings
 
 MIB = 2**20  # the "MB" of max_peak_memory_mb
+SEPARATION = 0.9
+"""A candidate is ranked below a tie group only when every member beats it in this share of
+replicates; otherwise the noise cannot separate it from them and it joins the group."""
 Status = Literal["recommended", "eligible", "flagged", "filtered"]
 
 
@@ -132,6 +157,55 @@ class Violation(StrictModel):
     message: str
 
 
+class Interval(StrictModel):
+    """A ``level`` confidence interval (see :class:`UncertaintySummary`)."""
+
+    low: float
+    high: float
+
+
+class ClampedScore(StrictModel):
+    """A score that fell outside its scorer's provable range and was clamped to the bound:
+    the raw value is impossible for exact sums, an effect of DP noise."""
+
+    raw: float
+    value: float
+
+
+class CandidateUncertainty(StrictModel):
+    """What the noise leaves uncertain about one ranked candidate."""
+
+    intervals: dict[str, Interval | None] = Field(
+        description="per ranked scorer; None: too few replicates were defined to give one")
+    rank_interval: Interval = Field(description="of the final rank (percentiles of the replicate ranks)")
+    p_best: float = Field(ge=0, le=1, description="chance of ranking first in the aggregate")
+    p_top_k: float = Field(ge=0, le=1, description="chance of a final rank <= top_k")
+    tie_group: int = Field(ge=1, description="1 for the first group of candidates the noise cannot order, ...")
+    tie_rank: int = Field(ge=1, description="the group's rank: the final rank of its first member")
+    tied_with: list[str] = Field(default_factory=list, description="the other members of its tie group")
+    failed_replicates: dict[str, float] = Field(default_factory=dict, description="per scorer, share of replicates that failed")
+    held_at_point: list[str] = Field(default_factory=list, description="scorers that could not be resampled for it")
+
+    @property
+    def shown_rank(self) -> str:
+        """``"1="`` inside a tie group, else the plain rank."""
+        return f"{self.tie_rank}=" if self.tied_with else str(self.tie_rank)
+
+
+class UncertaintySummary(StrictModel):
+    """How the ranking's uncertainty was assessed."""
+
+    assessed: bool = Field(description="replicates were given; False: no resampling was done")
+    exact: bool = Field(description="no replicate differs from another: there is no noise to show")
+    replicates: int = Field(ge=0)
+    level: float = Field(gt=0, lt=1)
+    separation: float = Field(default=SEPARATION, gt=0, le=1)
+    method: str = "basic bootstrap of the DP noise (parametric: the noise std is public)"
+    tie_groups: list[list[str]] = Field(default_factory=list, description="the ranked candidates, grouped, in rank order")
+    held_at_point: dict[str, list[str]] = Field(default_factory=dict, description="model: scorers not resampled")
+    summary: str = ""
+
+
 class RankedModel(StrictModel):
     """One candidate in the ranking (or filtered out of it)."""
 
@@ -145,6 +219,8 @@ class RankedModel(StrictModel):
     failures: dict[str, str] = Field(default_factory=dict)
     auxiliary: dict[str, float | None] = Field(default_factory=dict)
     metadata: ModelMetadata = Field(default_factory=ModelMetadata)
+    clamped: dict[str, ClampedScore] = Field(default_factory=dict, description="scores clamped into their range")
+    uncertainty: CandidateUncertainty | None = Field(default=None, description="ranked candidates only")
 
 
 class Agreement(StrictModel):
@@ -170,6 +246,9 @@ class Ranking(StrictModel):
     models: list[RankedModel]
     agreement: list[Agreement]
     notes: list[str] = Field(default_factory=list)
+    recommendation_groups: list[list[str]] = Field(
+        default_factory=list, description="the recommendation split into its tie groups, in rank order")
+    uncertainty: UncertaintySummary | None = None
 
 
 # --------------------------------------------------------------------------- pieces
@@ -415,24 +494,28 @@ def _aggregate(
 
 def _recommend(
     order: Sequence[str],
-    aggregate: Mapping[str, float],
+    groups: Sequence[Sequence[str]],
     scored: set[str],
     flagged: set[str],
     top_k: int,
-) -> tuple[list[str], list[str]]:
-    """Step 6: the top ``top_k`` unflagged, scored models, widened to keep a tie at the cut
-    together (so a tie never hides an equally good model); returns them and notes."""
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """Step 6: the top ``top_k`` unflagged, scored models, widened to keep the tie group at
+    the cut whole (so a tie, exact or under noise, never hides an equally good model);
+    returns them, the same split by tie group, and notes."""
     recommendable = [name for name in order if name not in flagged and name in scored]
     recommendation = recommendable[:top_k]
+    group_of = {name: i for i, group in enumerate(groups) for name in group}
     if recommendation:
-        last = aggregate[recommendation[-1]]
-        recommendation += [n for n in recommendable[top_k:] if aggregate[n] == last]
+        last = group_of[recommendation[-1]]
+        recommendation += [n for n in recommendable[top_k:] if group_of[n] == last]
+    chosen = set(recommendation)
+    split = [[n for n in group if n in chosen] for group in groups]
     notes: list[str] = []
     if len(recommendation) > top_k:
         notes.append(f"{len(recommendation)} models recommended for top_k = {top_k}: a tie at the cut")
     for name in sorted(set(order) - scored):
         notes.append(f"{name} has no successful score, so it is not recommended")
-    return recommendation, notes
+    return recommendation, [g for g in split if g], notes
 
 
 def _entries(
@@ -446,6 +529,8 @@ def _entries(
     final: Mapping[str, int],
     recommendation: Sequence[str],
     failed: Mapping[str, Mapping[str, str]],
+    clamped: Mapping[str, Mapping[str, float]],
+    uncertain: Mapping[str, CandidateUncertainty],
 ) -> list[RankedModel]:
     """The report's rows: ranked models in rank order, then the unranked ones by name."""
 
@@ -467,6 +552,9 @@ def _entries(
             failures=dict(failed.get(name, {})),
             auxiliary=auxiliary,
             metadata=metadata[name],
+            clamped={s: ClampedScore(raw=float(raw), value=float(table[name][s]))  # type: ignore[arg-type]
+                     for s, raw in clamped.get(name, {}).items() if s in table[name] and table[name][s] is not None},
+            uncertainty=uncertain.get(name),
         )
 
     flagged = screening.flagged
@@ -480,6 +568,155 @@ def _entries(
     return models
 
 
+# --------------------------------------------------------------------------- uncertainty
+
+def _replicate_scores(
+    scores: Mapping[str, Mapping[str, float | None]],
+    replicates: Mapping[str, Mapping[str, np.ndarray]],
+    count: int,
+) -> tuple[list[dict[str, dict[str, float | None]]], dict[str, list[str]], dict[str, dict[str, float]]]:
+    """``scores`` as each replicate has them, with the (model, scorer) pairs held at their
+    point (no finite replicate while the point is finite: not resampled) and the share of
+    failed replicates per pair. A model or scorer without replicates keeps its point (exact)."""
+    held: dict[str, list[str]] = {}
+    failed_share: dict[str, dict[str, float]] = {}
+    columns: dict[str, dict[str, np.ndarray | None]] = {}
+    for name, row in scores.items():
+        columns[name] = {}
+        for s, point in row.items():
+            values = replicates.get(name, {}).get(s)
+            if values is None:
+                columns[name][s] = None
+                continue
+            values = np.asarray(values, dtype=np.float64)
+            if values.shape != (count,):
+                raise InvalidInputError(f"replicates of {name}/{s} have shape {values.shape}; every array needs ({count},)")
+            finite = np.isfinite(values)
+            if not finite.any() and _finite(point):
+                held.setdefault(name, []).append(s)
+                columns[name][s] = None
+                continue
+            failed_share.setdefault(name, {})[s] = float(1.0 - finite.mean())
+            columns[name][s] = values
+    per_replicate = [
+        {name: {s: (_clean(row[s]) if columns[name][s] is None else _clean(float(columns[name][s][r])))  # type: ignore[index]
+                for s in row} for name, row in scores.items()}
+        for r in range(count)
+    ]
+    return per_replicate, held, failed_share
+
+
+def _tie_groups(order: Sequence[str], above: np.ndarray, index: Mapping[str, int], separation: float) -> list[list[str]]:
+    """Walk ``order``: the next candidate joins the current group unless every member ranks
+    above it in at least ``separation`` of the replicates (``above[i, j]`` = P(i above j))."""
+    groups: list[list[str]] = []
+    for name in order:
+        j = index[name]
+        if groups and not all(above[index[member], j] >= separation for member in groups[-1]):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def _plain_summary(groups: Sequence[Sequence[str]], p_best: Mapping[str, float], exact: bool, assessed: bool,
+                   count: int, level: float) -> str:
+    """One sentence on what the noise leaves open at the top of the ranking."""
+    if not assessed:
+        return "No resampling was done, so the ranking shows no noise uncertainty."
+    if exact:
+        return ("The sums were exact (no DP noise), so there is no noise uncertainty: the intervals collapse to "
+                "the scores and the order is certain.")
+    if not groups:
+        return f"{count} resamples of the noisy sums; no model was ranked."
+    top = list(groups[0])
+    chances = " and ".join(f"{p_best[n]:.2f}" for n in top)
+    if len(top) == 1:
+        return (f"Under this noise {top[0]} is ranked first apart from the rest (chance of being best {chances}; "
+                f"{count} resamples of the noisy sums, {level:.0%} intervals).")
+    names = ", ".join(top[:-1]) + f" and {top[-1]}"
+    return (f"{names} cannot be told apart under this noise: {chances} chance of being best "
+            f"({count} resamples of the noisy sums, {level:.0%} intervals).")
+
+
+def _assess(
+    scores: Mapping[str, Mapping[str, float | None]],
+    replicates: Mapping[str, Mapping[str, np.ndarray]] | None,
+    *,
+    level: float,
+    scorers: Sequence[str],
+    use: Sequence[str],
+    screening: _Screening,
+    table: Mapping[str, Mapping[str, float | None]],
+    order: Sequence[str],
+    final: Mapping[str, int],
+    settings: RankingSettings,
+    better: str,
+    bounds: Mapping[str, Mapping[str, Bounds]],
+) -> tuple[dict[str, CandidateUncertainty], UncertaintySummary, list[list[str]]]:
+    """Step 7: re-rank every replicate as the point was ranked; per-candidate intervals,
+    chances and tie groups (see the module docstring)."""
+    pool, ranked = screening.pool, list(order)
+    count = 0
+    if replicates:
+        counts = {len(v) for row in replicates.values() for v in row.values()}
+        if len(counts) > 1:
+            raise InvalidInputError(f"replicate arrays differ in length {sorted(counts)}; replicate r must be one draw for all")
+        count = counts.pop() if counts else 0
+    assessed = count > 0
+    draws, held, failed_share = (_replicate_scores(scores, replicates or {}, count) if assessed
+                                 else ([{n: dict(r) for n, r in scores.items()}], {}, {}))
+    index = {name: i for i, name in enumerate(ranked)}
+    ranks = np.zeros((len(draws), len(ranked)))
+    values = {s: np.full((len(draws), len(ranked)), np.nan) for s in scorers}
+    above = np.zeros((len(ranked), len(ranked)))
+    sign = 1.0 if better == "lower" else -1.0
+    for r, draw in enumerate(draws):
+        table_r = _score_table(draw, scorers, screening, {}) if assessed else table
+        per_scorer = {s: rank_scores({name: table_r[name][s] for name in pool}, settings.ties) for s in use}
+        aggregate = _aggregate(table_r, per_scorer, use, pool, settings.aggregate)
+        final_r = _competition_ranks(aggregate, better) if aggregate else {}
+        if not ranked:
+            continue
+        agg = np.array([sign * aggregate[name] for name in ranked])
+        above += (agg[:, None] < agg[None, :]) + 0.5 * (agg[:, None] == agg[None, :])
+        ranks[r] = [final_r[name] for name in ranked]
+        for s in scorers:
+            values[s][r] = [np.nan if table_r[name][s] is None else table_r[name][s] for name in ranked]
+    above /= len(draws)
+    exact = all(np.all(v == v[0]) or np.all(np.isnan(v)) for v in (*values.values(), ranks)) if ranked else True
+    firsts = ranks == 1
+    p_best = firsts / np.maximum(firsts.sum(axis=1, keepdims=True), 1)
+    groups = _tie_groups(ranked, above, index, SEPARATION)
+    group_of = {name: g for g, group in enumerate(groups) for name in group}
+    uncertain: dict[str, CandidateUncertainty] = {}
+    for name in ranked:
+        i = index[name]
+        intervals: dict[str, Interval | None] = {}
+        for s in use:
+            point = table[name][s]
+            found = None if point is None else interval(point, values[s][:, i], level, bounds=bounds.get(name, {}).get(s))
+            intervals[s] = None if found is None else Interval(low=found[0], high=found[1])
+        low, high = np.quantile(ranks[:, i], [(1 - level) / 2, (1 + level) / 2])
+        group = groups[group_of[name]]
+        uncertain[name] = CandidateUncertainty(
+            intervals=intervals,
+            rank_interval=Interval(low=float(math.floor(low)), high=float(math.ceil(high))),
+            p_best=float(p_best[:, i].mean()),
+            p_top_k=float((ranks[:, i] <= settings.top_k).mean()),
+            tie_group=group_of[name] + 1,
+            tie_rank=final[group[0]],
+            tied_with=[n for n in group if n != name],
+            failed_replicates={s: v for s, v in failed_share.get(name, {}).items() if v > 0},
+            held_at_point=held.get(name, []),
+        )
+    summary = UncertaintySummary(
+        assessed=assessed, exact=exact, replicates=count, level=level, tie_groups=groups, held_at_point=held,
+        summary=_plain_summary(groups, {n: u.p_best for n, u in uncertain.items()}, exact, assessed, count, level),
+    )
+    return uncertain, summary, groups
+
+
 # --------------------------------------------------------------------------- the ranking
 
 def rank_models(
@@ -490,6 +727,10 @@ def rank_models(
     settings: RankingSettings | None = None,
     constraints: Constraints | None = None,
     failures: Mapping[str, Mapping[str, str]] | None = None,
+    replicates: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    level: float = 0.9,
+    clamped: Mapping[str, Mapping[str, float]] | None = None,
+    bounds: Mapping[str, Mapping[str, Bounds]] | None = None,
 ) -> Ranking:
     """Rank the candidates; see the module docstring for every rule.
 
@@ -503,6 +744,16 @@ def rank_models(
     scorers : the job's scorers (ranked); any other key in ``scores`` is kept as auxiliary.
     settings, constraints : the job's ``[ranking]`` and ``[constraints]`` (defaults if None).
     failures : ``{model: {scorer: reason}}`` for scores that failed, shown in the report.
+    replicates : ``{model: {scorer: (R,) scores}}`` from
+        :func:`fedmte.protocol.uncertainty.bootstrap_scores`, aligned across models (replicate
+        r of every model from the same draw index; NaN: that replicate failed); helper
+        scores of a cross-model scorer included. A model or scorer without replicates is
+        exact. None: no uncertainty assessed (step 7).
+    level : the confidence level of every interval.
+    clamped : ``{model: {scorer: raw value}}``, the scores the plan clamped into their range
+        (:attr:`fedmte.protocol.plan.ScoringResult.clamped`), flagged in the report.
+    bounds : ``{model: {scorer: (low, high)}}``, each scorer's range for that model
+        (:func:`fedmte.protocol.uncertainty.score_bounds`), so no interval reaches past it.
 
     Raises
     ------
@@ -537,7 +788,18 @@ def rank_models(
 
     order = sorted(final, key=lambda name: (final[name], name))
     scored = {name for name in order if any(table[name][s] is not None for s in use)}
-    recommendation, recommend_notes = _recommend(order, aggregate, scored, screening.flagged, settings.top_k)
+    if not 0 < level < 1:
+        raise InvalidInputError(f"level must lie in (0, 1), got {level}")
+    uncertain, summary, groups = _assess(
+        scores, replicates, level=level, scorers=scorers, use=use, screening=screening, table=table, order=order,
+        final=final, settings=settings, better=better, bounds=bounds or {})
+    recommendation, recommendation_groups, recommend_notes = _recommend(
+        order, groups, scored, screening.flagged, settings.top_k)
+    for group in groups if summary.assessed and not summary.exact else []:
+        if len(group) > 1 and any(name in recommendation for name in group):
+            names = ", ".join(group[:-1]) + f" and {group[-1]}"
+            chances = " and ".join(f"{uncertain[name].p_best:.2f}" for name in group)
+            recommend_notes.append(f"{names} cannot be told apart under this noise: {chances} chance of being best")
     return Ranking(
         aggregate=settings.aggregate if settings.aggregate != "single" else f"single:{settings.scorer}",
         better=better,
@@ -547,14 +809,21 @@ def rank_models(
         dropped_scorers=dropped,
         top_k=settings.top_k,
         recommendation=recommendation,
-        models=_entries(scores, metadata, scorers, screening, table, per_scorer, aggregate, final, recommendation, failed),
+        models=_entries(scores, metadata, scorers, screening, table, per_scorer, aggregate, final, recommendation, failed,
+                        clamped or {}, uncertain),
         agreement=scorer_agreement({name: table[name] for name in pool}, ranked_scorers),
         notes=notes + recommend_notes,
+        recommendation_groups=recommendation_groups,
+        uncertainty=summary,
     )
 
 
 __all__ = [
     "Agreement",
+    "CandidateUncertainty",
+    "ClampedScore",
+    "Interval",
+    "UncertaintySummary",
     "ModelMetadata",
     "RankedModel",
     "Ranking",
