@@ -7,6 +7,12 @@
                  "aggregate", "status", "violations", "failures", "metadata"}, ...],
      "scorers": [...], "sites": [...], "privacy": {...}, "job": {...}, ...}
 
+Under DP noise each ranked model also carries ``uncertainty`` (``intervals`` per scorer,
+``rank_interval``, ``p_best``, ``p_top_k``, ``tie_group``, ``tie_rank``, ``tied_with``) and
+``clamped`` (scores outside their scorer's range, clamped, with the raw value); the top level
+has ``uncertainty`` (whether and how it was assessed, the tie groups, a plain summary) and
+``recommendation_groups`` (the recommendation by tie group).
+
 ``models`` lists the ranked models in rank order, then the filtered ones (``rank`` null). A
 score that failed is absent from ``scores`` and explained in ``failures``, so the file reads
 directly as the scores input of ``fedmte evaluate``
@@ -37,7 +43,7 @@ from fedmte.protocol.durable import replace_file
 from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import FederationError
 from fedmte.server.job import Constraints, JobSpec, PrivacyRequest
-from fedmte.server.ranking import Agreement, RankedModel, Ranking
+from fedmte.server.ranking import Agreement, RankedModel, Ranking, UncertaintySummary
 from fedmte.server.site_probe import ProbeResult
 
 REPORT_SCHEMA: Final = "fedmte.report.v1"
@@ -127,7 +133,9 @@ class Report(StrictModel):
     ties: str
     top_k: int
     recommendation: list[str]
+    recommendation_groups: list[list[str]] = Field(default_factory=list)
     agreement: list[Agreement]
+    uncertainty: UncertaintySummary | None = None
     constraints: Constraints
     sites: list[SiteDisclosure]
     privacy: PrivacySummary
@@ -137,6 +145,52 @@ class Report(StrictModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2)
+
+    @property
+    def noise_shown(self) -> bool:
+        """The report has resampled noise to show (intervals and chances that mean something)."""
+        return self.uncertainty is not None and self.uncertainty.assessed and not self.uncertainty.exact
+
+    @property
+    def noise_unassessed(self) -> bool:
+        """DP noise was added but not resampled: the ranking's uncertainty is unknown."""
+        return self.privacy.dp_applied and (self.uncertainty is None or not self.uncertainty.assessed)
+
+
+def uncertainty_text(report: Report) -> str:
+    """The plain-language account of the noise's effect on the ranking, for every view."""
+    u = report.uncertainty
+    if report.noise_unassessed:
+        return ("DP noise was added to the sums but not resampled (ranking.bootstrap = 0), so the ranking's "
+                "uncertainty is unknown: close scores may be in the wrong order.")
+    if u is None or u.exact or not report.privacy.dp_applied and not u.assessed:
+        return ("The sums were exact (no DP noise), so there is no noise uncertainty: the intervals collapse to "
+                "the scores and the order is certain.")
+    return (f"{u.summary} Intervals: {u.level:.0%}, {u.method}; a candidate is ranked apart from the ones above it "
+            f"only when each of them ranks above it in at least {u.separation:.0%} of the resamples.")
+
+
+def clamp_text(model: RankedModel, scorer: str) -> str:
+    """Why a shown score is a bound and not a measurement."""
+    c = model.clamped[scorer]
+    side = "maximum" if c.raw > c.value else "minimum"
+    return (f"{scorer} clamped from {c.raw:.4g} to its {side} {c.value:.4g}: the raw value is outside {scorer}'s "
+            "range, an effect of DP noise, not a real score")
+
+
+def recommendation_text(report: Report) -> str:
+    """The recommendation with its tie groups: ``A = B (tied under the noise), C``."""
+    groups = report.recommendation_groups or [[name] for name in report.recommendation]
+    parts = [" = ".join(group) + (" (tied under the noise)" if len(group) > 1 and report.noise_shown else
+                                   " (tied)" if len(group) > 1 else "") for group in groups]
+    return ", ".join(parts)
+
+
+def shown_rank(model: RankedModel) -> str:
+    """The rank as displayed: ``1=`` for a member of a tie group, ``—`` when unranked."""
+    if model.rank is None:
+        return "—"
+    return model.uncertainty.shown_rank if model.uncertainty is not None else str(model.rank)
 
 
 def _version() -> str:
@@ -168,7 +222,9 @@ def build_report(
         ties=ranking.ties,
         top_k=ranking.top_k,
         recommendation=ranking.recommendation,
+        recommendation_groups=ranking.recommendation_groups,
         agreement=ranking.agreement,
+        uncertainty=ranking.uncertainty,
         constraints=job.constraints,
         sites=list(sites),
         privacy=PrivacySummary(
@@ -394,7 +450,8 @@ tr.status-recommended td{background:#eef8ee}tr.status-flagged td{background:#fff
 tr.status-filtered td{background:#f3f3f3;color:#777}
 .badge{display:inline-block;border-radius:3px;padding:0 .35rem;font-size:.8rem;border:1px solid #bbb}
 .badge.recommended{background:#d8f0d8;border-color:#7bb07b}.badge.flagged{background:#ffe7a8;border-color:#d0a530}
-.badge.filtered{background:#e0e0e0}.small{font-size:.85rem;color:#555}
+.badge.filtered{background:#e0e0e0}.small{font-size:.85rem;color:#555}.clamped{color:#a40000}
+.uncertainty{background:#fff8e6;border-left:4px solid #c08a00;padding:.6rem 1rem;margin:1rem 0}
 svg text.axis{font:12px system-ui,sans-serif;fill:#222}svg text.cell{font:11px system-ui,sans-serif}
 ul.tight{margin:.2rem 0;padding-left:1.2rem}code{font-size:.9em}
 """
@@ -412,8 +469,24 @@ def _aggregate_text(report: Report) -> str:
     return _AGGREGATE_TEXT.get(report.aggregate, report.aggregate)
 
 
+def _interval_html(model: RankedModel, scorer: str, level: float) -> str:
+    u = model.uncertainty
+    if u is None or scorer not in u.intervals:
+        return ""
+    found = u.intervals[scorer]
+    if found is None:
+        return '<br><span class="small interval">no interval: the noise left it undefined too often</span>'
+    return (f'<br><span class="small interval" title="{_e(f"{level:.0%}")} interval">'
+            f'[{_e(_num(found.low, 3))}, {_e(_num(found.high, 3))}]</span>')
+
+
 def _ranking_table(report: Report) -> str:
-    head = "".join(f'<th scope="col">{_e(s)}<br><span class="small">score (rank)</span></th>' for s in report.scorers)
+    noisy = report.noise_shown
+    level = report.uncertainty.level if report.uncertainty is not None else 0.9
+    under = f"score (rank){f'<br>{level:.0%} interval' if noisy else ''}"
+    head = "".join(f'<th scope="col">{_e(s)}<br><span class="small">{under}</span></th>' for s in report.scorers)
+    chance_head = (f'<th scope="col">rank {_e(f"{level:.0%}")} interval</th><th scope="col">p(best)</th>'
+                   f'<th scope="col">p(top {_e(report.top_k)})</th>' if noisy else "")
     rows = []
     for model in report.models:
         cells = []
@@ -421,7 +494,10 @@ def _ranking_table(report: Report) -> str:
             if scorer in model.scores:
                 rank = model.ranks.get(scorer)
                 suffix = f" ({_num(rank)})" if rank is not None else ""
-                cells.append(f'<td class="num">{_e(_num(model.scores[scorer]))}{_e(suffix)}</td>')
+                mark = ('<span class="clamped" title="clamped: outside the scorer\'s range">*</span>'
+                        if scorer in model.clamped else "")
+                band = _interval_html(model, scorer, level) if noisy else ""
+                cells.append(f'<td class="num" data-scorer="{_e(scorer)}">{_e(_num(model.scores[scorer]))}{mark}{_e(suffix)}{band}</td>')
             elif model.status == "filtered" and scorer not in model.failures:
                 cells.append('<td class="num">—</td>')
             else:
@@ -431,18 +507,31 @@ def _ranking_table(report: Report) -> str:
                 cells.append(f'<td class="num" title="{_e(reason)}">failed{_e(suffix)}</td>')
         remarks = [f"[{_e(v.rule)}: {_e(v.action)}] {_e(v.message)}" for v in model.violations]
         remarks += [f"{_e(s)} failed: {_e(r)}" for s, r in model.failures.items()]
+        remarks += [f'<span class="clamped">{_e(clamp_text(model, s))}</span>' for s in model.clamped]
+        u = model.uncertainty
+        if noisy and u is not None and u.tied_with:
+            remarks.append(f"cannot be told apart from {_e(', '.join(u.tied_with))} under this noise")
+        if u is not None and u.held_at_point:
+            remarks.append(f"not resampled (held at its score): {_e(', '.join(u.held_at_point))}")
         remark_html = '<ul class="tight">' + "".join(f"<li>{r}</li>" for r in remarks) + "</ul>" if remarks else ""
         rank_text = "—" if model.rank is None else str(model.rank)
+        chances = ""
+        if noisy:
+            chances = ('<td class="num">—</td>' * 3 if u is None else
+                       f'<td class="num">{_e(_num(u.rank_interval.low))}–{_e(_num(u.rank_interval.high))}</td>'
+                       f'<td class="num p-best">{u.p_best:.2f}</td><td class="num p-top-k">{u.p_top_k:.2f}</td>')
+        tie = f' data-tie-group="{u.tie_group}"' if u is not None else ""
         rows.append(
-            f'<tr class="status-{_e(model.status)}" data-model="{_e(model.name)}" data-rank="{_e(rank_text)}" '
-            f'data-status="{_e(model.status)}"><td class="num">{_e(rank_text)}</td><th scope="row">{_e(model.name)}</th>'
-            f'<td class="num">{_e(_num(model.aggregate))}</td>{"".join(cells)}'
+            f'<tr class="status-{_e(model.status)}" data-model="{_e(model.name)}" data-rank="{_e(rank_text)}"{tie} '
+            f'data-status="{_e(model.status)}"><td class="num">{_e(shown_rank(model))}</td><th scope="row">{_e(model.name)}</th>'
+            f'<td class="num">{_e(_num(model.aggregate))}</td>{"".join(cells)}{chances}'
             f'<td><span class="badge {_e(model.status)}">{_e(model.status)}</span></td><td>{remark_html}</td></tr>'
         )
     return (
         f'<table id="ranking"><caption class="small">Aggregate: {_e(_aggregate_text(report))}; per-scorer ties: '
-        f'{_e(report.ties)} rank; a failed score ranks below every model with one.</caption>'
-        f'<thead><tr><th scope="col">rank</th><th scope="col">model</th><th scope="col">aggregate</th>{head}'
+        f'{_e(report.ties)} rank; a failed score ranks below every model with one.'
+        f'{" A rank n= marks candidates the noise cannot order; * marks a clamped score." if noisy else ""}</caption>'
+        f'<thead><tr><th scope="col">rank</th><th scope="col">model</th><th scope="col">aggregate</th>{head}{chance_head}'
         f'<th scope="col">status</th><th scope="col">why</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
     )
 
@@ -544,7 +633,7 @@ def render_html(report: Report) -> str:
     """The self-contained HTML page of ``report`` (no script, no external resource)."""
     job = report.job
     ranked = [m for m in report.models if m.status != "filtered"]
-    reco = ", ".join(_e(name) for name in report.recommendation) or "none (see the notes)"
+    reco = _e(recommendation_text(report)) or "none (see the notes)"
     labels = job.get("labels", [])
     label_text = ", ".join(str(x) for x in labels[:20]) + (f", … ({len(labels)} in all)" if len(labels) > 20 else "")
     notes = "".join(f"<li>{_e(n)}</li>" for n in report.notes)
@@ -569,7 +658,8 @@ def render_html(report: Report) -> str:
         f"scorers: {_e(', '.join(report.scorers))} · connection <code>{_e(job.get('connection', ''))}</code> · "
         f"{_e(report.created)} · fedmte {_e(report.fedmte_version)}</p>",
         f'<p class="meta">Labels: {_e(label_text)}</p>',
-        f'<div class="reco" id="recommendation"><strong>Recommended (top {_e(report.top_k)}):</strong> {reco}</div></header>',
+        f'<div class="reco" id="recommendation"><strong>Recommended (top {_e(report.top_k)}):</strong> {reco}</div>',
+        f'<div class="uncertainty" id="uncertainty"><strong>Uncertainty:</strong> {_e(uncertainty_text(report))}</div></header>',
         f'<section id="ranking-section"><h2>Ranking</h2>{_ranking_table(report)}',
         _aggregate_bars_svg(ranked, report.better, "aggregate per model"),
         f'{"<ul class=tight>" + dropped + "</ul>" if dropped else ""}</section>',
@@ -599,7 +689,11 @@ __all__ = [
     "SiteDisclosure",
     "SitePrivacy",
     "build_report",
+    "clamp_text",
     "read_report",
+    "recommendation_text",
+    "shown_rank",
+    "uncertainty_text",
     "render_html",
     "write_report",
 ]

@@ -10,6 +10,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedmte.protocol.evaluation import parse_scores
@@ -36,7 +37,7 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _report(*, evil: bool = False) -> Report:
+def _report(*, evil: bool = False, dp: bool = True, replicates: dict | None = None, clamped: dict | None = None) -> Report:
     """Five candidates, four scorers (NCTI via its terms), one failure, one flag, one filter."""
     labels = ["zero", "one", "two"] + ([EVIL] if evil else [])
     job = job_from_dict({
@@ -76,6 +77,7 @@ def _report(*, evil: bool = False) -> Report:
     ranking = rank_models(
         scores, metadata, scorers=job.scorers, settings=job.ranking, constraints=job.constraints,
         failures={"gamma": {"gbc": f"ScorerDomainError: a class has no samples{EVIL if evil else ''}"}},
+        replicates=replicates, clamped=clamped,
     )
     sites = [
         SiteDisclosure(
@@ -84,7 +86,8 @@ def _report(*, evil: bool = False) -> Report:
                 DisclosedStatistic(kind="class_sums", shape=[3, 16], nbytes=3 * 16 * 8, model="beta", round=1, noised=True),
                 DisclosedStatistic(kind="gram" + (EVIL_ATTR if evil else ""), shape=[136], nbytes=136 * 8, model="beta", round=1, noised=True),
             ],
-            privacy=SitePrivacy(dp=True, epsilon_spent=0.5 + 0.25 * k, delta=1e-6, epsilon_total=1.0, epsilon_budget=4.0),
+            privacy=(SitePrivacy(dp=True, epsilon_spent=0.5 + 0.25 * k, delta=1e-6, epsilon_total=1.0, epsilon_budget=4.0)
+                     if dp else SitePrivacy(dp=False)),
             refusals=[f"policy:min_count refused{EVIL if evil else ''}"] if letter == "c" else [],
             audit_head="ab" * 32,
         )
@@ -111,11 +114,58 @@ def test_report_json_has_the_documented_shape_and_rank_order(tmp_path: Path) -> 
     by_name = {m["name"]: m for m in data["models"]}
     assert "gbc" not in by_name["gamma"]["scores"] and "gbc" in by_name["gamma"]["failures"]
     assert by_name["delta"]["status"] == "flagged" and by_name["omega"]["status"] == "filtered"
-    assert data["privacy"]["requested"] == {"dp": True, "epsilon": 1.0, "delta": 1e-6}
+    assert {"dp": True, "epsilon": 1.0, "delta": 1e-6}.items() <= data["privacy"]["requested"].items()
     assert data["privacy"]["epsilon_spent_max"] == pytest.approx(1.0)
     assert [s["name"] for s in data["sites"]] == ["site-a", "site-b", "site-c"]
     assert read_report(json_path) == report
     assert html_path.read_text(encoding="utf-8") == render_html(report)
+
+
+def _noisy_replicates() -> dict[str, dict[str, np.ndarray]]:
+    """alpha and beta drawn alike (the noise cannot order them), gamma and delta well below."""
+    rng = np.random.default_rng(8)
+    centre = {"alpha": 2.0, "beta": 2.0, "gamma": 0.5, "delta": -0.5, "omega": 3.0}
+    return {name: {"logme": c + rng.normal(0, 0.5, 200), "hscore": c + rng.normal(0, 0.5, 200),
+                   "gbc": -1.0 + rng.normal(0, 0.01, 200)} for name, c in centre.items()}
+
+
+def test_report_shows_intervals_chances_tie_groups_and_clamped_scores(tmp_path: Path) -> None:
+    report = _report(replicates=_noisy_replicates(), clamped={"alpha": {"hscore": 86.8}})
+    json_path, html_path = write_report(report, tmp_path)
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert data["uncertainty"]["assessed"] and not data["uncertainty"]["exact"]
+    assert data["uncertainty"]["replicates"] == 200 and data["uncertainty"]["level"] == 0.9
+    assert data["uncertainty"]["tie_groups"][0] == ["alpha", "beta"]
+    assert data["recommendation_groups"] == [["alpha", "beta"]]
+    by_name = {m["name"]: m for m in data["models"]}
+    alpha = by_name["alpha"]["uncertainty"]
+    assert set(alpha["intervals"]) == {"logme", "hscore", "gbc", "ncti"}
+    assert alpha["intervals"]["logme"]["low"] < by_name["alpha"]["scores"]["logme"] < alpha["intervals"]["logme"]["high"]
+    assert alpha["tied_with"] == ["beta"] and alpha["tie_rank"] == 1
+    assert sum(m["uncertainty"]["p_best"] for m in data["models"] if m["uncertainty"]) == pytest.approx(1.0)
+    assert 0 < alpha["p_best"] < 1 and 0 < alpha["p_top_k"] <= 1
+    assert by_name["omega"]["uncertainty"] is None  # filtered: not ranked, so nothing to be uncertain about
+    assert by_name["alpha"]["clamped"] == {"hscore": {"raw": 86.8, "value": 1.4}}
+    page = html_path.read_text(encoding="utf-8")
+    assert "alpha and beta cannot be told apart under this noise" in page
+    assert "p(best)" in page and ">1=<" in page and "90% interval" in page
+    assert "hscore clamped from 86.8 to its maximum 1.4" in page
+    assert "alpha = beta (tied under the noise)" in page
+    assert read_report(json_path) == report
+
+
+def test_without_noise_the_report_says_the_intervals_collapse() -> None:
+    report = _report(dp=False)
+    assert report.uncertainty is not None and not report.uncertainty.assessed
+    assert all(m.uncertainty is None or m.uncertainty.p_best in (0.0, 1.0) for m in report.models)
+    page = render_html(report)
+    assert "The sums were exact (no DP noise), so there is no noise uncertainty" in page
+    assert "p(best)" not in page
+
+
+def test_noise_without_resampling_is_said_to_leave_the_uncertainty_unknown() -> None:
+    page = render_html(_report(dp=True))
+    assert "not resampled" in page and "uncertainty is unknown" in page and "p(best)" not in page
 
 
 def test_report_json_is_readable_by_fedmte_evaluate(tmp_path: Path) -> None:

@@ -85,25 +85,35 @@ def _cell(value: float | None, digits: int = 4) -> str:
 
 
 def _ranking_table(result: DemoResult) -> Table:
-    """One row per model: final rank, aggregate, its rank under each scorer, ground truth, status.
-    (The scores themselves are in report.json and report.html.)"""
+    """One row per model: final rank (``1=`` when the noise cannot order it), aggregate, its rank
+    under each scorer, its chance of being best under DP noise, ground truth, status.
+    (The scores and their intervals are in report.json and report.html.)"""
+    from fedmte.server.report import shown_rank
+
     report = result.report
     truth = result.setup.ground_truth
     aggregate = report.aggregate.replace("_", " ")
-    table = Table(title=f"Ranking by {aggregate} ({report.better} is better), with each scorer's rank",
+    noisy = report.noise_shown
+    table = Table(title=f"Ranking by {aggregate} ({report.better} is better), with each scorer's rank"
+                        + ("; n= : tied under the DP noise" if noisy else ""),
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("model", no_wrap=True)
     table.add_column(aggregate.split()[0], justify="right", no_wrap=True)
     for scorer in report.scorers:
         table.add_column(scorer, justify="right", no_wrap=True)
+    if noisy:
+        table.add_column("p(best)", justify="right", no_wrap=True)
     table.add_column("truth", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for model in report.models:
         style = {"recommended": "bold green", "flagged": "yellow", "filtered": "dim"}.get(model.status, "")
+        chance = ([f"{model.uncertainty.p_best:.2f}" if model.uncertainty is not None else "—"] if noisy else [])
         table.add_row(
-            "—" if model.rank is None else str(model.rank), model.name, _cell(model.aggregate, 3),
-            *(f"{model.ranks[s]:g}" if s in model.ranks else "—" for s in report.scorers),
+            shown_rank(model), model.name, _cell(model.aggregate, 3),
+            *(f"{model.ranks[s]:g}" + ("*" if s in model.clamped else "") if s in model.ranks else "—"
+              for s in report.scorers),
+            *chance,
             "—" if model.name not in truth else f"{truth[model.name]:.2f}",
             f"[{style}]{model.status}[/]" if style else model.status,
         )
@@ -125,8 +135,14 @@ def _evaluation_table(result: DemoResult) -> Table:
 def _show(result: DemoResult, dp: bool) -> None:
     report = result.report
     console.print(_ranking_table(result))
-    picks = ", ".join(report.recommendation) or "none"
-    console.print(f"[bold]Recommended (top {report.top_k}):[/] {picks}")
+    from fedmte.server.report import clamp_text, recommendation_text, uncertainty_text
+
+    picks = recommendation_text(report) or "none"
+    console.print(f"[bold]Recommended (top {report.top_k}):[/] {picks}", highlight=False)
+    console.print(f"  uncertainty: {uncertainty_text(report)}", highlight=False)
+    for model in report.models:
+        for scorer in model.clamped:
+            console.print(f"  [red]{model.name}[/] {clamp_text(model, scorer)}", highlight=False)
     for model in report.models:
         for violation in model.violations:
             done = {"flag": "flagged", "filter": "filtered out"}[violation.action]

@@ -19,6 +19,7 @@ from fedmte.cli.errors import friendly_errors
 from fedmte.protocol.errors import FederationError, InvalidInputError
 
 if TYPE_CHECKING:
+    from fedmte.server.ranking import RankedModel
     from fedmte.server.report import RunStatus
 
 console = Console()
@@ -27,26 +28,47 @@ console = Console()
 def _run_models(job_file: Path) -> None:
     from fedmte.server.coordinator import run_job
     from fedmte.server.job import load_job
+    from fedmte.server.report import clamp_text, recommendation_text, shown_rank, uncertainty_text
 
     job = load_job(job_file)
     report = run_job(job)
-    table = Table(title="ranking")
+    noisy = report.noise_shown
+    level = f"{report.uncertainty.level:.0%}" if report.uncertainty is not None else ""
+    table = Table(title="ranking" + (f" (score [{level} interval]; n= : tied under the noise)" if noisy else ""))
     table.add_column("rank", justify="right")
     table.add_column("model")
     table.add_column("status")
     for scorer in report.scorers:
         table.add_column(scorer, justify="right")
+    if noisy:
+        table.add_column("p(best)", justify="right")
+        table.add_column(f"p(top {report.top_k})", justify="right")
     for model in report.models:
-        cells = [f"{model.scores[s]:.6g}" if s in model.scores else "failed" for s in report.scorers]
-        table.add_row("-" if model.rank is None else str(model.rank), model.name, model.status, *cells)
+        cells = [_score_cell(model, s, noisy) for s in report.scorers]
+        u = model.uncertainty
+        chances = ([f"{u.p_best:.2f}", f"{u.p_top_k:.2f}"] if u is not None else ["-", "-"]) if noisy else []
+        table.add_row(shown_rank(model).replace("—", "-"), model.name, model.status, *cells, *chances)
     console.print(table)
     stats = [r for r in report.rounds if r.kinds]
     trip = sum(r.seconds for r in stats) / len(stats) if stats else 0.0
     console.print(f"{len(report.sites)} sites, {len(report.rounds)} round trips ({len(stats)} statistics rounds, "
-                  f"{trip:.2f} s each); recommended: {', '.join(report.recommendation) or 'none'}", soft_wrap=True)
+                  f"{trip:.2f} s each); recommended: {recommendation_text(report) or 'none'}", soft_wrap=True)
+    console.print(f"uncertainty: {uncertainty_text(report)}", soft_wrap=True, highlight=False)
+    for model in report.models:
+        for scorer in model.clamped:
+            console.print(f"{model.name}: {clamp_text(model, scorer)}", soft_wrap=True, highlight=False)
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True, highlight=False)
     console.print(f"report written to {Path(job.output) / 'report.json'} and report.html", soft_wrap=True)
+
+
+def _score_cell(model: RankedModel, scorer: str, noisy: bool) -> str:
+    """A score, ``*`` when clamped into its range, with its interval under noise."""
+    if scorer not in model.scores:
+        return "failed"
+    text = f"{model.scores[scorer]:.6g}" + ("*" if scorer in model.clamped else "")
+    found = model.uncertainty.intervals.get(scorer) if noisy and model.uncertainty is not None else None
+    return text + (f" [{found.low:.3g}, {found.high:.3g}]" if found is not None else "")
 
 
 @friendly_errors
