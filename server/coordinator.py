@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import parse_note
+from fedmte.protocol.dp_postprocess import clean_sums
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError, VerificationError
 from fedmte.protocol.job_messages import (
     FINISH,
@@ -79,6 +80,7 @@ from fedmte.protocol.plan import PlanRun, ScoringResult, execute_many, make_plan
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import SCORERS
 from fedmte.protocol.statistics import Statistics
+from fedmte.protocol.uncertainty import NoisyRelease, bootstrap_scores, score_bounds
 from fedmte.protocol.wire import SECURE_UPLOAD, Payload
 from fedmte.server.job import JobSpec
 from fedmte.server.job_runner import FAB_DIR, flwr_env, submit_run, wait_for_status
@@ -281,6 +283,24 @@ class SiteRecord:
 
 
 @dataclass
+class ReleasedSums:
+    """Every pooled, cleaned block a model's plan received, with its pooled noise std: what the
+    bootstrap resamples (the noise the coordinator asked for is public)."""
+
+    blocks: dict[str, np.ndarray] = field(default_factory=dict)
+    sigma: dict[str, float] = field(default_factory=dict)
+
+    def record(self, sums: Statistics, sigma: Mapping[str, float]) -> None:
+        for key, value in sums.items():
+            self.blocks[key] = value
+            self.sigma[key] = float(sigma.get(key, 0.0))
+
+    @property
+    def noisy(self) -> bool:
+        return any(value > 0 for value in self.sigma.values())
+
+
+@dataclass
 class ModelRecord:
     """One candidate through the job: its plan (if every site accepted it) and results."""
 
@@ -291,6 +311,7 @@ class ModelRecord:
     result: ScoringResult | None = None
     failures: dict[str, str] = field(default_factory=dict)
     refusals: list[str] = field(default_factory=list)
+    released: ReleasedSums = field(default_factory=ReleasedSums)
 
 
 @dataclass
@@ -342,8 +363,15 @@ def _site_names(replies: Mapping[int, SetupReply]) -> dict[int, str]:
     return {node: name if counts[name] == 1 else f"{name}#{node}" for node, name in names.items()}
 
 
-def _plan_model(record: ModelRecord, job: JobSpec) -> None:
-    """The model's plan over the scorers its outputs allow; the rest fail with a reason."""
+def _plan_model(record: ModelRecord, job: JobSpec, *, noisy: bool) -> None:
+    """The model's plan over the scorers its outputs allow; the rest fail with a reason.
+
+    ``noisy`` (some site adds DP noise): the scorers read uncentred sums (offset zero) and the
+    coordinator centres them, so there is no centring round to charge, and the Gram's
+    sensitivity is C^2 instead of (C + ||offset||)^2, up to four times less noise. The
+    scorers work in any offset coordinates (:mod:`fedmte.protocol.scorers.moments`); the
+    centring round exists only for the digits of exact sums, which noise swamps.
+    """
     has_probs = record.num_source_classes > 0
     usable = []
     for name in job.scorers_to_run:
@@ -356,9 +384,9 @@ def _plan_model(record: ModelRecord, job: JobSpec) -> None:
     if not usable:
         return
     options = {name: opts for name, opts in job.options_to_run.items() if name in usable}
-    plan = make_plan(usable, has_features=True, has_source_probs=has_probs, options=options)
+    plan = make_plan(usable, has_features=True, has_source_probs=has_probs, options=options, public_offset=noisy)
     record.run = PlanRun(plan, dim=record.dim, num_classes=job.num_classes, num_source_classes=record.num_source_classes,
-                         record_failures=True)
+                         offset=np.zeros(record.dim) if noisy else None, record_failures=True)
 
 
 def execute_job(
@@ -412,7 +440,7 @@ def execute_job(
         if len(shapes) != 1:
             raise FederationError(f"the sites disagree on the outputs of {record.package.label}: {sorted(shapes)}")
         record.dim, record.num_source_classes = (int(v or 0) for v in shapes.pop())
-        _plan_model(record, job)
+        _plan_model(record, job, noisy=any(site.dp for site in sites.values()) and job.privacy.centre == "coordinator")
     runs = {model_id: r.run for model_id, r in models.items() if r.run is not None}
     if not runs:
         reasons = "; ".join(f"{r.package.label}: {', '.join(r.refusals) or 'no scorer applies'}" for r in models.values())
@@ -435,6 +463,7 @@ def execute_job(
         total = aggregator.sum_round(recorder, request, arrays)  # type: ignore[arg-type]
         seconds = time.perf_counter() - began
         sums = split_statistics(total, list(pending))
+        noise_sq: dict[str, dict[str, float]] = {model_id: {} for model_id in pending}
         nbytes = 0
         kinds: set[str] = set()
         for model_id, shapes in expected.items():
@@ -456,9 +485,18 @@ def execute_job(
                 continue
             reply = RoundReplyDoc.parse(doc)
             site.releases.append(reply.privacy)
+            for name, std in reply.privacy.noise_std.items():
+                model_id, _, stat_key = name.partition("/")
+                if model_id in noise_sq:
+                    noise_sq[model_id][stat_key] = noise_sq[model_id].get(stat_key, 0.0) + float(std) ** 2
             for model_id, measured in reply.metrics.items():
                 site.metrics.setdefault(model_id, measured)
         rounds.append(RoundInfo(name=f"round {round_index}", seconds=seconds, kinds=sorted(kinds), bytes_per_site=nbytes))
+        for model_id, model_sums in sums.items():
+            sigma = {key: math.sqrt(value) for key, value in noise_sq[model_id].items()}
+            if job.privacy.clean:
+                sums[model_id] = clean_sums(pending[model_id], model_sums, sigma)  # post-processing: free
+            models[model_id].released.record(sums[model_id], sigma)
         return sums
 
     try:
@@ -525,6 +563,27 @@ def _audit_head(note: str | None) -> str | None:
     return f"{checkpoint.tree_size} records, root {checkpoint.root}"
 
 
+def bootstrap_replicates(job: JobSpec, outcome: JobOutcome) -> dict[str, dict[str, np.ndarray]] | None:
+    """Each noisy model's scores re-computed on ``job.ranking.bootstrap`` resamples of its
+    released sums (:func:`fedmte.protocol.uncertainty.bootstrap_scores`): the coordinator
+    knows the noise it asked for, so this costs no privacy. None when every sum was exact.
+    Seeded by the run id, so a report rebuilt from the same run is the same."""
+    noisy = {model_id: record for model_id, record in outcome.models.items()
+             if record.run is not None and record.result is not None and record.released.noisy}
+    if not noisy or job.ranking.bootstrap == 0:
+        return None
+    seed = int.from_bytes(hashlib.sha256(f"bootstrap:{outcome.run_id}".encode()).digest()[:8], "big")
+    replicates: dict[str, dict[str, np.ndarray]] = {}
+    for index, (model_id, record) in enumerate(sorted(noisy.items())):
+        run = record.run
+        assert run is not None
+        release = NoisyRelease(sums=Statistics(record.released.blocks), sigma=dict(record.released.sigma))
+        replicates[record.package.label] = bootstrap_scores(
+            run.plan, release, dim=record.dim, num_classes=job.num_classes, num_source_classes=record.num_source_classes,
+            offset=run.ctx.offset, replicates=job.ranking.bootstrap, rng=np.random.default_rng([seed, index]))
+    return replicates
+
+
 def build_job_report(job: JobSpec, outcome: JobOutcome) -> Report:
     """Rank the models on their federated scores and the sites' measured costs; assemble the report."""
     scores: dict[str, dict[str, float | None]] = {}
@@ -542,8 +601,14 @@ def build_job_report(job: JobSpec, outcome: JobOutcome) -> Report:
             license=manifest.license, parameter_count=manifest.parameter_count, architecture=manifest.architecture,
             version=manifest.version, description=manifest.description or None)
         metadata[name] = ModelMetadata.from_sites(measured, manifest_sha256=model_id, **described)
+    clamped = {r.package.label: dict(r.result.clamped) for r in outcome.models.values()
+               if r.result is not None and r.result.clamped}
+    bounds = {r.package.label: score_bounds(list(r.run.plan.scorers), dim=r.dim, num_classes=job.num_classes,
+                                            num_source_classes=r.num_source_classes)
+              for r in outcome.models.values() if r.run is not None}
     ranking = rank_models(scores, metadata, scorers=job.scorers, settings=job.ranking, constraints=job.constraints,
-                          failures=failures)
+                          failures=failures, replicates=bootstrap_replicates(job, outcome), clamped=clamped,
+                          bounds=bounds)
     disclosures = [
         SiteDisclosure(name=site.name, statistics=site.statistics, privacy=_site_privacy(site), refusals=site.refusals,
                        audit_head=_audit_head(site.checkpoint))

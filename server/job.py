@@ -32,11 +32,14 @@ Example::
     # scorer = "logme"                    # the scorer that ranks alone, with aggregate = "single"
     ties = "average"                      # per-scorer ties: "average" (default) or "min"
     top_k = 3
+    bootstrap = 200                       # resamples of the noisy sums: intervals, chance of being best
 
     [privacy]                             # what the coordinator asks; each site's policy decides
     dp = true
     epsilon = 1.0                         # per release; omit to take each site's default
     delta = 1e-6
+    centre = "coordinator"                # under noise: uncentred sums, centred here (no centring round)
+    clean = true                          # repair noisy sums before scoring (free: post-processing)
 
     [federation]                          # transport settings (defaults shown)
     coordinator_key = "keys/coordinator.pem"  # the coordinator's Ed25519 key (PKCS#8 PEM): signs each
@@ -215,6 +218,8 @@ class RankingSettings(StrictModel):
     scorer: ScorerName | None = Field(default=None, description="the one scorer that ranks, with aggregate = 'single'")
     ties: Ties = "average"
     top_k: int = Field(default=3, ge=1, le=10_000)
+    bootstrap: int = Field(default=200, ge=0, le=10_000, description=(
+        "resamples of the noisy sums for intervals and the chance of being best (0: none); free of privacy cost"))
 
     @model_validator(mode="after")
     def _single_needs_scorer(self) -> RankingSettings:
@@ -232,6 +237,12 @@ class PrivacyRequest(StrictModel):
     dp: bool = True
     epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="per release; None: each site's default")
     delta: float | None = Field(default=None, gt=0, le=1e-3, description="None: each site's default")
+    centre: Literal["coordinator", "sites"] = Field(default="coordinator", description=(
+        "under DP noise, where features are centred: 'coordinator' (uncentred sums, one round fewer, the Gram's "
+        "sensitivity C^2) or 'sites' (a centring round first, as for exact sums)"))
+    clean: bool = Field(default=True, description=(
+        "repair noisy sums before scoring (counts >= 1, Gram eigenvalues floored at the noise level); "
+        "post-processing, free of privacy cost"))
 
     @model_validator(mode="after")
     def _only_with_dp(self) -> PrivacyRequest:

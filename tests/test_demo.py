@@ -209,7 +209,7 @@ def test_demo_in_process_with_dp(zoo_cache: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Recommended (top 3):" in result.output and "fedmte audit verify" in result.output
     data = _check_outputs(out, dp=True)
-    assert data["privacy"]["secure_sum"] is False  # in one process: added in the clear, and the report says so
+    assert data["privacy"]["secure_sum"] is True  # in one process, still through each site's secure sum
     assert all(s["privacy"]["dp"] and s["privacy"]["epsilon_spent"] > 0 for s in data["sites"])
     assert data["privacy"]["epsilon_spent_max"] <= 4.0  # the default budget per data source
 

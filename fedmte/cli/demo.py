@@ -173,8 +173,8 @@ def demo(
     zoo_cache: Annotated[Path | None, typer.Option(
         "--zoo-cache", help="where the model zoo is cached (default: $FEDMTE_CACHE/zoo or ~/.cache/fedmte/zoo)")] = None,
     in_process: Annotated[bool, typer.Option(
-        "--in-process", help="run the sites in this process and add their releases in the clear "
-        "(no network, no secure sum) instead of over a loopback Flower federation")] = False,
+        "--in-process", help="run the sites in this process, their releases summed by the secure sum there "
+        "(no network) instead of over a loopback Flower federation")] = False,
 ) -> None:
     """Score a zoo of candidate models at label-skewed sites holding scikit-learn's digits, rank them,
     write the report and verify every site's audit log."""

@@ -6,9 +6,11 @@
 (:func:`fedmte.client.site_agent.answer`), each message passed through its wire form as over
 Flower. Every site-side step is the one a federated site takes: package verification
 against the site's pinned keys, its policy, clipping, DP noise, the ledger and the audit
-log. What is missing is the transport and with it the secure sum: the sites' releases are
-added in the clear (``PlainSum``), which the report says. It is for trying a job on one
-machine (``fedmte demo --in-process``) and for tests.
+log. A job with a ``[secure]`` table is summed by the secure sum, each site's
+``secure_*`` queries answered by its own :class:`~fedmte.client.secure_site.SecureSite`
+(made from the site file, as a site runner makes it); otherwise the releases are added in
+the clear (``PlainSum``), which the report says. What is missing is the network. It is for
+trying a job on one machine (``fedmte demo --in-process``), for benchmarks and for tests.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError
-from fedmte.protocol.wire import Payload
+from fedmte.protocol.wire import SECURE_QUERIES, Payload
 from fedmte.server.coordinator import (
     build_job_report,
     execute_job,
+    job_aggregator,
     load_candidates,
     load_coordinator_key,
     write_job_outputs,
@@ -31,6 +34,7 @@ from fedmte.server.report import Report, write_report
 
 FIRST_NODE = 1
 IN_PROCESS_NOTE = "in-process run: the sites' releases were added in the clear in one process (no network, no secure sum)"
+IN_PROCESS_SECURE_NOTE = "in-process run: every site in this process, its releases summed by the secure sum (no network)"
 
 
 class InProcessExchange:
@@ -38,9 +42,10 @@ class InProcessExchange:
     error becomes a :class:`FederationError` naming each failing site, as over Flower."""
 
     def __init__(self, site_files: Sequence[Path], run_id: str) -> None:
-        from fedmte.client import site_agent
+        from fedmte.client import secure_site, site_agent
 
         self._answer = site_agent.answer
+        self._answer_secure = secure_site.answer_secure
         self.files = {FIRST_NODE + k: Path(f).resolve() for k, f in enumerate(site_files)}
         self.run_id = run_id
 
@@ -53,7 +58,9 @@ class InProcessExchange:
         failures: dict[str, str] = {}
         for node, payload in sorted(payloads.items()):
             try:
-                reply = self._answer(query, Payload.from_wire(*payload.to_wire()), self.files[node], run_id=self.run_id)
+                received = Payload.from_wire(*payload.to_wire())
+                reply = (self._answer_secure(query, received, self.files[node]) if query in SECURE_QUERIES
+                         else self._answer(query, received, self.files[node], run_id=self.run_id))
             except FedmteError as error:
                 failures[self.files[node].parent.name] = f"{type(error).__name__}: {error}"
                 continue
@@ -81,9 +88,11 @@ def run_job_in_process(job: JobSpec, site_files: Sequence[Path]) -> Report:
     key = load_coordinator_key(Path(job.federation.coordinator_key))
     packages = load_candidates(job)
     run_id = secrets.token_hex(8)
-    outcome = execute_job(InProcessExchange(site_files, run_id), job, packages, key, run_id=run_id)
+    outcome = execute_job(InProcessExchange(site_files, run_id), job, packages, key, run_id=run_id,
+                          aggregator=job_aggregator(job, run_id))
     report = build_job_report(job, outcome)
-    report = report.model_copy(update={"notes": [*report.notes, IN_PROCESS_NOTE]})
+    note = IN_PROCESS_NOTE if job.secure is None else IN_PROCESS_SECURE_NOTE
+    report = report.model_copy(update={"notes": [*report.notes, note]})
     output = Path(job.output)
     write_report(report, output)
     write_job_outputs(outcome, output)
