@@ -65,8 +65,10 @@ class DPPolicy(BaseModel):
     delta: float = Field(DEFAULT_DELTA, gt=0.0, le=1e-3)
     neighbouring: Literal["add_remove", "replace_one"] = "add_remove"
     allocation: dp.Allocation = Field(
-        "by_size", description="how a release's mu^2 is split across its blocks (dp.allocate_sigmas): by_size gives "
-                               "block b a share proportional to sqrt(its entries), even the same share to every block")
+        "by_scorer", description="how a release's mu^2 is split across its blocks (dp.allocate_sigmas): by_scorer "
+                                 "gives every requested score of every model the same share, split over the blocks "
+                                 "it reads by sqrt(their entries); by_size splits by sqrt(entries) alone; even gives "
+                                 "every block the same share")
     distributed: bool = Field(
         False, description="through the secure sum, add only a share of the noise (the sum of the honest shares "
                            "carries the full noise); never without the secure sum")

@@ -64,7 +64,9 @@ from fedmte.protocol.errors import (
     RefusalError,
     StatisticsError,
 )
+from fedmte.protocol.plan import traced_requests
 from fedmte.protocol.requests import Stat
+from fedmte.protocol.scorers import SCORERS
 
 RELEASE_MAGIC = b"FMTREL1\n"
 RELEASE_SCHEMA = "fedmte.release.v1"
@@ -504,9 +506,14 @@ def plan_blocks(request: ReleaseRequest, policy: SitePolicy) -> list[PlannedBloc
     for block in raw:
         if block.derived_from is None:
             units.setdefault(block.unit, block)
+    readers: dict[str, set[str]] = {unit: set() for unit in units}
+    for block in raw:  # which requested scores read each unit (the by_scorer split)
+        if block.derived_from is None:
+            readers[block.unit] |= {f"{block.model.weights_sha256}:{scorer}" for scorer in request.scorers
+                                    if scorer in SCORERS and block.stat.kind in traced_requests(scorer)[0]}
     full = dict(zip(units, dp.allocate_sigmas([b.sensitivity or 0.0 for b in units.values()],
                                               [b.entries for b in units.values()], settings.mu_per_release,
-                                              settings.allocation)))
+                                              settings.allocation, readers=[readers[u] for u in units])))
     shares = honest_shares(settings, request.secure)
     added = {unit: sigma / math.sqrt(shares) if shares > 1 and units[unit].dtype.kind == "f" else sigma
              for unit, sigma in full.items()}

@@ -31,7 +31,8 @@ local up`` and ``fedmte demo`` write it through :func:`site_file_text`, the read
     clip_norm = 1.0
     [policy.dp]
     enabled = true
-    allocation = "by_size"              # split of each release's mu^2: sqrt(entries) per block, or "even"
+    allocation = "by_scorer"            # split of each release's mu^2: per requested score, then sqrt(entries);
+                                        # or "by_size" (sqrt(entries) per block) or "even"
     distributed = false                 # true: through the secure sum, add only a share of the noise
     # colluding_sites = 1               # other sites that may collude (default: sites - threshold)
 

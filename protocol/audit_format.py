@@ -206,7 +206,7 @@ class PrivacyCharge(StrictModel):
     policy_sha256: Hex64 | None = None
     suppressed_classes: dict[str, list[NonNegativeInt]] = Field(default_factory=dict)
     # How the release's mu^2 was split across its blocks (protocol.dp.allocate_sigmas).
-    allocation: Literal["by_size", "even"] | None = None
+    allocation: Literal["by_scorer", "by_size", "even"] | None = None
     # Share noise through the secure sum (client.privacy.honest_shares). mu_release above holds
     # given the secure sum and at most the policy's colluders; the *_alone fields are the weaker
     # guarantee the site gives on its own, had the secure sum been broken or every other site

@@ -159,28 +159,41 @@ def noise_multiplier(mu_release: float, num_blocks: int) -> float:
     return math.sqrt(num_blocks) / mu_release
 
 
-Allocation = Literal["by_size", "even"]
-ALLOCATIONS: tuple[str, ...] = ("by_size", "even")
+Allocation = Literal["by_scorer", "by_size", "even"]
+ALLOCATIONS: tuple[str, ...] = ("by_scorer", "by_size", "even")
 
 
 def allocate_sigmas(sensitivities: Sequence[float], entries: Sequence[int], mu: float,
-                    rule: Allocation = "by_size") -> list[float]:
+                    rule: Allocation = "by_size", readers: Sequence[Iterable[str]] | None = None) -> list[float]:
     """Noise std per block so that the release is exactly ``mu``-GDP: sqrt(sum (Delta_b/sigma_b)^2) = mu.
 
     Block b gets a share rho_b of the release's mu^2 and sigma_b = Delta_b / sqrt(rho_b).
 
-    ``"by_size"`` (the default) gives rho_b = mu^2 * w_b / sum(w) with w_b = sqrt(entries_b).
+    ``"by_size"`` gives rho_b = mu^2 * w_b / sum(w) with w_b = sqrt(entries_b).
     Why: n rows can move block b by up to n*Delta_b, so its noise relative to that scale is
     entries_b * sigma_b^2 / (n Delta_b)^2 = entries_b / (rho_b n^2) summed over its entries.
     Minimising sum_b entries_b / rho_b subject to sum_b rho_b = mu^2 (Lagrange: entries_b /
     rho_b^2 is the same for every b) gives rho_b proportional to sqrt(entries_b): a small block
     (n, class counts) is accurate on little budget and gets little, the Gram gets most.
+
+    ``"by_scorer"`` (the policy's default) first gives every *reader* (one requested score of
+    one model: ``readers[b]`` names those that read block b) the same share mu^2 / R, then
+    splits each reader's share over the blocks it reads by size, as above; a block several
+    readers read adds their parts, a block no reader claims is a reader of its own. Why: by
+    size alone minimises the noise summed over blocks, so one scorer's huge block (TransRate's
+    per-class scatters, C times the Gram) takes most of the budget and starves the small blocks
+    every other scorer depends on; splitting by score first keeps every requested score equally
+    well served, and blocks many scores share (class counts, class sums) get the most.
+    Without ``readers`` it is ``"by_size"``.
+
     ``"even"`` gives every block mu^2 / B, sigma_b = Delta_b * sqrt(B) / mu (:func:`noise_multiplier`).
 
-    A block with Delta_b = 0 or no entries cannot move, takes no share and gets sigma 0.
+    A block with Delta_b = 0 or no entries cannot move, takes no share and gets sigma 0. The
+    split never changes the release's mu: it only moves noise between blocks, so any readers
+    (the coordinator names the scores) are safe to follow.
     """
-    if len(sensitivities) != len(entries):
-        raise InvalidInputError("one entry count per block is needed")
+    if len(sensitivities) != len(entries) or (readers is not None and len(readers) != len(entries)):
+        raise InvalidInputError("one entry count (and one reader set) per block is needed")
     if rule not in ALLOCATIONS:
         raise InvalidInputError(f"unknown allocation {rule!r}; known: {', '.join(ALLOCATIONS)}")
     if not mu > 0 or math.isinf(mu):
@@ -190,7 +203,18 @@ def allocate_sigmas(sensitivities: Sequence[float], entries: Sequence[int], mu: 
     noised = [d > 0 and e > 0 for d, e in zip(sensitivities, entries)]
     if not any(noised):
         return [0.0] * len(sensitivities)
-    weights = [(math.sqrt(e) if rule == "by_size" else 1.0) if on else 0.0 for e, on in zip(entries, noised)]
+    if rule == "even":
+        weights = [1.0 if on else 0.0 for on in noised]
+    elif rule == "by_size" or readers is None:
+        weights = [math.sqrt(e) if on else 0.0 for e, on in zip(entries, noised)]
+    else:
+        claimed = [sorted(set(names)) or [f"block:{index}"] for index, names in enumerate(readers)]
+        reads: dict[str, float] = {}  # reader -> the summed size weights of the blocks it reads
+        for names, e, on in zip(claimed, entries, noised):
+            for name in names:
+                reads[name] = reads.get(name, 0.0) + (math.sqrt(e) if on else 0.0)
+        weights = [math.fsum(math.sqrt(e) / reads[name] for name in names) if on else 0.0
+                   for names, e, on in zip(claimed, entries, noised)]
     total = math.fsum(weights)
     return [d * math.sqrt(total / w) / mu if on else 0.0 for d, w, on in zip(sensitivities, weights, noised)]
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
 
-from fedmte.protocol.catalogue import expected_shape
+from fedmte.protocol.catalogue import Batch, accumulate, expected_shape
 from fedmte.protocol.errors import InvalidInputError, NotFederableError, ScorerDomainError, UnknownScorerError
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
@@ -279,3 +280,29 @@ def execute_many(
         sums = aggregate_many(pending)
         for model in pending:
             runs[model].feed(sums[model])
+
+
+TRACE_DIM, TRACE_CLASSES, TRACE_SOURCE_CLASSES, TRACE_ROWS = 4, 3, 3, 60
+
+
+@cache
+def traced_requests(scorer: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(statistic kinds, feature transforms) a scorer's program requests, found by running its
+    plan once on seeded toy data (every round, centring included). What a site's policy must
+    allow for it, and what the site's budget split (``dp.allocate_sigmas``, ``by_scorer``)
+    counts as that scorer's blocks. Iterative scorers may ask for fewer kinds on other data,
+    never for others."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(TRACE_ROWS) % TRACE_CLASSES
+    batch = Batch(features=rng.normal(size=(TRACE_ROWS, TRACE_DIM)) + labels[:, None], labels=labels,
+                  num_classes=TRACE_CLASSES, source_probs=rng.dirichlet(np.ones(TRACE_SOURCE_CLASSES), TRACE_ROWS))
+    plan = make_plan([scorer], has_features=True, has_source_probs=True)
+    run = PlanRun(plan, dim=TRACE_DIM, num_classes=TRACE_CLASSES, num_source_classes=TRACE_SOURCE_CLASSES,
+                  record_failures=True)
+    kinds: set[str] = set()
+    transforms: set[str] = set()
+    while (pending := run.pending()) is not None:
+        kinds.update(stat.kind for stat in pending)
+        transforms.update(step.op for stat in pending for step in stat.view)
+        run.feed(accumulate(list(pending), [batch]))
+    return frozenset(kinds), frozenset(transforms)

@@ -28,6 +28,7 @@ from fedmte.protocol import dp
 from fedmte.protocol.audit_format import IntentRecord
 from fedmte.protocol.catalogue import Batch
 from fedmte.protocol.errors import InvalidInputError
+from fedmte.protocol.plan import traced_requests
 from fedmte.protocol.requests import Stat
 
 COORDINATOR = Ed25519PrivateKey.generate().public_key()
@@ -60,11 +61,12 @@ GRIDS = [
 ]
 
 
-@pytest.mark.parametrize("rule", ["by_size", "even"])
+@pytest.mark.parametrize("rule", ["by_scorer", "by_size", "even"])
 @pytest.mark.parametrize(("sensitivities", "entries"), GRIDS)
 @pytest.mark.parametrize("mu", [0.05, 0.2367, 1.0, 3.0])
 def test_every_split_composes_to_exactly_mu(rule: str, sensitivities: list[float], entries: list[int], mu: float) -> None:
-    sigmas = dp.allocate_sigmas(sensitivities, entries, mu, rule)  # type: ignore[arg-type]
+    readers = [{"a"} if k % 2 else {"a", "b"} for k in range(len(entries))]  # some blocks shared, some not
+    sigmas = dp.allocate_sigmas(sensitivities, entries, mu, rule, readers=readers)  # type: ignore[arg-type]
     moving = [(d, s) for d, s, e in zip(sensitivities, sigmas, entries) if d > 0 and e > 0]
     assert dp.release_mu([d for d, _ in moving], [s for _, s in moving]) == pytest.approx(mu, rel=1e-12)
     assert all(s == 0.0 for d, s, e in zip(sensitivities, sigmas, entries) if d == 0 or e == 0)
@@ -80,6 +82,38 @@ def test_by_size_shares_follow_the_square_root_of_the_entries_and_even_matches_t
     assert even == pytest.approx([dp.noise_multiplier(mu, 4)] * 4, rel=1e-15)
     # the Gram (2080 entries) gets less noise than under the even split, the count more
     assert sigmas[3] < even[3] and sigmas[0] > even[0]
+
+
+def test_by_scorer_gives_every_score_the_same_share_and_splits_it_by_size() -> None:
+    """Two scores of one model: A reads the class counts, the class sums and a huge scatter block,
+    B the class counts and the class sums. By size the scatter takes most of mu^2; by scorer each
+    score holds half, so the blocks B reads get more than by size, and the shared ones the most."""
+    deltas, entries, mu = [1.0, 1.0, 1.0], [10, 640, 20_800], 0.2367
+    readers = [{"A", "B"}, {"A", "B"}, {"A"}]
+    by_size = dp.allocate_sigmas(deltas, entries, mu, "by_size")
+    by_scorer = dp.allocate_sigmas(deltas, entries, mu, "by_scorer", readers=readers)
+    rho = np.array([(d / s) ** 2 for d, s in zip(deltas, by_scorer)])
+    root = np.sqrt(entries)
+    share_a = root / root.sum()  # A's half, split by size over its three blocks
+    share_b = np.array([root[0], root[1], 0.0]) / (root[0] + root[1])
+    assert rho == pytest.approx(list(mu ** 2 * (share_a + share_b) / 2), rel=1e-12)
+    assert by_scorer[0] < by_size[0] and by_scorer[1] < by_size[1] and by_scorer[2] > by_size[2]
+    # no readers: by size; a block nobody reads is a reader of its own
+    assert dp.allocate_sigmas(deltas, entries, mu, "by_scorer") == by_size
+    alone = dp.allocate_sigmas(deltas, entries, mu, "by_scorer", readers=[{"A"}, {"A"}, set()])
+    assert dp.release_mu(deltas, alone) == pytest.approx(mu, rel=1e-12)
+
+
+def test_a_release_splits_its_budget_by_the_scores_the_job_asked_for() -> None:
+    """At a site, by_scorer reads the request's scorers: what each traces to
+    (:func:`fedmte.protocol.plan.traced_requests`) decides which blocks are whose."""
+    kinds, _ = traced_requests("hscore")
+    assert {"class_counts", "class_sums", "gram"} <= kinds and "class_scatters" not in kinds
+    assert "class_scatters" in traced_requests("transrate")[0] and "gram" not in traced_requests("transrate")[0]
+    planned = plan_blocks(request(), policy(allocation="by_scorer"))
+    units = plan_units(planned)
+    assert dp.release_mu([b.sensitivity for b in units], [b.sigma for b in units]) == pytest.approx(
+        DPPolicy().mu_per_release, rel=1e-12)
 
 
 def test_by_size_minimises_the_summed_relative_noise() -> None:
@@ -107,7 +141,7 @@ def test_bad_inputs_are_refused() -> None:
     assert dp.allocate_sigmas([0.0, 1.0], [3, 0], 1.0) == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("rule", ["by_size", "even"])
+@pytest.mark.parametrize("rule", ["by_scorer", "by_size", "even"])
 def test_the_composed_blocks_agree_with_dp_accounting(rule: str) -> None:
     """The release's per-block Gaussians, composed by dp-accounting (noise multiplier sigma_b / Delta_b each),
     give the epsilon the closed-form GDP conversion gives: PLD within 2%, RDP an upper bound."""
@@ -154,7 +188,7 @@ def test_without_class_counts_n_is_noised_once_for_every_model() -> None:
 
 def test_the_allocation_is_a_policy_key() -> None:
     base = policy().model_dump(mode="json", by_alias=True)
-    assert base["dp"]["allocation"] == "by_size" and base["dp"]["distributed"] is False
+    assert base["dp"]["allocation"] == "by_scorer" and base["dp"]["distributed"] is False
     assert parse_policy({**base, "dp": {**base["dp"], "allocation": "even"}}).dp.allocation == "even"
     with pytest.raises(InvalidInputError, match="allocation"):
         parse_policy({**base, "dp": {**base["dp"], "allocation": "by_gram"}})
@@ -189,7 +223,7 @@ def test_a_release_sends_the_same_noisy_class_counts_under_every_model_and_n_is_
     assert not np.array_equal(blocks[block_name(SHAS[0], Stat.of("class_sums"))],
                               blocks[block_name(SHAS[1], Stat.of("class_sums"))])
     intent = [r for r in read_records(tmp_path / "audit") if isinstance(r, IntentRecord)][-1]
-    assert intent.privacy is not None and intent.privacy.allocation == "by_size"
+    assert intent.privacy is not None and intent.privacy.allocation == "by_scorer"
     stated = {b.key: float(b.noise_std) for b in intent.statistics}
     planned = {b.name: b.sigma for b in plan_blocks(request(), policy())}
     assert stated == planned
