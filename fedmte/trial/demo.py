@@ -30,8 +30,8 @@ authentication, fedmte's site runner), runs the job with the coordinator
 (:func:`run_job`), stops the federation (also on an error or Ctrl-C); writes the report;
 judges the scorers against the ground truth; and verifies every site's audit log and
 ledger, with the coordinator's witness copy of its checkpoint, as ``fedmte audit verify``
-does. ``transport="in-process"`` runs the same coordinator and site agents in this process
-instead, the releases added in the clear (no network, so no secure sum; the report says so).
+does. ``transport="in-process"`` runs the same coordinator, site agents and secure sum in
+this process instead (no network; the report says so).
 
 Re-running in the same ``DIR`` reuses the packages, the keys and the site data files (their
 fingerprint is their content), so the sites' feature caches stay valid and their ledgers
@@ -49,7 +49,7 @@ protected as a group of nine rows; this is a public data set, and the site files
 
 The job's scorers (:data:`DEMO_SCORERS`) are non-iterative and need only statistics with
 a declared DP sensitivity (LEEP's log-likelihood sum is unbounded, so a DP policy refuses
-it); they finish in :data:`DEMO_ROUNDS` statistics rounds, whatever the number of models.
+it); they finish in :func:`demo_rounds` statistics rounds, whatever the number of models.
 """
 
 from __future__ import annotations
@@ -68,12 +68,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedmte.client.audit_log import AuditVerification, verify
 from fedmte.client.policy import DEFAULT_DELTA, DEFAULT_EPSILON_BUDGET, DEFAULT_EPSILON_PER_RELEASE
 from fedmte.client.site_config import load_site_config, site_file_text
-from fedmte.protocol.catalogue import Batch, accumulate
 from fedmte.protocol.durable import replace_file
 from fedmte.protocol.errors import InvalidInputError
 from fedmte.protocol.evaluation import MIN_MODELS, RankingMetrics, evaluate_ranking, parse_scores
 from fedmte.protocol.keys import fingerprint, load_private_key, public_key_text, write_private_key
-from fedmte.protocol.plan import PlanRun, make_plan
+from fedmte.protocol.plan import traced_requests
 from fedmte.protocol.secure_rounds import DeclaredBounds
 from fedmte.protocol.secure_sum import majority_threshold
 from fedmte.server.job import JobSpec, load_job
@@ -87,8 +86,10 @@ from fedmte.trial.zoo import DIGIT_LABELS, Zoo, build_zoo, load_digits_split, pa
 DEFAULT_OUT = Path("fedmte-demo")
 DEMO_SCORERS: tuple[str, ...] = ("logme", "hscore", "gbc", "transrate", "nce")
 """Non-iterative scorers whose statistics all have a declared DP sensitivity."""
-DEMO_ROUNDS = 2
-"""Statistics rounds of the demo job: the centring round, then every scorer's one round."""
+def demo_rounds(dp: bool) -> int:
+    """Statistics rounds of the demo job: under DP one (the sums are uncentred and centred at
+    the coordinator), with exact sums two (a centring round, then every scorer's one round)."""
+    return 1 if dp else 2
 SKEW_ALPHA = 0.5
 SPLIT_SEED = 7
 MIN_SITES, MAX_SITES = 3, 12
@@ -233,22 +234,16 @@ def site_names(count: int) -> list[str]:
     return [f"site-{chr(ord('a') + i)}" for i in range(count)]
 
 
-def policy_needs(scorers: Sequence[str], *, dim: int = 4, source_classes: int = 3, classes: int = 3) -> tuple[list[str], list[str]]:
-    """The statistic kinds and feature transforms ``scorers`` request, traced on toy data.
-
-    A site's policy must allow exactly these for the job to run."""
-    rng = np.random.default_rng(0)
-    labels = np.arange(12) % classes
-    batch = Batch(features=rng.normal(size=(12, dim)) + labels[:, None], labels=labels, num_classes=classes,
-                  source_probs=rng.dirichlet(np.ones(source_classes), 12))
-    plan = make_plan(scorers, has_features=True, has_source_probs=True)
-    run = PlanRun(plan, dim=dim, num_classes=classes, num_source_classes=source_classes, record_failures=True)
+def policy_needs(scorers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The statistic kinds and feature transforms ``scorers`` request
+    (:func:`fedmte.protocol.plan.traced_requests`). A site's policy must allow exactly these
+    for the job to run."""
     kinds: set[str] = set()
     transforms: set[str] = set()
-    while (pending := run.pending()) is not None:
-        kinds.update(stat.kind for stat in pending)
-        transforms.update(step.op for stat in pending for step in stat.view)
-        run.feed(accumulate(list(pending), [batch]))
+    for scorer in scorers:
+        traced = traced_requests(scorer)
+        kinds |= traced[0]
+        transforms |= traced[1]
     return sorted(kinds), sorted(transforms)
 
 
@@ -266,7 +261,8 @@ def site_document(name: str, *, trust_key: str, audit_key_sha256: str, dp: bool,
             "allowed_architectures": sorted(architectures), "max_feature_dim": MAX_FEATURE_DIM,
             "clip_norm": DP_CLIP_NORM if dp else NO_DP_CLIP_NORM, "min_noisy_class_count": 0.0,
             "dp": {"enabled": dp, "epsilon_per_release": DEFAULT_EPSILON_PER_RELEASE,
-                   "epsilon_budget": DEFAULT_EPSILON_BUDGET, "delta": DEFAULT_DELTA, "neighbouring": "add_remove"},
+                   "epsilon_budget": DEFAULT_EPSILON_BUDGET, "delta": DEFAULT_DELTA, "neighbouring": "add_remove",
+                   "allocation": "by_scorer", "distributed": dp},
         },
         "audit": {"dir": "audit", "signing_key": "keys/audit.key", "ledger_dir": "ledger",
                   "verification_key_sha256": audit_key_sha256},
@@ -280,7 +276,8 @@ SITE_COMMENTS = {
     "trust.coordinators": "the one coordinator this site trusts: it signs packages, jobs and secure-sum requests",
     "policy": "default deny: only what is named here is allowed",
     "policy.clip_norm": "rows are scaled to at most this L2 norm before anything is summed",
-    "policy.dp": "the default privacy settings",
+    "policy.dp": "the default privacy settings, and distributed noise: through the secure sum this site adds a share",
+    "policy.dp.distributed": "a share of the noise through the secure sum (full noise without it)",
     "audit.dir": "the tamper-evident log: fedmte audit verify <site>/audit",
     "audit.signing_key": "the site's audit signing key (never leaves the site)",
     "audit.ledger_dir": "the privacy budget spent, per data source",
@@ -292,11 +289,13 @@ SITE_COMMENTS = {
 def secure_toml(spec: SecureJobSpec) -> str:
     """The job's ``[secure]`` table (signing key relative to the job file)."""
     roster = "\n".join(f"{name} = {json.dumps(key)}" for name, key in sorted(spec.roster.items()))
+    threshold = "" if spec.threshold is None else (
+        f"threshold = {spec.threshold}                       # uploads needed, or nothing is released\n")
     return f"""
 [secure]                            # sum with the secure sum: the coordinator sees only sums over sites
 signing_key = {json.dumps(COORDINATOR_KEY)}   # the coordinator key every site trusts
 self_masks = {str(spec.self_masks).lower()}
-
+{threshold}
 [secure.roster]                     # each site's identity key (sites/<name>/identity.pem)
 {roster}
 
@@ -414,9 +413,10 @@ def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> 
     total_rows = len(rows) * len(SHIFTS)
     secure = provision(dict(zip(names, site_files)), out / COORDINATOR_KEY,
                        bounds=DeclaredBounds(max_rows=total_rows, feature_norm=DP_CLIP_NORM if options.dp else SECURE_FEATURE_NORM),
-                       require_secure_sum=False)
-    say.detail(f"identity keys and a [secure] table in each site file; threshold {secure.threshold or majority_threshold(len(names))} "
-               f"of {len(names)} sites")
+                       require_secure_sum=False, threshold=len(names) if options.dp else None)
+    threshold = secure.threshold or majority_threshold(len(names))
+    say.detail(f"identity keys and a [secure] table in each site file; threshold {threshold} of {len(names)} sites"
+               + (f": each site adds 1/{threshold} of the noise variance" if options.dp else ""))
 
     job_file = out / "job.toml"
     _write_if_changed(job_file, job_toml(list(models), sites=len(names), dp=options.dp, secure=secure).encode())
@@ -445,7 +445,7 @@ def run_job(setup: DemoSetup, transport: Transport = "federation", progress: Dem
     """
     say = progress or _Silent()
     if transport == "in-process":
-        say.detail(f"running the job: {DEMO_ROUNDS} statistics rounds for {len(setup.models)} models")
+        say.detail(f"running the job: {demo_rounds(setup.job.privacy.dp)} statistics round(s) for {len(setup.models)} models")
         return run_job_in_process(setup.job, setup.site_files)
     from fedmte.server.coordinator import run_job as coordinator_run_job
     from fedmte.trial import local_federation as lf
@@ -454,7 +454,7 @@ def run_job(setup: DemoSetup, transport: Transport = "federation", progress: Dem
     say.detail("starting a SuperLink and one SuperNode per site (TLS, node authentication)")
     start_federation(directory, setup.site_files)
     try:
-        say.detail(f"running the job: {DEMO_ROUNDS} statistics rounds for {len(setup.models)} models")
+        say.detail(f"running the job: {demo_rounds(setup.job.privacy.dp)} statistics round(s) for {len(setup.models)} models")
         return coordinator_run_job(setup.job)
     finally:
         say.detail("stopping the federation")
