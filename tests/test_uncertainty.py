@@ -18,6 +18,7 @@ from fedmte.protocol.scorers.base import Context
 from fedmte.protocol.scorers.hscore import symmetric_pinv
 from fedmte.protocol.statistics import Statistics
 from fedmte.protocol.uncertainty import NoisyRelease, bootstrap_scores, interval, kind_of, score_bounds
+from fedmte.server.job import RankingSettings
 from fedmte.server.ranking import ModelMetadata, rank_models
 from tests.datasets import DATASETS, make
 
@@ -190,8 +191,6 @@ def test_candidates_the_noise_cannot_separate_are_tied_and_separated_ones_are_no
 def test_the_recommendation_keeps_a_noise_tie_at_the_cut_whole() -> None:
     rng = np.random.default_rng(4)
     draws = {"A": 9.0 + rng.normal(0, 0.1, 300), "B": 5.0 + rng.normal(0, 1, 300), "C": 5.0 + rng.normal(0, 1, 300)}
-    ranking = _ranking({"A": 9.0, "B": 5.2, "C": 5.0}, draws, settings=None)
-    from fedmte.server.job import RankingSettings
     ranking = _ranking({"A": 9.0, "B": 5.2, "C": 5.0}, draws, settings=RankingSettings(top_k=2))
     assert ranking.recommendation == ["A", "B", "C"]
     assert ranking.recommendation_groups == [["A"], ["B", "C"]]
