@@ -18,17 +18,18 @@ and the aggregate ranking is compared with
 
 Configurations (``--configs``): ``all`` is the default of ``fedmte demo`` (distributed noise
 over a secure sum whose threshold is every site, budget allocated by block size, uncentred
-sums centred at the coordinator, noisy sums cleaned); ``-distributed``, ``-allocation``,
-``-centre`` and ``-clean`` each switch one of those off (full noise at every site; an even
-split of each release's budget over its blocks; a centring round first; raw noisy sums);
-``none`` switches all four off (fedmte before these improvements).
+sums centred at the coordinator, noisy sums cleaned, scorers weighed by how reproducible the
+noise leaves their rankings); ``-distributed``, ``-allocation``, ``-centre``, ``-clean`` and
+``-weigh`` each switch one of those off (full noise at every site; an even split of each
+release's budget over its blocks; a centring round first; raw noisy sums; an equal vote per
+scorer); ``none`` switches all five off (fedmte before these improvements).
 
 Also printed per run: the share of jobs whose recommendation (its first tie group) held the
 truth-worst candidate, and how often the top candidate by truth had the highest chance of
 being best. Usage::
 
     python bench/bench_dp_ranking.py [--epsilons 0.5 1 2 4 8] [--sites 3 10 30] [--draws 3]
-                                     [--configs all -distributed -allocation -centre -clean none]
+                                     [--configs all -distributed -allocation -centre -clean -weigh none]
 
 The first run trains the zoo (about a minute) unless ``$FEDMTE_CACHE/zoo`` holds it.
 """
@@ -65,7 +66,7 @@ from fedmte.trial.zoo import DIGIT_LABELS, build_zoo, load_digits_split, pack_zo
 SPLIT_SEED = 11
 BUDGET_RELEASES = 4.0
 """The budget is this many releases' epsilon, as the default policy (1 per release, 4 in all)."""
-IMPROVEMENTS = ("distributed", "allocation", "centre", "clean")
+IMPROVEMENTS = ("distributed", "allocation", "centre", "clean", "weigh")
 CONFIGS = ("all", *(f"-{name}" for name in IMPROVEMENTS), "none")
 
 
@@ -78,13 +79,14 @@ class Config:
     allocation: bool
     centre: bool
     clean: bool
+    weigh: bool
 
     @classmethod
     def named(cls, name: str) -> Config:
         if name == "all":
-            return cls(name, True, True, True, True)
+            return cls(name, True, True, True, True, True)
         if name == "none":
-            return cls(name, False, False, False, False)
+            return cls(name, False, False, False, False, False)
         off = name.removeprefix("-")
         if off not in IMPROVEMENTS:
             raise SystemExit(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
@@ -151,6 +153,7 @@ class Bench:
         text = demo.job_toml(self.models, sites=sites, dp=epsilon is not None, secure=secure)
         text = text.replace("[privacy]\n", f"[privacy]\ncentre = {json.dumps('coordinator' if config.centre else 'sites')}\n"
                                            f"clean = {str(config.clean).lower()}\n" if epsilon is not None else "[privacy]\n")
+        text = text.replace("[ranking]\n", f"[ranking]\nweigh_by_noise = {str(config.weigh).lower()}\n")
         text = text.replace('path = "models/', f'path = "{self.root / "models"}/')
         text = text.replace(f'coordinator_key = "{demo.COORDINATOR_KEY}"', f'coordinator_key = "{self.key_path}"')
         text = text.replace(f'signing_key = "{demo.COORDINATOR_KEY}"', f'signing_key = "{self.key_path}"')
@@ -182,12 +185,15 @@ def weighted_tau(scores: dict[str, float], reference: dict[str, float]) -> float
 
 
 def first_group(report: Report) -> list[str]:
-    """The candidates the report recommends first (its first tie group when it has one)."""
-    recommended = [m for m in report.models if m.status == "recommended"]
-    groups = [getattr(m, "tie_group", None) for m in recommended]
-    if recommended and groups[0] is not None:
-        return [m.name for m, g in zip(recommended, groups) if g == groups[0]]
-    return [m.name for m in recommended[:1]]
+    """The candidates the report recommends first: its first tie group (one name when exact)."""
+    groups = report.recommendation_groups or [report.recommendation[:1]]
+    return list(groups[0]) if groups else []
+
+
+def most_likely_best(report: Report) -> str | None:
+    """The candidate with the highest chance of being best (None without uncertainty)."""
+    chances = {m.name: m.uncertainty.p_best for m in report.models if m.uncertainty is not None}
+    return max(chances, key=lambda name: chances[name]) if chances else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -223,9 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         truth_taus.append(weighted_tau(scores, bench.truth))
                         off_taus.append(weighted_tau(scores, exact_scores))
                         worst_hits += worst in first_group(report)
-                        chances = {m.name: getattr(m, "p_best", None) for m in report.models}
-                        if all(v is not None for v in chances.values()) and chances:
-                            best_hits += max(chances, key=lambda m: chances[m]) == best
+                        best_hits += most_likely_best(report) == best
                     row = {"sites": sites, "epsilon": epsilon, "config": config.name,
                            "tau_truth": [round(float(np.nanmean(truth_taus)), 3), round(float(np.nanstd(truth_taus)), 3)],
                            "tau_dp_off": [round(float(np.nanmean(off_taus)), 3), round(float(np.nanstd(off_taus)), 3)],

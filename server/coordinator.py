@@ -579,7 +579,8 @@ def bootstrap_replicates(job: JobSpec, outcome: JobOutcome) -> dict[str, dict[st
         for index, (_, record) in enumerate(sorted(noisy.items())):
             run = record.run
             assert run is not None
-            release = NoisyRelease(sums=Statistics(record.released.blocks), sigma=dict(record.released.sigma))
+            release = NoisyRelease(sums=Statistics(record.released.blocks), sigma=dict(record.released.sigma),
+                                   clean=job.privacy.clean)
             replicates[record.package.label] = bootstrap_scores(
                 run.plan, release, dim=record.dim, num_classes=job.num_classes,
                 num_source_classes=record.num_source_classes, offset=run.ctx.offset,

@@ -33,6 +33,7 @@ Example::
     ties = "average"                      # per-scorer ties: "average" (default) or "min"
     top_k = 3
     bootstrap = 200                       # resamples of the noisy sums: intervals, chance of being best
+    weigh_by_noise = true                 # under noise, a scorer counts by how reproducible its ranking is
 
     [privacy]                             # what the coordinator asks; each site's policy decides
     dp = true
@@ -220,6 +221,8 @@ class RankingSettings(StrictModel):
     top_k: int = Field(default=3, ge=1, le=10_000)
     bootstrap: int = Field(default=200, ge=0, le=10_000, description=(
         "resamples of the noisy sums for intervals and the chance of being best (0: none); free of privacy cost"))
+    weigh_by_noise: bool = Field(default=True, description=(
+        "under DP noise, weigh each scorer in the mean rank by how reproducible the bootstrap finds its ranking"))
 
     @model_validator(mode="after")
     def _single_needs_scorer(self) -> RankingSettings:

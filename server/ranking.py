@@ -35,6 +35,12 @@ Steps of :func:`rank_models`:
    score awards 0 points. Without failures Borda orders models exactly as mean rank (it is
    k n - k mean rank); with failures it punishes a failure harder than mean rank.
    ``single``: the named scorer's rank alone.
+   4a. **Under noise** (``replicates`` given and ``weigh_by_noise``, the default), the mean
+   rank weighs each scorer by rho / (1 - rho), rho the mean Kendall tau-b between its ranking
+   and its ranking in each bootstrap replicate (:func:`_reliability_weights`): DP noise
+   scrambles some scorers (TransRate's per-class scatters) far more than others (NCE's
+   joint counts), and an equal vote would let the scrambled ones decide. The replicates are
+   aggregated with the same weights. Without noise every weight is equal (the plain mean).
 5. **Final rank.** Competition ranking of the aggregate (1, 2, 2, 4); models with equal
    aggregates share a rank and are listed by name. Filtered models follow, unranked.
 6. **Recommendation.** The first ``top_k`` ranked models that are not flagged and have at
@@ -80,6 +86,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from scipy import stats
 
 from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import InvalidInputError
@@ -249,7 +256,12 @@ class Ranking(StrictModel):
     recommendation_groups: list[list[str]] = Field(
         default_factory=list, description="the recommendation split into its tie groups, in rank order")
     uncertainty: UncertaintySummary | None = None
+    scorer_weights: dict[str, float] = Field(
+        default_factory=dict, description="each scorer's weight in the mean rank under noise (step 4a); empty: equal")
 
+
+RELIABILITY_CAP = 0.99
+"""The most a scorer's bootstrap rank agreement counts as (weight 99): keeps the weights finite."""
 
 # --------------------------------------------------------------------------- pieces
 
@@ -474,15 +486,18 @@ def _aggregate(
     use: Sequence[str],
     pool: Sequence[str],
     how: str,
+    weights: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Step 4: one number per pooled model from its ranks under the scorers in ``use``."""
+    """Step 4: one number per pooled model from its ranks under the scorers in ``use``
+    (``weights``: a weighted mean rank, step 4a)."""
     aggregate: dict[str, float] = {}
     if not (use and pool):
         return aggregate
+    w = None if weights is None else np.array([weights[s] for s in use], dtype=np.float64)
     for name in pool:
         ranks = np.array([per_scorer[s][name] for s in use], dtype=np.float64)
         if how == "mean_rank":
-            aggregate[name] = float(ranks.mean())
+            aggregate[name] = float(ranks.mean() if w is None else (w @ ranks) / w.sum())
         elif how == "median_rank":
             aggregate[name] = float(np.median(ranks))
         elif how == "borda":
@@ -639,6 +654,63 @@ def _plain_summary(groups: Sequence[Sequence[str]], p_best: Mapping[str, float],
             f"({count} resamples of the noisy sums, {level:.0%} intervals).")
 
 
+def _reliability_weights(
+    scores: Mapping[str, Mapping[str, float | None]],
+    replicates: Mapping[str, Mapping[str, np.ndarray]] | None,
+    *,
+    scorers: Sequence[str],
+    use: Sequence[str],
+    screening: _Screening,
+    per_scorer: Mapping[str, Mapping[str, float]],
+    ties: str,
+) -> dict[str, float] | None:
+    """Step 4a: each ranking scorer's weight in the mean rank under noise, from how well its
+    ranking survives the noise: rho_s, the mean Kendall tau-b between its point ranks and its
+    ranks in each bootstrap replicate (a reliability: the correlation of two noisy copies of
+    one measurement), weighs rho / (1 - rho), the ratio of signal to noise variance it implies,
+    so a scorer the noise scrambles (rho 0.4: 0.67) counts far less than one it barely moves
+    (rho 0.9: 9); rho is taken in [0, RELIABILITY_CAP]. None (plain mean) without replicates,
+    without noise (every rho 1) or with fewer than three ranked models. A scorer without
+    replicates (held at its point, or not resampled) gets the average weight of the others:
+    its noise is unknown, neither trusted nor doubted."""
+    pool = screening.pool
+    if not replicates or len(use) < 2 or len(pool) < 3:
+        return None
+    counts = {len(v) for row in replicates.values() for v in row.values()}
+    if len(counts) != 1:
+        return None
+    draws, held, _ = _replicate_scores(scores, replicates, counts.pop())
+
+    def resampled(scorer: str) -> bool:  # some pooled model has replicates of it (or of its helpers) that vary
+        keys = [scorer, *(SCORERS[scorer].helper_scorers if scorer in SCORERS else ())]
+        return any(key in replicates.get(name, {}) and key not in held.get(name, []) for name in pool for key in keys)
+
+    agreement: dict[str, list[float]] = {s: [] for s in use if resampled(s)}
+    point = {s: np.array([per_scorer[s][name] for name in pool]) for s in use}
+    for draw in draws:
+        table_r = _score_table(draw, scorers, screening, {})
+        for s in agreement:
+            ranks = rank_scores({name: table_r[name][s] for name in pool}, ties)
+            values = np.array([ranks[name] for name in pool])
+            if np.all(values == values[0]) or np.all(point[s] == point[s][0]):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tau = stats.kendalltau(point[s], values).statistic
+            if math.isfinite(tau):
+                agreement[s].append(float(tau))
+    rho = {s: min(max(float(np.mean(v)), 0.0), RELIABILITY_CAP) for s, v in agreement.items() if v}
+    if not rho or all(value >= RELIABILITY_CAP for value in rho.values()):
+        return None  # nothing resampled, or no noise moved any ranking: the plain mean
+    raw = {s: value / (1.0 - value) for s, value in rho.items()}
+    neutral = float(np.mean(list(raw.values())))
+    raw = {s: raw.get(s, neutral) for s in use}  # not resampled: unknown noise, the average weight
+    total = sum(raw.values())
+    if total <= 0:
+        return None
+    return {s: len(use) * value / total for s, value in raw.items()}  # scaled to sum to the number of scorers
+
+
 def _assess(
     scores: Mapping[str, Mapping[str, float | None]],
     replicates: Mapping[str, Mapping[str, np.ndarray]] | None,
@@ -653,6 +725,7 @@ def _assess(
     settings: RankingSettings,
     better: str,
     bounds: Mapping[str, Mapping[str, Bounds]],
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, CandidateUncertainty], UncertaintySummary, list[list[str]]]:
     """Step 7: re-rank every replicate as the point was ranked; per-candidate intervals,
     chances and tie groups (see the module docstring)."""
@@ -674,7 +747,7 @@ def _assess(
     for r, draw in enumerate(draws):
         table_r = _score_table(draw, scorers, screening, {}) if assessed else table
         per_scorer = {s: rank_scores({name: table_r[name][s] for name in pool}, settings.ties) for s in use}
-        aggregate = _aggregate(table_r, per_scorer, use, pool, settings.aggregate)
+        aggregate = _aggregate(table_r, per_scorer, use, pool, settings.aggregate, weights)
         final_r = _competition_ranks(aggregate, better) if aggregate else {}
         if not ranked:
             continue
@@ -777,7 +850,14 @@ def rank_models(
         use = [settings.scorer] if settings.scorer in ranked_scorers else []
     else:
         use = ranked_scorers
-    aggregate = _aggregate(table, per_scorer, use, pool, settings.aggregate)
+    weights = (_reliability_weights(scores, replicates, scorers=scorers, use=use, screening=screening,
+                                    per_scorer=per_scorer, ties=settings.ties)
+               if settings.aggregate == "mean_rank" and settings.weigh_by_noise else None)
+    if weights is not None:
+        notes.append("under the noise each scorer counts in the mean rank by how reproducible its ranking is "
+                     "(weight rho / (1 - rho), rho its bootstrap rank agreement): "
+                     + ", ".join(f"{s} {weights[s]:.2f}" for s in use))
+    aggregate = _aggregate(table, per_scorer, use, pool, settings.aggregate, weights)
     if pool and not aggregate:
         notes.append(f"none of the ranking scorers ({', '.join(use or scorers)}) succeeded for any ranked model, "
                      "so there is no ranking")
@@ -792,7 +872,7 @@ def rank_models(
         raise InvalidInputError(f"level must lie in (0, 1), got {level}")
     uncertain, summary, groups = _assess(
         scores, replicates, level=level, scorers=scorers, use=use, screening=screening, table=table, order=order,
-        final=final, settings=settings, better=better, bounds=bounds or {})
+        final=final, settings=settings, better=better, bounds=bounds or {}, weights=weights)
     recommendation, recommendation_groups, recommend_notes = _recommend(
         order, groups, scored, screening.flagged, settings.top_k)
     for group in groups if summary.assessed and not summary.exact else []:
@@ -815,6 +895,7 @@ def rank_models(
         notes=notes + recommend_notes,
         recommendation_groups=recommendation_groups,
         uncertainty=summary,
+        scorer_weights=weights or {},
     )
 
 

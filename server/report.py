@@ -136,6 +136,7 @@ class Report(StrictModel):
     recommendation_groups: list[list[str]] = Field(default_factory=list)
     agreement: list[Agreement]
     uncertainty: UncertaintySummary | None = None
+    scorer_weights: dict[str, float] = Field(default_factory=dict)
     constraints: Constraints
     sites: list[SiteDisclosure]
     privacy: PrivacySummary
@@ -225,6 +226,7 @@ def build_report(
         recommendation_groups=ranking.recommendation_groups,
         agreement=ranking.agreement,
         uncertainty=ranking.uncertainty,
+        scorer_weights=ranking.scorer_weights,
         constraints=job.constraints,
         sites=list(sites),
         privacy=PrivacySummary(
@@ -466,7 +468,11 @@ _AGGREGATE_TEXT = {
 def _aggregate_text(report: Report) -> str:
     if report.aggregate.startswith("single:"):
         return f"the rank under {report.aggregate.removeprefix('single:')} alone (lower is better)"
-    return _AGGREGATE_TEXT.get(report.aggregate, report.aggregate)
+    text = _AGGREGATE_TEXT.get(report.aggregate, report.aggregate)
+    if report.scorer_weights:
+        weights = ", ".join(f"{s} {w:.2f}" for s, w in report.scorer_weights.items())
+        text += (f", each scorer weighed by how reproducible the noise leaves its ranking ({weights})")
+    return text
 
 
 def _interval_html(model: RankedModel, scorer: str, level: float) -> str:
