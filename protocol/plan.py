@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from fedmte.protocol.catalogue import Batch, accumulate, expected_shape
+from fedmte.protocol.catalogue import STATISTICS, Batch, accumulate, expected_shape
 from fedmte.protocol.errors import InvalidInputError, NotFederableError, ScorerDomainError, UnknownScorerError
-from fedmte.protocol.requests import Stat
+from fedmte.protocol.requests import Stat, Transform
 from fedmte.protocol.scorers import NOT_FEDERABLE, SCORERS
 from fedmte.protocol.scorers.base import Context, Program
 from fedmte.protocol.statistics import Statistics
@@ -157,10 +157,20 @@ class PlanRun:
         num_source_classes: int = 0,
         offset: np.ndarray | None = None,
         record_failures: bool = False,
+        projection: np.ndarray | None = None,
     ) -> None:
         self.plan = plan
         self.dim, self.num_classes, self.num_source_classes = dim, num_classes, num_source_classes
         self.record_failures = record_failures
+        self.projection: Transform | None = None
+        self.work_dim = dim
+        if projection is not None:
+            basis = np.asarray(projection, dtype=np.float64)
+            if basis.ndim != 2 or basis.shape[0] != dim or not 1 <= basis.shape[1] <= dim:
+                raise InvalidInputError(f"the projection must be a ({dim}, k) basis with 1 <= k <= {dim}, "
+                                        f"got {basis.shape}")
+            self.projection, self.work_dim = Transform.of("project", basis=basis), basis.shape[1]
+        self._lifted: dict[str, str] = {}  # request key as sent -> as the programs asked
         self.scores: dict[str, float] = {}
         self.failures: dict[str, str] = {}
         self.clamped: dict[str, float] = {}
@@ -168,28 +178,41 @@ class PlanRun:
         self._programs: dict[str, tuple[Program, dict[str, Stat]]] = {}
         self._rounds_used = 0
         self._probe: tuple[Stat, Stat] | None = None
+        width = self.work_dim
         if offset is None and plan.centring_round:
             self._probe = (Stat.of("count"), Stat.of("sum"))
-            self.ctx = Context(num_classes, dim, num_source_classes, np.zeros(dim))
+            self.ctx = Context(num_classes, width, num_source_classes, np.zeros(width))
         else:
-            self._start(np.zeros(dim) if offset is None else offset)
+            self._start(np.zeros(width) if offset is None else offset)
 
     def _start(self, offset: np.ndarray) -> None:
         offset = np.asarray(offset, dtype=np.float64)
-        if offset.shape != (self.dim,):
-            raise InvalidInputError(f"the offset must have shape ({self.dim},), got {offset.shape}")
-        self.ctx = Context(self.num_classes, self.dim, self.num_source_classes, offset)
+        if offset.shape != (self.work_dim,):
+            raise InvalidInputError(f"the offset must have shape ({self.work_dim},), got {offset.shape}")
+        self.ctx = Context(self.num_classes, self.work_dim, self.num_source_classes, offset)
         for name in self.plan.scorers:
             program = SCORERS[name].program(self.ctx, **self.plan.options.get(name, {}))
             self._advance(name, program, None)
 
     def pending(self) -> list[Stat] | None:
-        """The next round's unique requests, or ``None`` when the plan is done."""
+        """The next round's unique requests, or ``None`` when the plan is done (with a
+        projection, each request's view starts with it: the programs never see it)."""
         if self._probe is not None:
-            return list(self._probe)
-        if not self._programs:
+            asked = list(self._probe)
+        elif not self._programs:
             return None
-        return list({s.key: s for _, reqs in self._programs.values() for s in reqs.values()}.values())
+        else:
+            asked = list({s.key: s for _, reqs in self._programs.values() for s in reqs.values()}.values())
+        return [self._lift(stat) for stat in asked]
+
+    def _lift(self, stat: Stat) -> Stat:
+        """``stat`` as sent: its view behind the projection, where the statistic reads features."""
+        if self.projection is None or not STATISTICS[stat.kind].needs_features:
+            self._lifted[stat.key] = stat.key
+            return stat
+        lifted = Stat(stat.kind, (self.projection, *stat.view), stat.args)
+        self._lifted[lifted.key] = stat.key
+        return lifted
 
     def expected(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shape and dtype of every pending sum, to validate what comes back."""
@@ -203,6 +226,7 @@ class PlanRun:
             raise RuntimeError("the plan is already done")
         sums.check_shapes(self.expected())
         self.log.append(RoundRecord(kinds=sorted({s.kind for s in requests}), nbytes=sums.nbytes))
+        sums = Statistics({self._lifted[s.key]: sums[s.key] for s in requests})  # as the programs asked
         if self._probe is not None:
             count, total = self._probe
             self._probe = None

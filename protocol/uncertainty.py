@@ -99,12 +99,12 @@ solve, a log of a negative number): that replicate is NaN, as a failure is."""
 
 
 def _run_one(sub: ScoringPlan, blocks: Mapping[str, np.ndarray], *, dim: int, num_classes: int,
-             num_source_classes: int, offset: np.ndarray) -> float:
+             num_source_classes: int, offset: np.ndarray, projection: np.ndarray | None = None) -> float:
     """One scorer on one replicate's blocks; NaN when it fails or asks for a block the
     release does not hold."""
     try:
         run = PlanRun(sub, dim=dim, num_classes=num_classes, num_source_classes=num_source_classes,
-                      offset=offset, record_failures=True)
+                      offset=offset, record_failures=True, projection=projection)
         while (requests := run.pending()) is not None:
             if any(s.key not in blocks for s in requests):
                 return math.nan
@@ -124,6 +124,7 @@ def bootstrap_scores(
     offset: np.ndarray | None = None,
     replicates: int = 200,
     rng: np.random.Generator,
+    projection: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """``{scorer: (replicates,) scores}`` of ``plan`` on parametric resamples of ``release``.
 
@@ -133,10 +134,13 @@ def bootstrap_scores(
     derived as that run did, zero without a centring round). NaN where a replicate failed or
     asked for a statistic the release lacks. Each scorer runs as its own plan, so one that
     needs a missing block fails alone. With no noise every replicate is the released score.
+    ``projection``: the basis the run's requests were projected by (:class:`PlanRun`); the
+    offset is then in the projected coordinates, as the run's.
     """
     if replicates < 1:
         raise ValueError(f"replicates must be at least 1, got {replicates}")
-    start = _release_offset(plan, release, dim) if offset is None else np.asarray(offset, dtype=np.float64)
+    width = dim if projection is None else int(np.shape(projection)[1])
+    start = _release_offset(plan, release, width) if offset is None else np.asarray(offset, dtype=np.float64)
     subs = {name: ScoringPlan(scorers=(name,), options={name: plan.options[name]} if name in plan.options else {})
             for name in plan.scorers}
     draws = 1 if release.exact else replicates
@@ -150,7 +154,7 @@ def bootstrap_scores(
             blocks = {key: stacked[key][r] if key in stacked else value for key, value in release.sums.items()}
             for name, sub in subs.items():
                 out[name][r] = _run_one(sub, blocks, dim=dim, num_classes=num_classes,
-                                        num_source_classes=num_source_classes, offset=start)
+                                        num_source_classes=num_source_classes, offset=start, projection=projection)
     if draws != replicates:
         out = {name: np.repeat(values, replicates) for name, values in out.items()}
     return out

@@ -78,6 +78,7 @@ from fedmte.protocol.job_messages import (
 from fedmte.protocol.keys import public_key_text
 from fedmte.protocol.manifest import ModelManifest, strict_json_loads
 from fedmte.protocol.plan import PlanRun, ScoringResult, execute_many, make_plan
+from fedmte.protocol.projection import projection_seed, random_basis
 from fedmte.protocol.requests import Stat
 from fedmte.protocol.scorers import SCORERS
 from fedmte.protocol.statistics import Statistics
@@ -313,6 +314,7 @@ class ModelRecord:
     failures: dict[str, str] = field(default_factory=dict)
     refusals: list[str] = field(default_factory=list)
     released: ReleasedSums = field(default_factory=ReleasedSums)
+    projection: np.ndarray | None = None  # the public (dim, k) basis its requests read through
 
 
 @dataclass
@@ -364,14 +366,16 @@ def _site_names(replies: Mapping[int, SetupReply]) -> dict[int, str]:
     return {node: name if counts[name] == 1 else f"{name}#{node}" for node, name in names.items()}
 
 
-def _plan_model(record: ModelRecord, job: JobSpec, *, noisy: bool) -> None:
+def _plan_model(record: ModelRecord, job: JobSpec, *, noisy: bool, run_id: str) -> None:
     """The model's plan over the scorers its outputs allow; the rest fail with a reason.
 
     ``noisy`` (some site adds DP noise): the scorers read uncentred sums (offset zero) and the
     coordinator centres them, so there is no centring round to charge, and the Gram's
     sensitivity is C^2 instead of (C + ||offset||)^2, up to four times less noise. The
     scorers work in any offset coordinates (:mod:`fedmte.protocol.scorers.moments`); the
-    centring round exists only for the digits of exact sums, which noise swamps.
+    centring round exists only for the digits of exact sums, which noise swamps. With
+    ``[privacy] project_dim = k`` (and noise) every request reads the features through a
+    public random orthonormal basis to k dimensions (:mod:`fedmte.protocol.projection`).
     """
     has_probs = record.num_source_classes > 0
     usable = []
@@ -385,9 +389,13 @@ def _plan_model(record: ModelRecord, job: JobSpec, *, noisy: bool) -> None:
     if not usable:
         return
     options = {name: opts for name, opts in job.options_to_run.items() if name in usable}
+    k = job.privacy.project_dim
+    if k is not None and noisy and k < record.dim:
+        record.projection = random_basis(record.dim, k, projection_seed(run_id, record.package.model_id))
+    width = record.dim if record.projection is None else k
     plan = make_plan(usable, has_features=True, has_source_probs=has_probs, options=options, public_offset=noisy)
     record.run = PlanRun(plan, dim=record.dim, num_classes=job.num_classes, num_source_classes=record.num_source_classes,
-                         offset=np.zeros(record.dim) if noisy else None, record_failures=True)
+                         offset=np.zeros(width) if noisy else None, record_failures=True, projection=record.projection)
 
 
 def execute_job(
@@ -441,7 +449,8 @@ def execute_job(
         if len(shapes) != 1:
             raise FederationError(f"the sites disagree on the outputs of {record.package.label}: {sorted(shapes)}")
         record.dim, record.num_source_classes = (int(v or 0) for v in shapes.pop())
-        _plan_model(record, job, noisy=any(site.dp for site in sites.values()) and job.privacy.centre == "coordinator")
+        _plan_model(record, job, noisy=any(site.dp for site in sites.values()) and job.privacy.centre == "coordinator",
+                    run_id=run_id)
     runs = {model_id: r.run for model_id, r in models.items() if r.run is not None}
     if not runs:
         reasons = "; ".join(f"{r.package.label}: {', '.join(r.refusals) or 'no scorer applies'}" for r in models.values())
@@ -584,7 +593,8 @@ def bootstrap_replicates(job: JobSpec, outcome: JobOutcome) -> dict[str, dict[st
             replicates[record.package.label] = bootstrap_scores(
                 run.plan, release, dim=record.dim, num_classes=job.num_classes,
                 num_source_classes=record.num_source_classes, offset=run.ctx.offset,
-                replicates=job.ranking.bootstrap, rng=np.random.default_rng([seed, index]))
+                replicates=job.ranking.bootstrap, rng=np.random.default_rng([seed, index]),
+                projection=record.projection)
     return replicates
 
 
@@ -607,7 +617,7 @@ def build_job_report(job: JobSpec, outcome: JobOutcome) -> Report:
         metadata[name] = ModelMetadata.from_sites(measured, manifest_sha256=model_id, **described)
     clamped = {r.package.label: dict(r.result.clamped) for r in outcome.models.values()
                if r.result is not None and r.result.clamped}
-    bounds = {r.package.label: score_bounds(list(r.run.plan.scorers), dim=r.dim, num_classes=job.num_classes,
+    bounds = {r.package.label: score_bounds(list(r.run.plan.scorers), dim=r.run.work_dim, num_classes=job.num_classes,
                                             num_source_classes=r.num_source_classes)
               for r in outcome.models.values() if r.run is not None}
     ranking = rank_models(scores, metadata, scorers=job.scorers, settings=job.ranking, constraints=job.constraints,
@@ -627,6 +637,11 @@ def build_job_report(job: JobSpec, outcome: JobOutcome) -> Report:
     if job.privacy.dp and exact:
         notes.append(f"the job asked for DP, but the policies of {', '.join(exact)} release exact sums (a site's "
                      "policy has the last word)")
+    projected = sorted(r.package.label for r in outcome.models.values() if r.projection is not None)
+    if projected:
+        notes.append(f"features projected to k = {job.privacy.project_dim} dimensions before release (a public random "
+                     f"orthonormal basis seeded by the run id): {', '.join(projected)}; the scores are of the "
+                     "projected features")
     notes.append(f"{len([r for r in outcome.rounds if r.kinds])} statistics round(s) for {len(outcome.models)} "
                  f"candidate(s); planned {outcome.planned_rounds}")
     privacy = report.privacy.model_copy(update={"secure_sum": outcome.secure_sum})

@@ -40,6 +40,7 @@ Example::
     epsilon = 1.0                         # per release; omit to take each site's default
     delta = 1e-6
     centre = "coordinator"                # under noise: uncentred sums, centred here (no centring round)
+    # project_dim = 16                    # under noise: a public random projection to 16 dimensions first
     clean = true                          # repair noisy sums before scoring (free: post-processing)
 
     [federation]                          # transport settings (defaults shown)
@@ -243,6 +244,10 @@ class PrivacyRequest(StrictModel):
     centre: Literal["coordinator", "sites"] = Field(default="coordinator", description=(
         "under DP noise, where features are centred: 'coordinator' (uncentred sums, one round fewer, the Gram's "
         "sensitivity C^2) or 'sites' (a centring round first, as for exact sums)"))
+    project_dim: int | None = Field(default=None, ge=1, le=100_000, description=(
+        "under DP noise, project each candidate's features to this many dimensions by a public random "
+        "orthonormal basis before anything is summed (the sites must allow the 'project' transform); "
+        "None: no projection"))
     clean: bool = Field(default=True, description=(
         "repair noisy sums before scoring (counts >= 1, Gram eigenvalues floored at the noise level); "
         "post-processing, free of privacy cost"))

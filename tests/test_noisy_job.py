@@ -14,6 +14,11 @@ from fedmte.client.audit_log import read_records
 from fedmte.protocol.audit_format import IntentRecord
 from fedmte.protocol import symmetric
 from fedmte.protocol.dp_postprocess import eigen_floor
+from fedmte.protocol.errors import InvalidInputError
+from fedmte.protocol.inputs import check_inputs
+from fedmte.protocol.local import InMemorySite
+from fedmte.protocol.plan import PlanRun, make_plan
+from fedmte.protocol.projection import projection_seed, random_basis
 from fedmte.server.coordinator import build_job_report, execute_job, load_candidates
 from fedmte.server.job import RankingSettings
 from fedmte.server.ranking import ModelMetadata, rank_models
@@ -154,3 +159,55 @@ def test_without_noise_every_scorer_counts_the_same() -> None:
     plain = rank_models(scores, metadata, scorers=["steady", "fair", "scrambled"])
     assert ranking.scorer_weights == {}
     assert [(m.name, m.aggregate) for m in ranking.models] == [(m.name, m.aggregate) for m in plain.models]
+
+
+# --------------------------------------------------------------------------- projection
+
+def _scores(run: PlanRun, site: InMemorySite) -> dict[str, float]:
+    while (requests := run.pending()) is not None:
+        run.feed(site.compute(requests))
+    return run.result().scores
+
+
+@pytest.mark.parametrize("centring", [False, True])
+def test_a_projected_plan_scores_the_projected_features_exactly(centring: bool) -> None:
+    """PlanRun(projection=B) on features X equals the plain plan on X @ B: the site applies the
+    basis, the programs never see it."""
+    rng = np.random.default_rng(21)
+    labels = np.repeat(np.arange(3), 40)
+    features = rng.normal(size=(len(labels), 12)) + labels[:, None] + 5.0
+    basis = random_basis(12, 4, projection_seed("run", "model"))
+    assert np.allclose(basis.T @ basis, np.eye(4))  # orthonormal: clipped rows stay clipped
+    plan = make_plan(["hscore", "logme", "gbc", "transrate"], has_features=True, has_source_probs=False,
+                     public_offset=not centring)
+    projected = PlanRun(plan, dim=12, num_classes=3, projection=basis,
+                        offset=None if centring else np.zeros(4))
+    site = InMemorySite(check_inputs(features, labels), np.arange(len(labels)))
+    plain = PlanRun(plan, dim=4, num_classes=3, offset=None if centring else np.zeros(4))
+    reference = InMemorySite(check_inputs(features @ basis, labels), np.arange(len(labels)))
+    got, want = _scores(projected, site), _scores(plain, reference)
+    assert set(got) == set(want) == set(plan.scorers)
+    for name in plan.scorers:
+        assert got[name] == pytest.approx(want[name], rel=1e-9, abs=1e-12)
+
+
+def test_a_projection_wider_than_the_features_is_refused() -> None:
+    with pytest.raises(InvalidInputError):
+        random_basis(4, 5, 1)
+    plan = make_plan(["hscore"], has_features=True, has_source_probs=False, public_offset=True)
+    with pytest.raises(InvalidInputError):
+        PlanRun(plan, dim=4, num_classes=3, projection=np.ones((3, 2)))
+
+
+def test_a_dp_job_with_project_dim_reads_every_model_through_its_basis(tmp_path: Path) -> None:
+    world = World(tmp_path, dp=True, sites=3)
+    job = world.job(CANDIDATES[:2], scorers=["hscore", "logme"], privacy={"dp": True, "project_dim": 3},
+                    ranking={"bootstrap": 20})
+    outcome, _ = world.run(job, "304")
+    for record in outcome.models.values():
+        assert record.projection is not None and record.projection.shape == (record.dim, 3)
+        assert record.run is not None and record.run.work_dim == 3
+        assert record.result is not None and set(record.result.scores) == {"hscore", "logme"}
+    report = build_job_report(job, outcome)
+    assert any("projected to k = 3" in note for note in report.notes)
+    assert report.uncertainty is not None and report.uncertainty.assessed
