@@ -22,14 +22,16 @@ sums centred at the coordinator, noisy sums cleaned, scorers weighed by how repr
 noise leaves their rankings); ``-distributed``, ``-allocation``, ``-centre``, ``-clean`` and
 ``-weigh`` each switch one of those off (full noise at every site; an even split of each
 release's budget over its blocks; a centring round first; raw noisy sums; an equal vote per
-scorer); ``none`` switches all five off (fedmte before these improvements).
+scorer); ``none`` switches all five off (fedmte before these improvements); ``+project``
+adds to ``all`` the optional public projection of every candidate's features to
+:data:`PROJECT_DIM` dimensions.
 
 Also printed per run: the share of jobs whose recommendation (its first tie group) held the
 truth-worst candidate, and how often the top candidate by truth had the highest chance of
 being best. Usage::
 
     python bench/bench_dp_ranking.py [--epsilons 0.5 1 2 4 8] [--sites 3 10 30] [--draws 3]
-                                     [--configs all -distributed -allocation -centre -clean -weigh none]
+                                     [--configs all -distributed -allocation -centre -clean -weigh none +project]
 
 The first run trains the zoo (about a minute) unless ``$FEDMTE_CACHE/zoo`` holds it.
 """
@@ -67,7 +69,9 @@ SPLIT_SEED = 11
 BUDGET_RELEASES = 4.0
 """The budget is this many releases' epsilon, as the default policy (1 per release, 4 in all)."""
 IMPROVEMENTS = ("distributed", "allocation", "centre", "clean", "weigh")
-CONFIGS = ("all", *(f"-{name}" for name in IMPROVEMENTS), "none")
+CONFIGS = ("all", *(f"-{name}" for name in IMPROVEMENTS), "none", "+project")
+PROJECT_DIM = 16
+"""The projection ``+project`` adds: the demo's candidates have 32 to 64 feature dimensions."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class Config:
     centre: bool
     clean: bool
     weigh: bool
+    project: bool = False
 
     @classmethod
     def named(cls, name: str) -> Config:
@@ -87,6 +92,8 @@ class Config:
             return cls(name, True, True, True, True, True)
         if name == "none":
             return cls(name, False, False, False, False, False)
+        if name == "+project":
+            return cls(name, True, True, True, True, True, project=True)
         off = name.removeprefix("-")
         if off not in IMPROVEMENTS:
             raise SystemExit(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
@@ -140,6 +147,8 @@ class Bench:
             kept = self.data_dir(sites, index)
             document["site"]["cache_dir"] = str(kept / "cache")
             document["data"]["path"] = str(kept / demo.SITE_DATA_FILE)
+            if config.project:  # the data owner allows the public projection
+                document["policy"]["allowed_transforms"] = sorted({*document["policy"]["allowed_transforms"], "project"})
             if epsilon is not None:
                 document["policy"]["dp"].update({
                     "epsilon_per_release": epsilon, "epsilon_budget": BUDGET_RELEASES * epsilon,
@@ -152,7 +161,9 @@ class Bench:
             require_secure_sum=False, threshold=sites)
         text = demo.job_toml(self.models, sites=sites, dp=epsilon is not None, secure=secure)
         text = text.replace("[privacy]\n", f"[privacy]\ncentre = {json.dumps('coordinator' if config.centre else 'sites')}\n"
-                                           f"clean = {str(config.clean).lower()}\n" if epsilon is not None else "[privacy]\n")
+                                           f"clean = {str(config.clean).lower()}\n"
+                                           + (f"project_dim = {PROJECT_DIM}\n" if config.project else "")
+                                           if epsilon is not None else "[privacy]\n")
         text = text.replace("[ranking]\n", f"[ranking]\nweigh_by_noise = {str(config.weigh).lower()}\n")
         text = text.replace('path = "models/', f'path = "{self.root / "models"}/')
         text = text.replace(f'coordinator_key = "{demo.COORDINATOR_KEY}"', f'coordinator_key = "{self.key_path}"')
