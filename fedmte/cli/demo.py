@@ -95,7 +95,8 @@ def _ranking_table(result: DemoResult) -> Table:
     aggregate = report.aggregate.replace("_", " ")
     noisy = report.noise_shown
     table = Table(title=f"Ranking by {aggregate} ({report.better} is better), with each scorer's rank"
-                        + ("; n= : tied under the DP noise" if noisy else ""),
+                        + ("; n= : tied under the DP noise" if noisy else "")
+                        + "; ✓ recommended, ! breaks a constraint, × filtered out",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("model", no_wrap=True)
@@ -105,7 +106,7 @@ def _ranking_table(result: DemoResult) -> Table:
     if noisy:
         table.add_column("p(best)", justify="right", no_wrap=True)
     table.add_column("truth", justify="right", no_wrap=True)
-    table.add_column("status", no_wrap=True)
+    table.add_column("", no_wrap=True)  # the status mark
     for model in report.models:
         style = {"recommended": "bold green", "flagged": "yellow", "filtered": "dim"}.get(model.status, "")
         chance = ([f"{model.uncertainty.p_best:.2f}" if model.uncertainty is not None else "—"] if noisy else [])
@@ -115,9 +116,13 @@ def _ranking_table(result: DemoResult) -> Table:
               for s in report.scorers),
             *chance,
             "—" if model.name not in truth else f"{truth[model.name]:.2f}",
-            f"[{style}]{model.status}[/]" if style else model.status,
+            f"[{style}]{STATUS_MARK[model.status]}[/]" if style else STATUS_MARK[model.status],
         )
     return table
+
+
+STATUS_MARK = {"recommended": "✓", "flagged": "!", "filtered": "×", "eligible": ""}
+"""One-character status marks, so the table fits 80 columns (its title says what they mean)."""
 
 
 def _evaluation_table(result: DemoResult) -> Table:
