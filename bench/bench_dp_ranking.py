@@ -19,10 +19,10 @@ and the aggregate ranking is compared with
 Configurations (``--configs``): ``all`` is the default of ``fedmte demo`` (distributed noise
 over a secure sum whose threshold is every site, budget allocated by block size, uncentred
 sums centred at the coordinator, noisy sums cleaned, scorers weighed by how reproducible the
-noise leaves their rankings); ``-distributed``, ``-allocation``, ``-centre``, ``-clean`` and
-``-weigh`` each switch one of those off (full noise at every site; an even split of each
+noise leaves their rankings); ``no-distributed``, ``no-allocation``, ``no-centre``,
+``no-clean`` and ``no-weigh`` each switch one of those off (full noise at every site; an even split of each
 release's budget over its blocks; a centring round first; raw noisy sums; an equal vote per
-scorer); ``none`` switches all five off (fedmte before these improvements); ``+project``
+scorer); ``none`` switches all five off (fedmte before these improvements); ``project``
 adds to ``all`` the optional public projection of every candidate's features to
 :data:`PROJECT_DIM` dimensions.
 
@@ -31,7 +31,7 @@ truth-worst candidate, and how often the top candidate by truth had the highest 
 being best. Usage::
 
     python bench/bench_dp_ranking.py [--epsilons 0.5 1 2 4 8] [--sites 3 10 30] [--draws 3]
-                                     [--configs all -distributed -allocation -centre -clean -weigh none +project]
+                                     [--configs all no-distributed no-allocation no-centre no-clean no-weigh none project]
 
 The first run trains the zoo (about a minute) unless ``$FEDMTE_CACHE/zoo`` holds it.
 """
@@ -69,9 +69,9 @@ SPLIT_SEED = 11
 BUDGET_RELEASES = 4.0
 """The budget is this many releases' epsilon, as the default policy (1 per release, 4 in all)."""
 IMPROVEMENTS = ("distributed", "allocation", "centre", "clean", "weigh")
-CONFIGS = ("all", *(f"-{name}" for name in IMPROVEMENTS), "none", "+project")
+CONFIGS = ("all", *(f"no-{name}" for name in IMPROVEMENTS), "none", "project")
 PROJECT_DIM = 16
-"""The projection ``+project`` adds: the demo's candidates have 32 to 64 feature dimensions."""
+"""The projection ``project`` adds: the demo's candidates have 32 to 64 feature dimensions."""
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,9 @@ class Config:
             return cls(name, True, True, True, True, True)
         if name == "none":
             return cls(name, False, False, False, False, False)
-        if name == "+project":
+        if name == "project":
             return cls(name, True, True, True, True, True, project=True)
-        off = name.removeprefix("-")
+        off = name.removeprefix("no-")
         if off not in IMPROVEMENTS:
             raise SystemExit(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
         return cls(name, **{improvement: improvement != off for improvement in IMPROVEMENTS})
