@@ -103,7 +103,7 @@ from fedmte.client.privacy import ModelRequest, ReleaseRequest, SecureContext, S
 from fedmte.client.request_guard import NONCES_FILE, REQUEST_WINDOW, SeenNonces
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note
-from fedmte.protocol.catalogue import Batch
+from fedmte.protocol.catalogue import Batch, with_row_ids
 from fedmte.protocol.durable import atomic_write
 from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import (
@@ -594,14 +594,19 @@ class SiteAgent:
         step = self.settings.stats_batch
         for start in range(0, entry.meta.rows, step):
             rows = slice(start, start + step)
+            ids = np.arange(start, min(start + step, entry.meta.rows))  # the row's place in the cache, in data order
             yield Batch.from_model_outputs(features[rows], labels[rows], None if logits is None else logits[rows],
-                                           num_classes)
+                                           num_classes, row_ids=ids)
 
     def _site_feature_batches(self, data: SiteData, num_classes: int) -> Iterator[Batch]:
         """A features-kind site's own rows as float64 batches (bad rows skipped or refused)."""
         assert isinstance(data, FeatureData)
+        start = 0
         for features, labels, probs in data.rows(self.settings.stats_batch, data.new_report()):
-            yield Batch(features=features, labels=labels, num_classes=num_classes, source_probs=probs)
+            ids = np.arange(start, start + len(labels))  # the row's place among the usable rows, in data order
+            start += len(labels)
+            yield Batch(features=features, labels=with_row_ids(labels, ids), num_classes=num_classes,
+                        source_probs=probs)
 
     def _site_metrics(self, model_id: str, fingerprint: str) -> SiteMetrics | None:
         metrics = self._metrics.get((model_id, fingerprint))

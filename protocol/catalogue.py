@@ -12,6 +12,7 @@ classes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,15 +24,63 @@ from fedmte.protocol.requests import Stat, View
 from fedmte.protocol.statistics import Statistics
 
 
+class RowLabels(np.ndarray):
+    """int64 labels that carry each row's identity, ``row_ids`` (int64, the row's index in
+    the site's data, stable for a given data version).
+
+    The ids travel *with the labels*, so code that rebuilds a :class:`Batch` from
+    ``batch.labels`` (the site's clipping, its row-by-row fallback) keeps them without
+    knowing about them: indexing, slicing and masking take the same rows of the ids. Any
+    other array derived from the labels (``labels == c``, ``labels * k``) carries none.
+    """
+
+    row_ids: np.ndarray | None
+
+    def __new__(cls, labels: np.ndarray, row_ids: np.ndarray) -> RowLabels:
+        labels = np.asarray(labels, dtype=np.int64)
+        ids = np.array(row_ids, dtype=np.int64)
+        if labels.ndim != 1 or ids.shape != labels.shape:
+            raise InvalidInputError(f"row ids must match the labels one to one, got {ids.shape} for {labels.shape}")
+        out = labels.view(cls)
+        ids.setflags(write=False)
+        out.row_ids = ids
+        return out
+
+    def __array_finalize__(self, obj: object) -> None:
+        self.row_ids = None
+
+    def __getitem__(self, key: object) -> object:
+        out = super().__getitem__(key)
+        if isinstance(out, RowLabels) and self.row_ids is not None:
+            ids = self.row_ids[key]
+            if ids.shape == out.shape:
+                out.row_ids = ids
+        return out
+
+    def __reduce__(self) -> tuple:
+        return (RowLabels, (np.asarray(self), self.row_ids if self.row_ids is not None else np.arange(len(self))))
+
+
+def with_row_ids(labels: np.ndarray, row_ids: np.ndarray) -> RowLabels:
+    """``labels`` as :class:`RowLabels` carrying ``row_ids``."""
+    return RowLabels(labels, row_ids)
+
+
 @dataclass(frozen=True)
 class Batch:
     """A slice of one site's rows: features (m, d) float64, labels (m,) int64 in [0, C),
-    and optionally source probabilities (m, Cs)."""
+    and optionally source probabilities (m, Cs). Labels built by :func:`with_row_ids` also
+    name each row (:attr:`row_ids`), which the held-back split reads."""
 
     features: np.ndarray | None
     labels: np.ndarray
     num_classes: int
     source_probs: np.ndarray | None = None
+
+    @property
+    def row_ids(self) -> np.ndarray | None:
+        """Each row's index in the site's data, or None when the labels carry no ids."""
+        return getattr(self.labels, "row_ids", None)
 
     def one_hot(self) -> np.ndarray:
         """(rows, C) indicators of the labels, built at the batch's size (never a C x C identity)."""
@@ -41,12 +90,14 @@ class Batch:
 
     @classmethod
     def from_model_outputs(cls, features: np.ndarray | None, labels: np.ndarray, logits: np.ndarray | None,
-                           num_classes: int) -> Batch:
+                           num_classes: int, row_ids: np.ndarray | None = None) -> Batch:
         """The float64 batch of a model's outputs: its features, and the source head's
-        probabilities (softmax of the logits, in float64) when it has one."""
+        probabilities (softmax of the logits, in float64) when it has one; ``row_ids``
+        name the rows (:func:`with_row_ids`)."""
+        labels = np.asarray(labels, dtype=np.int64)
         return cls(
             features=None if features is None else np.asarray(features, dtype=np.float64),
-            labels=np.asarray(labels, dtype=np.int64),
+            labels=labels if row_ids is None else with_row_ids(labels, row_ids),
             num_classes=num_classes,
             source_probs=None if logits is None else probs_from_logits(logits),
         )
@@ -282,6 +333,119 @@ def _tilted_kl_sum(batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.asarray(np.sum(np.exp(log_q) * (log_q - log_prior)))
 
 
+# ---------------------------------------------------------- held-back split and linear probe
+
+HOLDOUT_DOMAIN = b"fedmte.holdout.v1\0"
+MAX_SPLIT_SEED = 99_999_999
+"""The largest split seed: broadcast arrays stay within the site's bound on their entries."""
+
+
+def holdout_mask(row_ids: np.ndarray, seed: int, holdout: float) -> np.ndarray:
+    """True for the rows held back for validation: row i is held back when the first 8 bytes
+    of sha256(HOLDOUT_DOMAIN || seed || id_i) (both int64 little-endian), read as a big-endian
+    unsigned integer h, satisfy h < floor(holdout * 2^64). A function of the coordinator's
+    seed and the row's own id alone, so the split is the same in every round, for every model
+    and on every re-run of a data version, and no other row moves it."""
+    ids = np.asarray(row_ids, dtype=np.int64)
+    if not 0.0 < holdout < 1.0:
+        raise InvalidInputError(f"the held-back fraction must lie in (0, 1), got {holdout}")
+    threshold = int(holdout * 2.0**64)
+    prefix = HOLDOUT_DOMAIN + int(seed).to_bytes(8, "little", signed=True)
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha256(prefix + row.to_bytes(8, "little", signed=True)).digest()[:8], "big") < threshold
+         for row in ids.tolist()),
+        dtype=bool, count=len(ids),
+    )
+
+
+def _split_rows(batch: Batch, args: Mapping[str, np.ndarray], op: str, held_back: bool) -> np.ndarray:
+    """The batch's rows in the training part (``held_back=False``) or the held-back part.
+
+    A batch whose labels carry no ids (:class:`RowLabels`) is numbered from 0: right for
+    one-batch data and toy traces; every site path (the site agent, in-memory sites) names
+    its rows."""
+    seed = _require(args, "seed", (), op)
+    holdout = _require(args, "holdout", (), op)
+    if not 0 <= int(seed) <= MAX_SPLIT_SEED:
+        raise InvalidInputError(f"{op!r} needs a split seed in [0, {MAX_SPLIT_SEED}], got {int(seed)}")
+    ids = batch.row_ids
+    if ids is None:
+        ids = np.arange(len(batch.labels))
+    mask = holdout_mask(ids, int(seed), float(holdout))
+    return mask if held_back else ~mask
+
+
+def _probe_weights(k: int, num_classes: int, args: Mapping[str, np.ndarray], op: str) -> np.ndarray:
+    return _require(args, "weights", (k + 1, num_classes), op)
+
+
+def _probe_rows(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray], op: str,
+                held_back: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows of the part, their labels, their logits x W[:-1] + W[-1])."""
+    weights = _probe_weights(x.shape[1], batch.num_classes, args, op)
+    keep = _split_rows(batch, args, op, held_back)
+    rows, labels = x[keep], np.asarray(batch.labels)[keep]
+    return rows, labels, rows @ weights[:-1] + weights[-1]
+
+
+def _probe_loss(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    _, labels, logits = _probe_rows(x, batch, args, "probe_loss", False)
+    return np.asarray((_logsumexp_rows(logits) - logits[np.arange(len(labels)), labels]).sum()
+                      if len(labels) else 0.0)
+
+
+def _probe_residuals(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray], op: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    rows, labels, logits = _probe_rows(x, batch, args, op, False)
+    probs = softmax(logits) if len(labels) else logits
+    return rows, probs, labels
+
+
+def _probe_gradient(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    rows, probs, labels = _probe_residuals(x, batch, args, "probe_gradient")
+    probs[np.arange(len(labels)), labels] -= 1.0
+    return np.vstack([rows.T @ probs, probs.sum(axis=0, keepdims=True)])
+
+
+def _probe_hessian(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Packed sum of (x~ x~^T) kron (diag p - p p^T), parameters in row-major order of W."""
+    rows, probs, _ = _probe_residuals(x, batch, args, "probe_hessian")
+    lifted = np.hstack([rows, np.ones((len(rows), 1))])
+    classes = batch.num_classes
+    size = lifted.shape[1] * classes
+    outer = (lifted[:, :, None] * probs[:, None, :]).reshape(len(rows), size)
+    full = -(outer.T @ outer)
+    for c in range(classes):
+        full[c::classes, c::classes] += (lifted * probs[:, c : c + 1]).T @ lifted
+    return symmetric.pack(full)
+
+
+def _probe_correct(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    _, labels, logits = _probe_rows(x, batch, args, "probe_correct", True)
+    hits = labels[np.argmax(logits, axis=1) == labels] if len(labels) else labels
+    return np.bincount(hits, minlength=batch.num_classes).astype(np.int64)
+
+
+def _holdout_class_counts(batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    part = _require(args, "part", (), "holdout_class_counts")
+    if int(part) not in (0, 1):
+        raise InvalidInputError(f"'holdout_class_counts' needs part 0 (training) or 1 (held back), got {int(part)}")
+    labels = np.asarray(batch.labels)[_split_rows(batch, args, "holdout_class_counts", bool(int(part)))]
+    return np.bincount(labels, minlength=batch.num_classes).astype(np.int64)
+
+
+def _probe_shape(op: str) -> Callable[[int, int, int, Mapping[str, np.ndarray]], tuple[int, ...]]:
+    """The summed shape of probe statistic ``op`` (the broadcast W is checked against k and C)."""
+
+    def shape(k: int, num_classes: int, num_source_classes: int, args: Mapping[str, np.ndarray]) -> tuple[int, ...]:
+        _probe_weights(k, num_classes, args, op)
+        size = (k + 1) * num_classes
+        return {"probe_loss": (), "probe_gradient": (k + 1, num_classes),
+                "probe_hessian": (symmetric.packed_size(size),), "probe_correct": (num_classes,)}[op]
+
+    return shape
+
+
 F64 = np.dtype(np.float64)
 I64 = np.dtype(np.int64)
 
@@ -413,6 +577,39 @@ STATISTICS: dict[str, StatisticKind] = {
         shape=lambda k, C, Cs, a: (C, symmetric.packed_size(C)),
         dtype=F64, needs_features=True, needs_source_probs=False,
         summary="per target class, sum of p p^T (upper triangle) with p = softmax(x coef^T + bias) broadcast",
+    ),
+    "holdout_class_counts": StatisticKind(
+        compute=lambda x, b, a: _holdout_class_counts(b, a),
+        shape=lambda k, C, Cs, a: (C,),
+        dtype=I64, needs_features=False, needs_source_probs=False,
+        summary="rows per target class in the training part (part 0) or the held-back part (part 1) of the "
+        "split by seed and holdout (holdout_mask)",
+    ),
+    "probe_loss": StatisticKind(
+        compute=_probe_loss,
+        shape=_probe_shape("probe_loss"),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="over the training rows, the summed multinomial cross-entropy of a broadcast linear probe "
+        "softmax(x W[:-1] + W[-1]), W of shape (k + 1, C)",
+    ),
+    "probe_gradient": StatisticKind(
+        compute=_probe_gradient,
+        shape=_probe_shape("probe_gradient"),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="over the training rows, sum of [x, 1]^T (p - y) for the broadcast probe W: the gradient of probe_loss",
+    ),
+    "probe_hessian": StatisticKind(
+        compute=_probe_hessian,
+        shape=_probe_shape("probe_hessian"),
+        dtype=F64, needs_features=True, needs_source_probs=False,
+        summary="over the training rows, the Hessian of probe_loss in W (row-major), upper triangle: "
+        "sum of [x, 1][x, 1]^T kron (diag p - p p^T)",
+    ),
+    "probe_correct": StatisticKind(
+        compute=_probe_correct,
+        shape=_probe_shape("probe_correct"),
+        dtype=I64, needs_features=True, needs_source_probs=False,
+        summary="over the held-back rows, per target class, how many the broadcast probe's argmax predicts right",
     ),
 }
 

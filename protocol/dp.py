@@ -35,6 +35,23 @@ row f with ||f|| <= C and label k:
 - true_class_prob_sum: a probability, in [0, 1].
 - tilted_joint, gmm_soft_joint: softmax outputs, in the simplex (as soft_joint);
   class_prob_outer_sums: packed p p^T with p in the simplex, norm <= ||p||^2 <= 1.
+- The linear probe's kinds read the row with a constant 1 appended, x~ = [x, 1], of norm
+  at most A = sqrt(C^2 + 1) (C the view's row bound); W is the broadcast (k + 1) x C probe,
+  p = softmax(W^T x~), e_k the label's indicator. probe_gradient adds x~ (p - e_k)^T, of
+  Frobenius norm ||x~|| ||p - e_k|| <= sqrt(2) A, since ||p - e_k||^2 = (1 - p_k)^2 +
+  sum_{c != k} p_c^2 <= 2 (1 - p_k)^2 <= 2. probe_hessian adds (x~ x~^T) kron S with
+  S = diag(p) - p p^T, PSD, whose eigenvalues lie in [0, max p] (rank-one interlacing below
+  diag(p)) and sum to tr S = 1 - ||p||^2 <= 1 - (max p)^2, so ||S||_F^2 <= max p (1 - (max p)^2)
+  <= 2 / (3 sqrt 3) and the packed block moves by at most kappa A^2, kappa = sqrt(2 / (3 sqrt 3))
+  = 0.6204 (the upper triangle holds a subset of the entries). probe_loss adds
+  l = logsumexp(z) - z_k in [0, log C_t + 2 max_c |z_c|], z = W^T x~, |z_c| <= ||W_c|| A
+  (W_c the c-th column; C_t the number of classes): bounded through the broadcast W, so the
+  site computes the bound from the request (:func:`probe_loss_bound`), never from the data; a
+  larger W only buys more noise. probe_correct and holdout_class_counts: one count moves
+  by 1. Which part of the split a row falls in is a function of the public seed and the
+  row's own id (:func:`fedmte.protocol.catalogue.holdout_mask`), so adding or removing a row
+  moves no other row between the parts (ids are part of the records: a data version's rows
+  keep theirs).
 - mixture_loglik and the other kinds in ``UNBOUNDED``: no finite bound (or one the
   coordinator's arguments control); refused under DP until the site computes a clipped
   variant (e.g. max(-L, log p), sensitivity L).
@@ -270,7 +287,28 @@ SENSITIVITY: dict[str, BlockSensitivity] = {
         "packed p p^T for p in the simplex has norm <= ||p||^2 <= 1; p p^T and q q^T are "
         "non-negative, so their difference has norm <= sqrt(2)",
     ),
+    # The probe's kinds: C below is the lifted row bound A = sqrt(R^2 + 1) of x~ = [x, 1]
+    # (stat_sensitivity lifts it; the module docstring derives each).
+    "holdout_class_counts": BlockSensitivity(0, 1.0, SQRT2, "one count moves by 1; a replacement moves two by 1"),
+    "probe_correct": BlockSensitivity(0, 1.0, SQRT2, "one held-back row adds at most 1 to one class's count"),
+    "probe_gradient": BlockSensitivity(
+        1, SQRT2, 2.0 * SQRT2, "x~ (p - e_y)^T has Frobenius norm ||x~|| ||p - e_y|| <= sqrt(2) A; a replacement "
+        "moves at most twice that",
+    ),
+    "probe_hessian": BlockSensitivity(
+        2, math.sqrt(2.0 / (3.0 * math.sqrt(3.0))), math.sqrt(4.0 / (3.0 * math.sqrt(3.0))),
+        "(x~ x~^T) kron (diag p - p p^T) has norm <= A^2 sqrt(max p (1 - max p^2)) <= 0.6204 A^2; both "
+        "terms of a replacement are PSD, so their difference has norm <= sqrt(2) times that",
+    ),
+    "probe_loss": BlockSensitivity(
+        1, 2.0, 2.0, "a cross-entropy in [0, log C + 2 max_c ||W_c|| A]: 2 A max_c ||W_c|| + log C for the "
+        "broadcast W (probe_loss_bound), the same for a replacement (both terms lie in that range)",
+    ),
 }
+
+LIFTED = frozenset({"probe_gradient", "probe_hessian", "probe_loss"})
+"""Kinds that read the row with a constant 1 appended (an intercept): their row bound is
+sqrt(R^2 + 1) for a view's bound R."""
 
 UNBOUNDED: dict[str, str] = {
     "mixture_loglik": (
@@ -331,12 +369,29 @@ def row_bound(view: View, clip_norm: float) -> float:
     return bound
 
 
+def probe_loss_bound(weights: np.ndarray, lifted_bound: float) -> float:
+    """The range [0, B] of one row's cross-entropy under the broadcast probe ``weights``
+    ((k + 1) x C) for lifted rows of norm <= ``lifted_bound``: B = log C + 2 A max_c ||W_c||."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 2 or weights.shape[1] < 1:
+        raise InvalidInputError(f"probe_loss needs (k + 1, C) weights, got shape {weights.shape}")
+    reach = float(np.linalg.norm(weights, axis=0).max()) if weights.size else 0.0
+    return math.log(weights.shape[1]) + 2.0 * lifted_bound * reach
+
+
 def stat_sensitivity(stat: Stat, clip_norm: float, neighbouring: Neighbouring = "add_remove") -> float:
     """L2 sensitivity of one requested statistic, its view's norm growth included."""
     if stat.kind not in SENSITIVITY:
         return sensitivity(stat.kind, clip_norm, neighbouring)  # raises with the reason
     uses_rows = SENSITIVITY[stat.kind].clip_power > 0
     bound = row_bound(stat.view, clip_norm) if uses_rows else clip_norm
+    if stat.kind in LIFTED:
+        bound = math.hypot(bound, 1.0)
+        if stat.kind == "probe_loss":
+            if "weights" not in stat.arrays:
+                raise InvalidInputError("probe_loss needs its broadcast weights to bound it")
+            sensitivity(stat.kind, clip_norm, neighbouring)  # checks the clip norm
+            return probe_loss_bound(stat.arrays["weights"], bound)
     if uses_rows and bound == 0:
         return 0.0
     return sensitivity(stat.kind, bound, neighbouring)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmte.protocol.catalogue import Batch, accumulate
+from fedmte.protocol.catalogue import Batch, accumulate, with_row_ids
 from fedmte.protocol.inputs import ScoringInputs
 from fedmte.protocol.plan import ScoringPlan, ScoringResult, execute
 from fedmte.protocol.requests import Stat
@@ -23,7 +23,8 @@ DEFAULT_BATCH_SIZE = 4096
 
 @dataclass(frozen=True)
 class InMemorySite:
-    """One site's rows of the pooled inputs."""
+    """One site's rows of the pooled inputs; each row's id (for the held-back split) is its
+    index in the pooled inputs."""
 
     inputs: ScoringInputs
     rows: np.ndarray
@@ -34,7 +35,7 @@ class InMemorySite:
             idx = self.rows[start : start + self.batch_size]
             yield Batch(
                 features=None if self.inputs.features is None else self.inputs.features[idx],
-                labels=self.inputs.labels[idx],
+                labels=with_row_ids(self.inputs.labels[idx], idx),
                 num_classes=self.inputs.num_classes,
                 source_probs=None if self.inputs.source_probs is None else self.inputs.source_probs[idx],
             )

@@ -55,7 +55,9 @@ declares and the coordinator signs into the setup request:
 entry (``M`` the view's norm bound): 1 for counts and probabilities, ``M`` for sums, ``M^2``
 for Gram and scatter entries, ``M^3`` and ``M^4`` for the norm-weighted sums; for
 log-likelihoods the log of the broadcast matrix's smallest and largest entries (the row's
-value is a log of a convex combination of them), or the Gaussian mixture's density bounds.
+value is a log of a convex combination of them), or the Gaussian mixture's density bounds;
+for the linear probe's gradient and Hessian ``max(M, 1)`` and its square (the row with a 1
+appended times probabilities), for its loss ``log C + 2 sqrt(M^2 + 1) max_c ||W_c||``.
 A block's bound is ``max_rows * b``, inflated by ``1 + 2^-20`` and rounded up to a power of
 two (:func:`block_bound`), so two sites that compute ``b`` with a different last bit still
 agree on the spec. Each site builds the spec itself from the signed request and the shapes
@@ -320,6 +322,16 @@ def row_bound(stat: Stat, bounds: DeclaredBounds) -> float:
         if not floor > 0:
             return bounds.loglik
         return max(math.log(max(sources, 1)) + math.log1p(floor * max(sources, 1)), abs(math.log(floor)))
+    if kind in ("holdout_class_counts", "probe_correct"):
+        return 1.0
+    if kind == "probe_gradient":  # x~_j (p_c - y_c), |x~_j| <= max(M, 1) and |p_c - y_c| <= 1
+        return max(norm, 1.0)
+    if kind == "probe_hessian":  # x~_j x~_l (p_c [c = c'] - p_c p_c'), the last factor in [-1/4, 1/4]
+        return max(norm, 1.0) ** 2
+    if kind == "probe_loss":  # logsumexp(z) - z_y in [0, log C + 2 max_c |z_c|], |z_c| <= ||W_c|| sqrt(M^2 + 1)
+        weights = args["weights"]
+        reach = float(np.linalg.norm(weights, axis=0).max()) if weights.size else 0.0
+        return math.log(max(weights.shape[1], 1)) + 2.0 * math.hypot(norm, 1.0) * reach
     raise StatisticsError(f"statistic {kind!r} has no public bound rule; the secure sum cannot scale it")
 
 

@@ -134,6 +134,10 @@ def _args(kind: str, d: int, c: int, cs: int, rng: np.random.Generator) -> dict[
         return {"coef": rng.normal(size=(c, d)) * 3, "bias": rng.normal(size=c)}
     if kind == "tilted_joint":
         return {"tilt": rng.normal(size=(c, cs)) * 2, "floor": np.array(1e-3)}
+    if kind.startswith("probe_"):  # the linear probe's, on the training or held-back half of the rows
+        return {"weights": rng.normal(size=(d + 1, c)) * 3, "seed": int(rng.integers(0, 1000)), "holdout": 0.5}
+    if kind == "holdout_class_counts":
+        return {"seed": int(rng.integers(0, 1000)), "holdout": 0.5, "part": int(rng.integers(0, 2))}
     if kind == "gmm_soft_joint":
         k = 2
         return {"means": rng.normal(size=(k, d)), "prec_chol": np.stack([np.eye(d)] * k),

@@ -13,6 +13,7 @@ from fedmte.protocol.scorers import (
     gbc_pca,
     hscore,
     linear_mse,
+    linear_probe,
     logme,
     ncti,
     nleep,
@@ -44,6 +45,7 @@ SCORERS: dict[str, ScorerSpec] = {
     "nleep": nleep.SPEC,
     "pactran_dir": pactran.PAC_DIR,
     "pactran_gamma": pactran.PAC_GAMMA,
+    "linear_probe": linear_probe.SPEC,
 }
 
 NOT_FEDERABLE: dict[str, str] = {

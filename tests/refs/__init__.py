@@ -14,9 +14,12 @@ from tests.refs import core
 from tests.refs import sfda
 from tests.refs import lda_pca
 from tests.refs import iterative
+from tests.refs import linear_probe
 
 Reference = Callable[..., float]
 
-REFERENCES: dict[str, Reference] = {**core.REFERENCES, **sfda.REFERENCES, **lda_pca.REFERENCES, **iterative.REFERENCES}
+REFERENCES: dict[str, Reference] = {**core.REFERENCES, **sfda.REFERENCES, **lda_pca.REFERENCES, **iterative.REFERENCES,
+                                   **linear_probe.REFERENCES}
 
-TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {**core.TOLERANCES, **sfda.TOLERANCES, **lda_pca.TOLERANCES, **iterative.TOLERANCES}
+TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {**core.TOLERANCES, **sfda.TOLERANCES, **lda_pca.TOLERANCES, **iterative.TOLERANCES,
+                                                     **linear_probe.TOLERANCES}
