@@ -178,7 +178,8 @@ def clip_batch(batch: Batch, clip_norm: float, counts: ClipCounts | None = None)
         counts.clipped += scaled
         counts.nonfinite_features += bad
         counts.repaired_probs += repaired
-    return Batch(features=features, labels=batch.labels, num_classes=batch.num_classes, source_probs=probs)
+    return Batch(features=features, labels=batch.labels, num_classes=batch.num_classes, source_probs=probs,
+                 row_ids=batch.row_ids)
 
 
 def clip_batches(batches: Iterable[Batch], clip_norm: float, counts: ClipCounts | None = None) -> Iterator[Batch]:
@@ -439,11 +440,8 @@ def guarded_sums(stats: Sequence[Stat], batches: Iterable[Batch], counts: ClipCo
             add(sums)
             continue
         for row in range(len(batch.labels)):
-            one = Batch(features=None if batch.features is None else batch.features[row:row + 1],
-                        labels=batch.labels[row:row + 1], num_classes=batch.num_classes,
-                        source_probs=None if batch.source_probs is None else batch.source_probs[row:row + 1])
             with np.errstate(all="ignore"):
-                sums = batch_sums(stats, one)
+                sums = batch_sums(stats, batch.rows(slice(row, row + 1)))
             if all(np.isfinite(value).all() for value in sums.values()):
                 add(sums)
             else:

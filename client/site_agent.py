@@ -103,7 +103,7 @@ from fedmte.client.privacy import ModelRequest, ReleaseRequest, SecureContext, S
 from fedmte.client.request_guard import NONCES_FILE, REQUEST_WINDOW, SeenNonces
 from fedmte.client.site_config import SiteConfig, load_site_config
 from fedmte.protocol.audit_format import ModelRef, parse_note
-from fedmte.protocol.catalogue import Batch, with_row_ids
+from fedmte.protocol.catalogue import Batch
 from fedmte.protocol.durable import atomic_write
 from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import (
@@ -605,8 +605,7 @@ class SiteAgent:
         for features, labels, probs in data.rows(self.settings.stats_batch, data.new_report()):
             ids = np.arange(start, start + len(labels))  # the row's place among the usable rows, in data order
             start += len(labels)
-            yield Batch(features=features, labels=with_row_ids(labels, ids), num_classes=num_classes,
-                        source_probs=probs)
+            yield Batch(features=features, labels=labels, num_classes=num_classes, source_probs=probs, row_ids=ids)
 
     def _site_metrics(self, model_id: str, fingerprint: str) -> SiteMetrics | None:
         metrics = self._metrics.get((model_id, fingerprint))

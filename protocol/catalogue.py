@@ -24,63 +24,29 @@ from fedmte.protocol.requests import Stat, View
 from fedmte.protocol.statistics import Statistics
 
 
-class RowLabels(np.ndarray):
-    """int64 labels that carry each row's identity, ``row_ids`` (int64, the row's index in
-    the site's data, stable for a given data version).
-
-    The ids travel *with the labels*, so code that rebuilds a :class:`Batch` from
-    ``batch.labels`` (the site's clipping, its row-by-row fallback) keeps them without
-    knowing about them: indexing, slicing and masking take the same rows of the ids. Any
-    other array derived from the labels (``labels == c``, ``labels * k``) carries none.
-    """
-
-    row_ids: np.ndarray | None
-
-    def __new__(cls, labels: np.ndarray, row_ids: np.ndarray) -> RowLabels:
-        labels = np.asarray(labels, dtype=np.int64)
-        ids = np.array(row_ids, dtype=np.int64)
-        if labels.ndim != 1 or ids.shape != labels.shape:
-            raise InvalidInputError(f"row ids must match the labels one to one, got {ids.shape} for {labels.shape}")
-        out = labels.view(cls)
-        ids.setflags(write=False)
-        out.row_ids = ids
-        return out
-
-    def __array_finalize__(self, obj: object) -> None:
-        self.row_ids = None
-
-    def __getitem__(self, key: object) -> object:
-        out = super().__getitem__(key)
-        if isinstance(out, RowLabels) and self.row_ids is not None:
-            ids = self.row_ids[key]
-            if ids.shape == out.shape:
-                out.row_ids = ids
-        return out
-
-    def __reduce__(self) -> tuple:
-        return (RowLabels, (np.asarray(self), self.row_ids if self.row_ids is not None else np.arange(len(self))))
-
-
-def with_row_ids(labels: np.ndarray, row_ids: np.ndarray) -> RowLabels:
-    """``labels`` as :class:`RowLabels` carrying ``row_ids``."""
-    return RowLabels(labels, row_ids)
-
-
 @dataclass(frozen=True)
 class Batch:
     """A slice of one site's rows: features (m, d) float64, labels (m,) int64 in [0, C),
-    and optionally source probabilities (m, Cs). Labels built by :func:`with_row_ids` also
-    name each row (:attr:`row_ids`), which the held-back split reads."""
+    optionally source probabilities (m, Cs), and ``row_ids`` (m,) int64: each row's index in
+    the site's data, stable for a data version, which the held-back split reads."""
 
     features: np.ndarray | None
     labels: np.ndarray
     num_classes: int
     source_probs: np.ndarray | None = None
+    row_ids: np.ndarray | None = None
 
-    @property
-    def row_ids(self) -> np.ndarray | None:
-        """Each row's index in the site's data, or None when the labels carry no ids."""
-        return getattr(self.labels, "row_ids", None)
+    def __post_init__(self) -> None:
+        if self.row_ids is not None and np.shape(self.row_ids) != np.shape(self.labels):
+            raise InvalidInputError(f"row ids must match the labels one to one, got {np.shape(self.row_ids)} "
+                                    f"for {np.shape(self.labels)}")
+
+    def rows(self, index: slice | np.ndarray) -> Batch:
+        """The batch's rows at ``index`` (every array taken alike, row ids included)."""
+        return Batch(features=None if self.features is None else self.features[index], labels=self.labels[index],
+                     num_classes=self.num_classes,
+                     source_probs=None if self.source_probs is None else self.source_probs[index],
+                     row_ids=None if self.row_ids is None else self.row_ids[index])
 
     def one_hot(self) -> np.ndarray:
         """(rows, C) indicators of the labels, built at the batch's size (never a C x C identity)."""
@@ -93,13 +59,13 @@ class Batch:
                            num_classes: int, row_ids: np.ndarray | None = None) -> Batch:
         """The float64 batch of a model's outputs: its features, and the source head's
         probabilities (softmax of the logits, in float64) when it has one; ``row_ids``
-        name the rows (:func:`with_row_ids`)."""
-        labels = np.asarray(labels, dtype=np.int64)
+        name the rows."""
         return cls(
             features=None if features is None else np.asarray(features, dtype=np.float64),
-            labels=labels if row_ids is None else with_row_ids(labels, row_ids),
+            labels=np.asarray(labels, dtype=np.int64),
             num_classes=num_classes,
             source_probs=None if logits is None else probs_from_logits(logits),
+            row_ids=None if row_ids is None else np.asarray(row_ids, dtype=np.int64),
         )
 
 
@@ -361,17 +327,16 @@ def holdout_mask(row_ids: np.ndarray, seed: int, holdout: float) -> np.ndarray:
 def _split_rows(batch: Batch, args: Mapping[str, np.ndarray], op: str, held_back: bool) -> np.ndarray:
     """The batch's rows in the training part (``held_back=False``) or the held-back part.
 
-    A batch whose labels carry no ids (:class:`RowLabels`) is numbered from 0: right for
-    one-batch data and toy traces; every site path (the site agent, in-memory sites) names
+    A batch without row ids is refused: numbering its rows from 0 would give every batch of a
+    site the same split. Every site path (the site agent, in-memory sites, the trace) names
     its rows."""
     seed = _require(args, "seed", (), op)
     holdout = _require(args, "holdout", (), op)
     if not 0 <= int(seed) <= MAX_SPLIT_SEED:
         raise InvalidInputError(f"{op!r} needs a split seed in [0, {MAX_SPLIT_SEED}], got {int(seed)}")
-    ids = batch.row_ids
-    if ids is None:
-        ids = np.arange(len(batch.labels))
-    mask = holdout_mask(ids, int(seed), float(holdout))
+    if batch.row_ids is None:
+        raise InvalidInputError(f"{op!r} splits rows by their ids, and this batch names none")
+    mask = holdout_mask(batch.row_ids, int(seed), float(holdout))
     return mask if held_back else ~mask
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmte.protocol.catalogue import Batch, accumulate, with_row_ids
+from fedmte.protocol.catalogue import Batch, accumulate
 from fedmte.protocol.inputs import ScoringInputs
 from fedmte.protocol.plan import ScoringPlan, ScoringResult, execute
 from fedmte.protocol.requests import Stat
@@ -35,9 +35,10 @@ class InMemorySite:
             idx = self.rows[start : start + self.batch_size]
             yield Batch(
                 features=None if self.inputs.features is None else self.inputs.features[idx],
-                labels=with_row_ids(self.inputs.labels[idx], idx),
+                labels=self.inputs.labels[idx],
                 num_classes=self.inputs.num_classes,
                 source_probs=None if self.inputs.source_probs is None else self.inputs.source_probs[idx],
+                row_ids=np.asarray(idx, dtype=np.int64),
             )
 
     def compute(self, requests: Sequence[Stat]) -> Statistics:

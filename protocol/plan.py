@@ -319,7 +319,8 @@ def traced_requests(scorer: str) -> tuple[frozenset[str], frozenset[str]]:
     rng = np.random.default_rng(0)
     labels = np.arange(TRACE_ROWS) % TRACE_CLASSES
     batch = Batch(features=rng.normal(size=(TRACE_ROWS, TRACE_DIM)) + labels[:, None], labels=labels,
-                  num_classes=TRACE_CLASSES, source_probs=rng.dirichlet(np.ones(TRACE_SOURCE_CLASSES), TRACE_ROWS))
+                  num_classes=TRACE_CLASSES, source_probs=rng.dirichlet(np.ones(TRACE_SOURCE_CLASSES), TRACE_ROWS),
+                  row_ids=np.arange(TRACE_ROWS))
     plan = make_plan([scorer], has_features=True, has_source_probs=True)
     run = PlanRun(plan, dim=TRACE_DIM, num_classes=TRACE_CLASSES, num_source_classes=TRACE_SOURCE_CLASSES,
                   record_failures=True)

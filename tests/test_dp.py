@@ -154,8 +154,8 @@ def _stats(d: int, c: int, cs: int, rng: np.random.Generator, view: tuple = ()) 
     return stats
 
 
-def _batch(x: np.ndarray, y: np.ndarray, theta: np.ndarray, c: int) -> Batch:
-    return Batch(features=x, labels=y, num_classes=c, source_probs=theta)
+def _batch(x: np.ndarray, y: np.ndarray, theta: np.ndarray, c: int, first_id: int = 0) -> Batch:
+    return Batch(features=x, labels=y, num_classes=c, source_probs=theta, row_ids=first_id + np.arange(len(y)))
 
 
 def _blocks(stats: list[Stat], batches: list[Batch]) -> dict[str, np.ndarray]:
@@ -191,7 +191,7 @@ def test_one_adversarial_record_moves_each_block_by_at_most_its_sensitivity(
     stats = _stats(d, c, cs, rng)
     base = [_batch(x, y, theta, c)]
     if relation == "add_remove":
-        neighbour = [_batch(x, y, theta, c), _batch(adversary, label, probs, c)]
+        neighbour = [_batch(x, y, theta, c), _batch(adversary, label, probs, c, first_id=n)]  # the added record's id
     else:  # replace-one: the last row of a non-empty set is swapped for the adversary's
         if n == 0:
             return

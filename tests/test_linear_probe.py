@@ -26,8 +26,8 @@ from fedmte.client.audit_log import read_records
 from fedmte.client.privacy import ClipCounts, clip_batch, clip_rows, guarded_sums
 from fedmte.protocol import dp
 from fedmte.protocol.audit_format import IntentRecord
-from fedmte.protocol.catalogue import Batch, accumulate, holdout_mask, with_row_ids
-from fedmte.protocol.errors import ScorerDomainError
+from fedmte.protocol.catalogue import Batch, accumulate, holdout_mask
+from fedmte.protocol.errors import InvalidInputError, ScorerDomainError
 from fedmte.protocol.inputs import check_inputs
 from fedmte.protocol.local import InMemorySite
 from fedmte.protocol.requests import Stat
@@ -181,7 +181,7 @@ def test_the_parts_are_disjoint_and_cover_every_row_through_the_catalogue() -> N
     n, c = 500, 4
     labels = rng.integers(0, c, n)
     ids = rng.permutation(10 * n)[:n]  # ids need not be contiguous
-    batches = [Batch(features=rng.normal(size=(m, 3)), labels=with_row_ids(labels[s:s + m], ids[s:s + m]), num_classes=c)
+    batches = [Batch(features=rng.normal(size=(m, 3)), labels=labels[s:s + m], num_classes=c, row_ids=ids[s:s + m])
                for s, m in ((0, 123), (123, 300), (423, 77))]
     split = {"seed": 9, "holdout": 0.3}
     sums = accumulate([Stat.of("holdout_class_counts", part=0, **split), Stat.of("holdout_class_counts", part=1, **split),
@@ -196,23 +196,25 @@ def test_the_parts_are_disjoint_and_cover_every_row_through_the_catalogue() -> N
 def test_row_ids_survive_the_sites_clipping_and_row_by_row_fallback() -> None:
     rng = np.random.default_rng(2)
     ids = np.arange(100, 110)
-    batch = Batch(features=rng.normal(size=(10, 3)) * 10, labels=with_row_ids(rng.integers(0, 2, 10), ids), num_classes=2)
+    batch = Batch(features=rng.normal(size=(10, 3)) * 10, labels=rng.integers(0, 2, 10), num_classes=2, row_ids=ids)
     clipped = clip_batch(batch, 1.0)
     assert np.array_equal(clipped.row_ids, ids)
-    assert np.array_equal(clipped.labels[3:5].row_ids, ids[3:5]) and np.array_equal(clipped.labels[[1, 7]].row_ids, ids[[1, 7]])
-    assert (clipped.labels == 1).row_ids is None  # derived arrays carry no ids
+    assert np.array_equal(clipped.rows(slice(3, 5)).row_ids, ids[3:5])
+    assert np.array_equal(clipped.rows(np.array([1, 7])).row_ids, ids[[1, 7]])
     weights = rng.normal(size=(4, 2))
     stats = [Stat.of("probe_gradient", weights=weights, seed=1, holdout=0.5),
              Stat.of("probe_correct", weights=weights, seed=1, holdout=0.5)]
     whole = accumulate(stats, [clipped])
     features = clipped.features.copy()
     features[4] = np.inf  # forces the row-by-row path, which leaves that row out
-    fallback = guarded_sums(stats, [Batch(features, clipped.labels, 2)], ClipCounts())
+    fallback = guarded_sums(stats, [Batch(features, clipped.labels, 2, row_ids=ids)], ClipCounts())
     keep = np.ones(10, dtype=bool)
     keep[4] = False
-    alone = accumulate(stats, [Batch(clipped.features[keep], clipped.labels[keep], 2)])
+    alone = accumulate(stats, [clipped.rows(keep)])
     for stat in stats:
         assert np.allclose(fallback[stat.key], alone[stat.key])
+    with pytest.raises(InvalidInputError, match="names none"):  # no ids: refused, never numbered from 0
+        accumulate(stats, [Batch(clipped.features, clipped.labels, 2)])
     assert whole[stats[1].key].sum() >= alone[stats[1].key].sum()
 
 
@@ -240,13 +242,13 @@ def test_one_record_moves_each_probe_block_by_at_most_its_sensitivity(n: int, d:
     y = rng.integers(0, c, n)
     adversary, _, _ = clip_rows(rng.normal(size=(1, d)) * 1e3, clip)
     label = rng.integers(0, c, 1)
-    base = [Batch(x, with_row_ids(y, np.arange(n)), c)]
+    base = [Batch(x, y, c, row_ids=np.arange(n))]
     if relation == "add_remove":
-        neighbour = base + [Batch(adversary, with_row_ids(label, [n]), c)]
+        neighbour = base + [Batch(adversary, label, c, row_ids=np.array([n]))]
     else:
         if n == 0:
             return
-        neighbour = [Batch(np.vstack([x[:-1], adversary]), with_row_ids(np.concatenate([y[:-1], label]), np.arange(n)), c)]
+        neighbour = [Batch(np.vstack([x[:-1], adversary]), np.concatenate([y[:-1], label]), c, row_ids=np.arange(n))]
     before, after = accumulate(stats, base), accumulate(stats, neighbour)
     for stat in stats:
         old = np.asarray(before[stat.key], dtype=np.float64) if stat.key in before else 0.0
