@@ -122,6 +122,21 @@ def _confmix(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.
     return own * x + (1.0 - own) * args["others_mean"][batch.labels]
 
 
+def _keep_part_dim(dim: int, num_classes: int, args: Mapping[str, np.ndarray]) -> int:
+    for name in ("seed", "holdout", "part"):
+        _require(args, name, (), "keep_part")
+    return dim
+
+
+def _keep_part(x: np.ndarray, batch: Batch, args: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Rows outside one part of the held-back split (part 0: training, 1: held back) become
+    zero, so every feature sum of the view is that part's sum (a zero row adds nothing);
+    rows only shrink, so every norm bound stays. Counts come from ``holdout_class_counts``."""
+    held_back = _split_rows(batch, args, "keep_part", held_back=True)
+    keep = held_back if int(args["part"]) == 1 else ~held_back
+    return np.where(keep[:, None], x, 0.0)
+
+
 TRANSFORMS: dict[str, TransformKind] = {
     "offset": TransformKind(
         apply=lambda x, b, a: x - a["offset"],
@@ -137,6 +152,11 @@ TRANSFORMS: dict[str, TransformKind] = {
         apply=lambda x, b, a: x + a["shift"][b.labels],
         output_dim=_class_shift_dim,
         summary="move every row by its class's broadcast vector (x + D[y])",
+    ),
+    "keep_part": TransformKind(
+        apply=_keep_part,
+        output_dim=_keep_part_dim,
+        summary="zero the rows outside one part of the held-back split (seed, holdout, part: 0 train, 1 held back)",
     ),
     "confmix": TransformKind(
         apply=_confmix,

@@ -347,7 +347,8 @@ def row_bound(view: View, clip_norm: float) -> float:
     """Bound on the L2 norm of a view's rows when the model's rows have norm <= ``clip_norm``.
 
     offset: ||x - o|| <= C + ||o||; project: ||x B|| <= ||B||_2 C (spectral norm);
-    class_shift: ||x + D[y]|| <= C + max_c ||D_c||; confmix, a convex combination
+    class_shift: ||x + D[y]|| <= C + max_c ||D_c||; keep_part: a row kept or zeroed, <= C;
+    confmix, a convex combination
     p x + (1 - p) M[y]: ||.|| <= max(C, max_c ||M_c||).
     """
     bound = float(clip_norm)
@@ -361,6 +362,8 @@ def row_bound(view: View, clip_norm: float) -> float:
         elif step.op == "class_shift":
             shift = arrays["shift"]
             bound += float(np.linalg.norm(shift, axis=1).max()) if shift.size else 0.0
+        elif step.op == "keep_part":
+            pass  # a row is kept or zeroed: its norm never grows
         elif step.op == "confmix":
             others = arrays["others_mean"]
             bound = max(bound, float(np.linalg.norm(others, axis=1).max()) if others.size else 0.0)

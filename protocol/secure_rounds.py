@@ -265,6 +265,8 @@ def view_norm_bound(view: View, feature_norm: float) -> float:
             bound += _max_row_norm(args["shift"])
         elif step.op == "confmix":
             bound = max(bound, _max_row_norm(args["others_mean"]))
+        elif step.op == "keep_part":
+            pass  # rows are kept or zeroed: no row grows
         else:
             raise StatisticsError(f"transform {step.op!r} has no public norm bound rule; the secure sum cannot scale it")
     return bound

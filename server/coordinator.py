@@ -41,7 +41,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +84,7 @@ from fedmte.protocol.scorers import SCORERS
 from fedmte.protocol.statistics import Statistics
 from fedmte.protocol.uncertainty import NoisyRelease, bootstrap_scores, score_bounds
 from fedmte.protocol.wire import SECURE_UPLOAD, Payload
+from fedmte.server.confirm import Validation, confirmation_job, decide, held_back_counts, validation_of
 from fedmte.server.job import JobSpec
 from fedmte.server.job_runner import FAB_DIR, flwr_env, submit_run, wait_for_status
 from fedmte.server.ranking import ModelMetadata, rank_models
@@ -291,11 +292,13 @@ class ReleasedSums:
 
     blocks: dict[str, np.ndarray] = field(default_factory=dict)
     sigma: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Stat] = field(default_factory=dict)  # what each block is (kind, view, arguments)
 
-    def record(self, sums: Statistics, sigma: Mapping[str, float]) -> None:
+    def record(self, sums: Statistics, sigma: Mapping[str, float], requests: Sequence[Stat] = ()) -> None:
         for key, value in sums.items():
             self.blocks[key] = value
             self.sigma[key] = float(sigma.get(key, 0.0))
+        self.stats.update({stat.key: stat for stat in requests})
 
     @property
     def noisy(self) -> bool:
@@ -506,7 +509,7 @@ def execute_job(
             sigma = {key: math.sqrt(value) for key, value in noise_sq[model_id].items()}
             if job.privacy.clean:
                 sums[model_id] = clean_sums(pending[model_id], model_sums, sigma)  # post-processing: free
-            models[model_id].released.record(sums[model_id], sigma)
+            models[model_id].released.record(sums[model_id], sigma, pending[model_id])
         return sums
 
     try:
@@ -561,6 +564,13 @@ def _site_privacy(site: SiteRecord) -> SitePrivacy:
     return SitePrivacy(dp=True, delta=delta, epsilon_budget=budget,
                        epsilon_spent=dp.gdp_epsilon(math.sqrt(job_mu_sq), delta),
                        epsilon_total=dp.gdp_epsilon(math.sqrt(total_mu_sq), delta))
+
+
+def _disclosures(sites: Iterable[SiteRecord]) -> list[SiteDisclosure]:
+    """Each site's account of what left it and what it cost, by site name."""
+    return [SiteDisclosure(name=site.name, statistics=site.statistics, privacy=_site_privacy(site),
+                           refusals=site.refusals, audit_head=_audit_head(site.checkpoint))
+            for site in sorted(sites, key=lambda s: s.name)]
 
 
 def _audit_head(note: str | None) -> str | None:
@@ -623,12 +633,7 @@ def build_job_report(job: JobSpec, outcome: JobOutcome) -> Report:
     ranking = rank_models(scores, metadata, scorers=job.scorers, settings=job.ranking, constraints=job.constraints,
                           failures=failures, replicates=bootstrap_replicates(job, outcome), clamped=clamped,
                           bounds=bounds)
-    disclosures = [
-        SiteDisclosure(name=site.name, statistics=site.statistics, privacy=_site_privacy(site), refusals=site.refusals,
-                       audit_head=_audit_head(site.checkpoint))
-        for site in sorted(outcome.sites.values(), key=lambda s: s.name)
-    ]
-    report = build_report(job, ranking, disclosures, rounds=outcome.rounds)
+    report = build_report(job, ranking, _disclosures(outcome.sites.values()), rounds=outcome.rounds)
     refused = [f"{r.package.label}: {'; '.join(r.refusals)}" for r in outcome.models.values() if r.refusals]
     notes = [*report.notes, *outcome.notes, *(f"left out of the federation: {text}" for text in refused)]
     if not outcome.secure_sum:
@@ -648,14 +653,69 @@ def build_job_report(job: JobSpec, outcome: JobOutcome) -> Report:
     return report.model_copy(update={"notes": notes, "privacy": privacy})
 
 
-def write_job_outputs(outcome: JobOutcome, directory: Path) -> None:
-    """``received.jsonl`` (a digest of every reply) and each site's checkpoint as a witness."""
+def run_stages(exchange: Exchange, job: JobSpec, packages: Sequence[CandidatePackage], key: Ed25519PrivateKey, *,
+               run_id: str, aggregator: Aggregator | None = None) -> tuple[Report, list[JobOutcome]]:
+    """The scoring job, then, with a ``[confirm]`` table, stage 2 over the same exchange
+    (:mod:`fedmte.server.confirm`): the recommended candidates probed and validated on the
+    sites' held-back rows, each confirmed model's ``validation`` and the report's ``decision``.
+    A stage 2 that fails leaves the scoring report standing, with the reason in its notes."""
+    outcome = execute_job(exchange, job, packages, key, run_id=run_id, aggregator=aggregator)
+    report = build_job_report(job, outcome)
+    stage2 = confirmation_job(job, report.recommendation_groups)
+    if stage2 is None:
+        return report, [outcome]
+    names = {c.label for c in stage2.candidates}
+    try:  # the same run (the transport's), a new setup: the sites closed the first with its checkpoint
+        second = execute_job(exchange, stage2, [p for p in packages if p.label in names], key, run_id=run_id,
+                             aggregator=job_aggregator(stage2, run_id))
+    except FedmteError as error:
+        note = f"the confirmation stage failed, so the ranking stands unconfirmed: {error}"
+        return report.model_copy(update={"notes": [*report.notes, note]}), [outcome]
+    return confirmed_report(job, report, outcome, second), [outcome, second]
+
+
+def confirmed_report(job: JobSpec, report: Report, first: JobOutcome, second: JobOutcome) -> Report:
+    """``report`` with each confirmed model's validation and the decision (stage 2)."""
+    validated: dict[str, Validation] = {}
+    stage_rounds = len([r for r in second.rounds if r.kinds])
+    mode = job.confirm.mode if job.confirm is not None else "probe"
+    for record in second.models.values():
+        failure = next(iter(record.failures.values()), None)
+        counts = held_back_counts(record.released.blocks, record.released.stats) or (0.0, 0.0)
+        validated[record.package.label] = validation_of(
+            *counts, rounds=stage_rounds, noisy=record.released.noisy, mode=mode,
+            failure=failure or (None if counts[1] > 0 else "no held-back counts were released"))
+    order = [m.name for m in report.models if m.rank is not None]
+    decision = decide(validated, {m.name: m.scores for m in report.models}, report.ranked_scorers, order)
+    models = [m.model_copy(update={"validation": validated.get(m.name)}) for m in report.models]
+    for node, site in first.sites.items():  # what left each site, and its cost, over both stages
+        later = second.sites.get(node)
+        if later is not None:
+            site.statistics.extend(later.statistics)
+            site.releases.extend(later.releases)
+            site.refusals.extend(later.refusals)
+            site.checkpoint = later.checkpoint or site.checkpoint
+    sites = _disclosures(first.sites.values())
+    spent = [s.privacy.epsilon_spent for s in sites if s.privacy.epsilon_spent is not None]
+    privacy = report.privacy.model_copy(update={"epsilon_spent_max": max(spent) if spent else None})
+    rounds = [*report.rounds, *(r.model_copy(update={"name": f"confirm: {r.name}"}) for r in second.rounds)]
+    notes = [*report.notes, *second.notes]
+    if any(v.noisy for v in validated.values()):
+        notes.append("the confirmation's held-back counts carry DP noise; their intervals are the binomial ones only")
+    return report.model_copy(update={"models": models, "decision": decision, "notes": notes, "sites": sites,
+                                     "privacy": privacy, "rounds": rounds})
+
+
+def write_job_outputs(outcome: JobOutcome, directory: Path, *, append: bool = False) -> None:
+    """``received.jsonl`` (a digest of every reply; ``append``: after an earlier stage's) and
+    each site's checkpoint as a witness (a later stage's checkpoint covers the earlier ones)."""
     directory.mkdir(parents=True, exist_ok=True)
     names = {node: site.name for node, site in outcome.sites.items()}
     lines = [json.dumps({"run_id": outcome.run_id, "node": r.node, "site": names.get(r.node, str(r.node)),
                          "query": r.query, "group": r.group, "sha256": r.sha256, "bytes": r.nbytes}, sort_keys=True)
              for r in outcome.receipts]
-    (directory / RECEIVED_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    with (directory / RECEIVED_FILE).open("a" if append else "w", encoding="utf-8") as out:
+        out.write("".join(line + "\n" for line in lines))
     witnesses = directory / WITNESS_DIR
     for site in outcome.sites.values():
         if site.checkpoint is not None:
@@ -707,10 +767,11 @@ def serve_job(grid: Any, text: str, run_id: int) -> Report | None:
         key = load_coordinator_key(Path(spec.coordinator_key))
         packages = load_candidates(job)
         aggregator = job_aggregator(job, str(run_id))
-        outcome = execute_job(exchange, job, packages, key, run_id=str(run_id), aggregator=aggregator)
-        report = build_job_report(job, outcome)
+        report, outcomes = run_stages(exchange, job, packages, key, run_id=str(run_id), aggregator=aggregator)
+        outcome = outcomes[0]
         write_report(report, output)
-        write_job_outputs(outcome, output)
+        for index, stage in enumerate(outcomes):
+            write_job_outputs(stage, output, append=index > 0)
     except FedmteError as error:
         write_status(RunStatus(status="failed", run_id=run_id, error=str(error), total_seconds=time.perf_counter() - start,
                                failures=getattr(error, "failures", {}), secure=_secure_summary(aggregator)), status_path)

@@ -43,6 +43,11 @@ Example::
     # project_dim = 16                    # under noise: a public random projection to 16 dimensions first
     clean = true                          # repair noisy sums before scoring (free: post-processing)
 
+    [confirm]                             # stage 2: confirm the top candidates by a linear probe
+    top_k = 3                             # on rows each site holds back (fedmte.server.confirm)
+    holdout = 0.2
+    max_rounds = 20                       # Newton rounds; each is a release under DP
+
     [federation]                          # transport settings (defaults shown)
     coordinator_key = "keys/coordinator.pem"  # the coordinator's Ed25519 key (PKCS#8 PEM): signs each
                                           # job's setup; sites pin its fingerprint in coordinator_keys
@@ -260,6 +265,21 @@ class PrivacyRequest(StrictModel):
         return self
 
 
+class ConfirmSettings(StrictModel):
+    """Stage 2 (:mod:`fedmte.server.confirm`): the top candidates confirmed by a federated
+    linear probe validated on rows the sites hold back."""
+
+    top_k: int = Field(default=3, ge=1, le=100, description="candidates to confirm (a tie group at the cut kept whole)")
+    mode: Literal["probe", "lda"] = Field(default="probe", description=(
+        "'probe': an exact federated logistic-regression probe (Newton rounds); 'lda': a shrunk LDA head in closed "
+        "form (two rounds, no Hessian: the one that survives DP noise)"))
+    l2: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="the probe's L2 penalty on the summed loss")
+    shrinkage: float = Field(default=0.1, gt=0, le=1, description="'lda': the within-class covariance's shrinkage")
+    holdout: float = Field(default=0.2, gt=0, lt=1, description="the share of each site's rows held back to validate")
+    seed: int = Field(default=0, ge=0, le=99_999_999, description="the split's seed (rows by a hash of seed and row id)")
+    max_rounds: int = Field(default=20, ge=1, le=40, description="Newton rounds at most; each is a release under DP")
+
+
 class FederationSettings(StrictModel):
     """Transport settings, passed through to the Flower job runner."""
 
@@ -287,6 +307,7 @@ class JobSpec(StrictModel):
     purpose: str = Field(default="", max_length=1024, description="why the job runs; sites audit it")
     model_store: Path | None = Field(default=None, description="folder of packages named by bare candidate names")
     secure: SecureJobSpec | None = Field(default=None, description="the [secure] table: secure sum on; none: plain sum")
+    confirm: ConfirmSettings | None = Field(default=None, description="the [confirm] table: stage 2; none: scores only")
 
     @field_validator("labels")
     @classmethod

@@ -94,6 +94,7 @@ from fedmte.protocol.evaluation import evaluate_ranking
 from fedmte.protocol.scorers import SCORERS, ScorerSpec
 from fedmte.protocol.scorers.base import Bounds
 from fedmte.protocol.uncertainty import interval
+from fedmte.server.confirm import Validation
 from fedmte.server.job import Constraints, RankingSettings
 
 MIB = 2**20  # the "MB" of max_peak_memory_mb
@@ -228,6 +229,7 @@ class RankedModel(StrictModel):
     metadata: ModelMetadata = Field(default_factory=ModelMetadata)
     clamped: dict[str, ClampedScore] = Field(default_factory=dict, description="scores clamped into their range")
     uncertainty: CandidateUncertainty | None = Field(default=None, description="ranked candidates only")
+    validation: Validation | None = Field(default=None, description="confirmed candidates only (stage 2)")
 
 
 class Agreement(StrictModel):

@@ -42,6 +42,7 @@ from pydantic import ConfigDict, Field
 from fedmte.protocol.durable import replace_file
 from fedmte.protocol.encoding import StrictModel
 from fedmte.protocol.errors import FederationError
+from fedmte.server.confirm import Decision
 from fedmte.server.job import Constraints, JobSpec, PrivacyRequest
 from fedmte.server.ranking import Agreement, RankedModel, Ranking, UncertaintySummary
 from fedmte.server.site_probe import ProbeResult
@@ -137,6 +138,7 @@ class Report(StrictModel):
     agreement: list[Agreement]
     uncertainty: UncertaintySummary | None = None
     scorer_weights: dict[str, float] = Field(default_factory=dict)
+    decision: Decision | None = Field(default=None, description="stage 2: the choice after confirmation")
     constraints: Constraints
     sites: list[SiteDisclosure]
     privacy: PrivacySummary
@@ -177,6 +179,30 @@ def clamp_text(model: RankedModel, scorer: str) -> str:
     side = "maximum" if c.raw > c.value else "minimum"
     return (f"{scorer} clamped from {c.raw:.4g} to its {side} {c.value:.4g}: the raw value is outside {scorer}'s "
             "range, an effect of DP noise, not a real score")
+
+
+def decision_text(report: Report) -> str:
+    """Stage 2 in plain words: what was chosen after confirmation, on how many held-back rows,
+    whether the scores agreed; empty without a confirmation stage."""
+    decision = report.decision
+    if decision is None:
+        return ""
+    text = decision.summary
+    verdicts = [v for v in decision.scorers if v.weighted_tau is not None]
+    if verdicts:
+        text += ("; each scorer's order of the confirmed candidates against the validated one (weighted tau): "
+                 + ", ".join(f"{v.scorer} {v.weighted_tau:+.2f}" for v in verdicts))
+    return text
+
+
+def validation_text(model: RankedModel) -> str:
+    """One confirmed candidate's validated accuracy, e.g. ``0.93 (0.91 to 0.95) on 1,436 rows``."""
+    v = model.validation
+    if v is None:
+        return ""
+    if v.accuracy is None:
+        return f"not validated: {v.failure}"
+    return f"{v.accuracy:.2f} ({v.low:.2f} to {v.high:.2f}) on {int(round(v.rows)):,} held-back rows, {v.mode}"
 
 
 def recommendation_text(report: Report) -> str:
@@ -635,6 +661,22 @@ def _privacy_text(report: Report) -> str:
     return f"Asked for {request}; {applied}. Secure sum {secure}. Each site's own policy decides what it releases."
 
 
+def _confirmation_section(report: Report) -> str:
+    """Stage 2 beside stage 1: each confirmed candidate's rank by the scores and its
+    validated accuracy on the sites' held-back rows."""
+    confirmed = [m for m in report.models if m.validation is not None]
+    if report.decision is None or not confirmed:
+        return ""
+    rows = "".join(f'<tr><td>{_e(shown_rank(m))}</td><td>{_e(m.name)}</td><td>{_e(validation_text(m))}</td>'
+                   f'<td>{"chosen" if m.name == report.decision.model else ""}</td></tr>' for m in confirmed)
+    return ('<section id="confirmation-section"><h2>Confirmation by transfer</h2>'
+            '<p>The top candidates by the scores (stage 1) were fitted a classifier head over the sites\' data and '
+            'measured on rows each site held back (stage 2); the decision follows the measurement.</p>'
+            '<table id="confirmation"><thead><tr><th>rank by scores</th><th>model</th>'
+            '<th>validated accuracy (95% interval)</th><th></th></tr></thead>'
+            f'<tbody>{rows}</tbody></table></section>')
+
+
 def render_html(report: Report) -> str:
     """The self-contained HTML page of ``report`` (no script, no external resource)."""
     job = report.job
@@ -665,7 +707,10 @@ def render_html(report: Report) -> str:
         f"{_e(report.created)} · fedmte {_e(report.fedmte_version)}</p>",
         f'<p class="meta">Labels: {_e(label_text)}</p>',
         f'<div class="reco" id="recommendation"><strong>Recommended (top {_e(report.top_k)}):</strong> {reco}</div>',
-        f'<div class="uncertainty" id="uncertainty"><strong>Uncertainty:</strong> {_e(uncertainty_text(report))}</div></header>',
+        f'<div class="uncertainty" id="uncertainty"><strong>Uncertainty:</strong> {_e(uncertainty_text(report))}</div>'
+        + (f'<div class="reco" id="decision"><strong>Confirmed by transfer:</strong> {_e(decision_text(report))}</div>'
+           if report.decision is not None else "") + "</header>",
+        _confirmation_section(report),
         f'<section id="ranking-section"><h2>Ranking</h2>{_ranking_table(report)}',
         _aggregate_bars_svg(ranked, report.better, "aggregate per model"),
         f'{"<ul class=tight>" + dropped + "</ul>" if dropped else ""}</section>',
@@ -697,7 +742,9 @@ __all__ = [
     "build_report",
     "clamp_text",
     "read_report",
+    "decision_text",
     "recommendation_text",
+    "validation_text",
     "shown_rank",
     "uncertainty_text",
     "render_html",

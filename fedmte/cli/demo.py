@@ -140,10 +140,12 @@ def _evaluation_table(result: DemoResult) -> Table:
 def _show(result: DemoResult, dp: bool) -> None:
     report = result.report
     console.print(_ranking_table(result))
-    from fedmte.server.report import clamp_text, recommendation_text, uncertainty_text
+    from fedmte.server.report import clamp_text, decision_text, recommendation_text, uncertainty_text
 
     picks = recommendation_text(report) or "none"
     console.print(f"[bold]Recommended (top {report.top_k}):[/] {picks}", highlight=False)
+    if report.decision is not None:
+        console.print(f"[bold]Confirmed by transfer:[/] {decision_text(report)}", highlight=False)
     console.print(f"  uncertainty: {uncertainty_text(report)}", highlight=False)
     for model in report.models:
         for scorer in model.clamped:

@@ -28,7 +28,7 @@ console = Console()
 def _run_models(job_file: Path) -> None:
     from fedmte.server.coordinator import run_job
     from fedmte.server.job import load_job
-    from fedmte.server.report import clamp_text, recommendation_text, shown_rank, uncertainty_text
+    from fedmte.server.report import clamp_text, decision_text, recommendation_text, shown_rank, uncertainty_text
 
     job = load_job(job_file)
     report = run_job(job)
@@ -54,6 +54,8 @@ def _run_models(job_file: Path) -> None:
     console.print(f"{len(report.sites)} sites, {len(report.rounds)} round trips ({len(stats)} statistics rounds, "
                   f"{trip:.2f} s each); recommended: {recommendation_text(report) or 'none'}", soft_wrap=True)
     console.print(f"uncertainty: {uncertainty_text(report)}", soft_wrap=True, highlight=False)
+    if report.decision is not None:
+        console.print(f"confirmed by transfer: {decision_text(report)}", soft_wrap=True, highlight=False)
     for model in report.models:
         for scorer in model.clamped:
             console.print(f"{model.name}: {clamp_text(model, scorer)}", soft_wrap=True, highlight=False)

@@ -90,6 +90,10 @@ from fedmte.trial.zoo import DIGIT_LABELS, Zoo, build_zoo, load_digits_split, pa
 DEFAULT_OUT = Path("fedmte-demo")
 DEMO_SCORERS: tuple[str, ...] = ("logme", "hscore", "gbc", "transrate", "nce")
 """Non-iterative scorers whose statistics all have a declared DP sensitivity."""
+CONFIRM_SCORERS: tuple[str, ...] = ("linear_probe", "lda_probe")
+"""Stage 2's programs (:mod:`fedmte.server.confirm`): the sites' policies allow them too. With
+exact sums the demo confirms by the Newton probe; under DP by the closed-form LDA head (two
+releases, with the scoring's three of the default budget's four)."""
 def demo_rounds(dp: bool) -> int:
     """Statistics rounds of the demo job: under DP one (the sums are uncentred and centred at
     the coordinator), with exact sums two (a centring round, then every scorer's one round)."""
@@ -335,6 +339,12 @@ action = "flag"                     # a violation flags the model: ranked, never
 aggregate = "mean_rank"
 top_k = {TOP_K}
 
+[confirm]                           # stage 2: the top {TOP_K} confirmed on rows each site holds back
+top_k = {TOP_K}
+mode = {'"lda"                        # a shrunk LDA head in closed form: two releases' if dp else
+        '"probe"                      # a logistic-regression probe by Newton rounds'}
+holdout = 0.2
+
 [privacy]
 dp = {str(dp).lower()}
 
@@ -404,7 +414,7 @@ def prepare_demo(options: DemoOptions, progress: DemoProgress | None = None) -> 
         audit_key_path = home / "keys" / "audit.key"
         audit_key = load_private_key(audit_key_path) if audit_key_path.exists() else write_private_key(audit_key_path)
         document = site_document(name, trust_key=trust, audit_key_sha256=fingerprint(audit_key), dp=options.dp,
-                                 scorers=DEMO_SCORERS, architectures=architectures)
+                                 scorers=(*DEMO_SCORERS, *CONFIRM_SCORERS), architectures=architectures)
         _write_if_changed(site_file, site_file_text(
             document, comments=SITE_COMMENTS,
             header=f"Site file of the fedmte demo's {name}. The data owner writes this file; no job can change it.",

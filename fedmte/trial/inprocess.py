@@ -22,11 +22,10 @@ from pathlib import Path
 from fedmte.protocol.errors import FederationError, FedmteError, InvalidInputError
 from fedmte.protocol.wire import SECURE_QUERIES, Payload
 from fedmte.server.coordinator import (
-    build_job_report,
-    execute_job,
     job_aggregator,
     load_candidates,
     load_coordinator_key,
+    run_stages,
     write_job_outputs,
 )
 from fedmte.server.job import JobSpec
@@ -88,14 +87,14 @@ def run_job_in_process(job: JobSpec, site_files: Sequence[Path]) -> Report:
     key = load_coordinator_key(Path(job.federation.coordinator_key))
     packages = load_candidates(job)
     run_id = secrets.token_hex(8)
-    outcome = execute_job(InProcessExchange(site_files, run_id), job, packages, key, run_id=run_id,
-                          aggregator=job_aggregator(job, run_id))
-    report = build_job_report(job, outcome)
+    report, outcomes = run_stages(InProcessExchange(site_files, run_id), job, packages, key, run_id=run_id,
+                                  aggregator=job_aggregator(job, run_id))
     note = IN_PROCESS_NOTE if job.secure is None else IN_PROCESS_SECURE_NOTE
     report = report.model_copy(update={"notes": [*report.notes, note]})
     output = Path(job.output)
     write_report(report, output)
-    write_job_outputs(outcome, output)
+    for index, outcome in enumerate(outcomes):
+        write_job_outputs(outcome, output, append=index > 0)
     return report
 
 

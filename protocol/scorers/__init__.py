@@ -46,6 +46,7 @@ SCORERS: dict[str, ScorerSpec] = {
     "pactran_dir": pactran.PAC_DIR,
     "pactran_gamma": pactran.PAC_GAMMA,
     "linear_probe": linear_probe.SPEC,
+    "lda_probe": linear_probe.LDA_SPEC,
 }
 
 NOT_FEDERABLE: dict[str, str] = {

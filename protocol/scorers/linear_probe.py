@@ -58,7 +58,7 @@ from threadpoolctl import threadpool_limits
 from fedmte.protocol import symmetric
 from fedmte.protocol.catalogue import MAX_SPLIT_SEED
 from fedmte.protocol.errors import InvalidInputError, ScorerDomainError
-from fedmte.protocol.requests import Stat
+from fedmte.protocol.requests import Stat, Transform
 from fedmte.protocol.scorers.base import Context, Program, Requests, ScorerSpec, Sums, probability_bounds
 
 DEFAULT_L2 = 1.0
@@ -217,6 +217,74 @@ def program(ctx: Context, **options: object) -> Program:
     probe = yield from fit(ctx, **options)  # type: ignore[arg-type]
     return probe.accuracy
 
+
+DEFAULT_SHRINKAGE = 0.1
+
+
+def lda_fit(ctx: Context, *, shrinkage: float = DEFAULT_SHRINKAGE, seed: int = DEFAULT_SEED,
+            holdout: float = DEFAULT_HOLDOUT) -> Generator[Requests, Sums, ProbeFit]:
+    """The closed-form probe: a shrunk LDA head on the training rows, then the same held-back
+    validation. Two rounds whatever the data: round 1 sums the training part's class counts,
+    class sums and Gram (the ``keep_part`` view zeroes the held-back rows), the coordinator
+    solves W[:-1] = S^-1 M, W[-1] = -diag(M^T S^-1 M) / 2 + log(n_c / n) with M the class
+    means and S = (1 - shrinkage) S_w / n + shrinkage tr(S_w / n) / k I the shrunk within-class
+    covariance, its eigenvalues floored at the shrinkage target (DP noise can leave S_w
+    indefinite; exact sums never reach the floor); round 2 counts correct held-back predictions. With noise it needs no Hessian,
+    whose (k + 1)^2 C^2 / 2 entries the Newton probe's first round must release: the cheap
+    first stage of a confirmation under DP."""
+    k, classes = ctx.dim, ctx.num_classes
+    if not (isinstance(shrinkage, (int, float)) and 0.0 < shrinkage <= 1.0):
+        raise InvalidInputError(f"lda_probe's shrinkage must lie in (0, 1], got {shrinkage!r}")
+    _check_options(k, classes, DEFAULT_L2, 1, seed, holdout, DEFAULT_TOLERANCE)
+    split = split_args(seed, holdout)
+    train = (Transform.of("keep_part", part=np.asarray(0, dtype=np.int64), **split),)
+    sums = yield {"train_counts": Stat.of("holdout_class_counts", part=0, **split),
+                  "class_sums": Stat.of("class_sums", train), "gram": Stat.of("gram", train)}
+    train_counts = np.asarray(sums["train_counts"])
+    counts = train_counts.astype(np.float64)
+    if (counts <= 0).any():
+        raise ScorerDomainError(f"lda_probe has no training rows of classes {np.flatnonzero(counts <= 0).tolist()}; "
+                                "hold back less, or use more rows")
+    n = float(counts.sum())
+    means = np.asarray(sums["class_sums"], dtype=np.float64) / counts[:, None]  # (C, k)
+    within = symmetric.unpack(np.asarray(sums["gram"], dtype=np.float64)) - (means.T * counts) @ means
+    cov = within / n
+    target = float(np.trace(cov)) / k
+    if not target > 0:
+        raise ScorerDomainError("lda_probe's within-class covariance has no positive trace (the noise swamped it)")
+    cov = (1.0 - shrinkage) * 0.5 * (cov + cov.T) + shrinkage * target * np.eye(k)
+    values, vectors = np.linalg.eigh(cov)
+    values = np.maximum(values, shrinkage * target)  # noise can leave S_w indefinite; the shrinkage target floors it
+    solved = vectors @ ((vectors.T @ means.T) / values[:, None])  # S^-1 M, (k, C)
+    weights = np.zeros((k + 1, classes))
+    weights[:-1] = solved
+    weights[-1] = -0.5 * np.einsum("kc,ck->c", solved, means) + np.log(counts / n)
+    sums = yield {"correct": Stat.of("probe_correct", (), weights=weights, **split),
+                  "held_back": Stat.of("holdout_class_counts", part=1, **split)}
+    held_back = np.asarray(sums["held_back"])
+    if not float(held_back.sum()) > 0:
+        raise ScorerDomainError("lda_probe's split held back no rows to validate on; hold back more, or use more rows")
+    return ProbeFit(weights=weights, correct=np.asarray(sums["correct"]), held_back=held_back,
+                    train_counts=train_counts, rounds=1, converged=True)
+
+
+def lda_program(ctx: Context, **options: object) -> Program:
+    probe = yield from lda_fit(ctx, **options)  # type: ignore[arg-type]
+    return probe.accuracy
+
+
+LDA_SPEC = ScorerSpec(
+    name="lda_probe",
+    program=lda_program,
+    rounds=2,
+    needs_features=True,
+    needs_source_probs=False,
+    summary="held-back accuracy of a shrunk LDA head fitted in closed form on the training rows (no Hessian)",
+    reference="confirmation by transfer (issue 13): the same closed form on the pooled training rows",
+    opt_in=True,
+    options={"shrinkage": DEFAULT_SHRINKAGE, "seed": DEFAULT_SEED, "holdout": DEFAULT_HOLDOUT},
+    bounds=probability_bounds,
+)
 
 SPEC = ScorerSpec(
     name="linear_probe",

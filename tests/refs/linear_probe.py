@@ -69,6 +69,28 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, source_probs: np.ndar
     return correct / rows
 
 
-REFERENCES = {"linear_probe": linear_probe}
+def lda_head(features: np.ndarray, labels: np.ndarray, num_classes: int, shrinkage: float = 0.1) -> np.ndarray:
+    """The (d + 1, C) shrunk-LDA head on the given rows, straight from its definition: class
+    means, the within-class covariance over n, shrunk toward its mean eigenvalue."""
+    n, d = features.shape
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    means = np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
+    centred = features - means[labels]
+    within = centred.T @ centred / n
+    cov = (1 - shrinkage) * within + shrinkage * np.trace(within) / d * np.eye(d)
+    w = np.linalg.solve(cov, means.T)
+    bias = -0.5 * np.sum(means.T * w, axis=0) + np.log(counts / n)
+    return np.vstack([w, bias])
+
+
+def lda_probe(features: np.ndarray, labels: np.ndarray, source_probs: np.ndarray | None = None, *,
+              shrinkage: float = 0.1, seed: int = 0, holdout: float = 0.2) -> float:
+    back = held_back(np.arange(len(labels)), seed, holdout)
+    w = lda_head(features[~back], labels[~back], int(labels.max()) + 1, shrinkage)
+    z = features[back] @ w[:-1] + w[-1]
+    return float(np.mean(np.argmax(z, axis=1) == labels[back]))
+
+
+REFERENCES = {"linear_probe": linear_probe, "lda_probe": lda_probe}
 
 TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {}
