@@ -26,6 +26,7 @@ from fedmte.protocol.requests import Stat
 from fedmte.protocol.statistics import Statistics
 from fedmte.trial import demo
 from fedmte.trial.zoo import DIGIT_LABELS, RECIPES, build_zoo, load_digits_split, pack_zoo
+from tests.refs.linear_probe import held_back, lbfgs_fit
 
 RELATIVE = 1e-6
 REPORT_KEYS = {"models", "scorers", "sites", "privacy", "job"}
@@ -190,7 +191,7 @@ def _check_outputs(out: Path, *, dp: bool) -> dict:
         policy = config.require_policy()
         assert config.site.name == site and policy.dp.enabled is dp
         assert policy.coordinator_keys == config.trust.fingerprints() and len(config.trust.keys) == 1  # one key, once
-        assert set(policy.allowed_scorers) == set(demo.DEMO_SCORERS)
+        assert set(policy.allowed_scorers) == {*demo.DEMO_SCORERS, *demo.CONFIRM_SCORERS}  # scoring and stage 2
         for name in truth:
             verify_package(out / "models" / name, config.trust.keys)  # the site's own pins
         result = verify(out / "sites" / site / "audit", key_sha256=config.audit.verification_key_sha256,
@@ -224,6 +225,11 @@ def test_demo_in_process_with_dp(zoo_cache: Path, tmp_path: Path) -> None:
     site_file = out / "sites" / "site-a" / "site.toml"
     intent = [r for r in read_records(site_file.parent / "audit") if isinstance(r, IntentRecord) and r.privacy][-1]
     assert intent.privacy.honest_shares == 3 and float(intent.privacy.noise_share) == pytest.approx(1 / 3)
+    # stage 2: the recommended candidates confirmed by the closed-form head on held-back rows, and a decision
+    recommended = [m for m in data["models"] if m["status"] == "recommended"]
+    assert recommended and all(m["validation"] and m["validation"]["mode"] == "lda" for m in recommended)
+    assert data["decision"]["model"] in {m["name"] for m in recommended}
+    assert "Confirmed by transfer:" in result.output
 
 
 @pytest.mark.slow  # four fedmte demo runs in this process
@@ -305,3 +311,20 @@ def test_demo_over_a_federation_equals_pooled_scores_without_dp(zoo_cache: Path,
             if abs(value - reference[scorer]) > RELATIVE * abs(reference[scorer]):
                 mismatches.append(f"{model['name']}/{scorer}: demo {value!r}, pooled {reference[scorer]!r}")
     assert not mismatches, "; ".join(mismatches)
+    # stage 2 with exact sums: each confirmed candidate's held-back counts are the centralised probe's on the
+    # pooled held-back rows (each site split by its own row ids), and the decision is the best of them
+    confirm = data["job"]["confirm"]
+    accuracy = {}
+    for model in (m for m in data["models"] if m.get("validation")):
+        parts = []
+        for site in demo.site_names(3):
+            with np.load(tmp_path / f"{model['name']}-{site}.npz", allow_pickle=False) as loaded:
+                parts.append((loaded["features"], loaded["labels"]))
+        x = np.concatenate([f for f, _ in parts])
+        y = np.concatenate([labels for _, labels in parts])
+        back = np.concatenate([held_back(np.arange(len(labels)), confirm["seed"], confirm["holdout"]) for _, labels in parts])
+        weights = lbfgs_fit(x[~back], y[~back], len(DIGIT_LABELS), confirm["l2"])
+        correct = int(np.sum(np.argmax(x[back] @ weights[:-1] + weights[-1], axis=1) == y[back]))
+        assert (model["validation"]["correct"], model["validation"]["rows"]) == (correct, int(back.sum())), model["name"]
+        accuracy[model["name"]] = correct / int(back.sum())
+    assert accuracy and data["decision"]["model"] == max(accuracy, key=lambda name: accuracy[name])
