@@ -215,6 +215,30 @@ def violations(
     return found
 
 
+SCORER_RULES = frozenset({"allowed_scorers", "allowed_statistics", "allowed_transforms", "dp.bounded_statistics"})
+"""The rules a single scorer can break, whatever the model: what a site refuses per scorer at setup."""
+
+
+def scorer_refusals(policy: SitePolicy, scorers: Iterable[str]) -> dict[str, str]:
+    """``{scorer: "[rule] reason; ..."}`` for every requested scorer this policy refuses, from
+    the policy and what the scorer asks for (:func:`fedmte.protocol.plan.traced_requests`)
+    alone, never the data: so the reason may go back to the coordinator, which runs the job
+    with the scorers that are allowed instead of losing it."""
+    from fedmte.protocol.plan import traced_requests
+
+    refused: dict[str, str] = {}
+    for scorer in dict.fromkeys(scorers):
+        if scorer not in SCORERS:
+            refused[scorer] = f"[allowed_scorers] {scorer!r} is not a scorer this site knows"
+            continue
+        kinds, transforms = traced_requests(scorer)
+        found = [(rule, message) for rule, message in violations(policy, kinds, [scorer], "", 0, transforms=transforms)
+                 if rule in SCORER_RULES]
+        if found:
+            refused[scorer] = "; ".join(f"[{rule}] {message}" for rule, message in found)
+    return refused
+
+
 def check_request(
     policy: SitePolicy,
     requested_statistic_kinds: Iterable[str],

@@ -98,7 +98,7 @@ from fedmte.client.packages import (
     verify_package_bytes,
     verify_signature,
 )
-from fedmte.client.policy import SitePolicy, check_coordinator, violations
+from fedmte.client.policy import SitePolicy, check_coordinator, scorer_refusals, violations
 from fedmte.client.privacy import ModelRequest, ReleaseRequest, SecureContext, SitePrivacy
 from fedmte.client.request_guard import NONCES_FILE, REQUEST_WINDOW, SeenNonces
 from fedmte.client.site_config import SiteConfig, load_site_config
@@ -433,10 +433,9 @@ class SiteAgent:
         claimed = key_fingerprint(parse_public_key(request.coordinator_key))
         try:
             requester, coordinator = self._verify_coordinator(request, signed.signature_bytes(), signed_bytes)
-            denied = sorted(set(request.scorers) - self.policy.allowed_scorers)
-            if denied:
-                raise PolicyRefusal([("allowed_scorers", f"scorer(s) {denied} are not allowed here; allowed: "
-                                                         f"{sorted(self.policy.allowed_scorers) or 'none'}")])
+            refused = scorer_refusals(self.policy, request.scorers)
+            if request.scorers and len(refused) == len(set(request.scorers)):  # nothing left to run
+                raise PolicyRefusal([("scorers", f"{scorer}: {reason}") for scorer, reason in refused.items()])
             check_job_limits(self.config.limits, len(request.labels))
         except RefusalError as refusal:
             self.privacy.log.refusal(requester=claimed, run_id=request.run_id, round=0, reason_code=refusal.reason_code,
@@ -447,11 +446,16 @@ class SiteAgent:
         self._admit("setup request", request, requester=requester, purpose=request.purpose, request_sha256=setup_sha,
                     session=self._session(request.run_id) if path.is_file() else None)
         data, fingerprint = self._site_data(request.labels, fresh=not path.is_file())
+        allowed = [scorer for scorer in request.scorers if scorer not in refused]
+        if refused and not path.is_file():  # the scorers this site will not run, each with its rule, audited
+            self.privacy.log.refusal(requester=requester, run_id=request.run_id, round=0, reason_code="policy:scorers",
+                                     rule="scorers", message="; ".join(f"{s}: {r}" for s, r in refused.items())[:4096],
+                                     purpose=request.purpose, request_sha256=setup_sha, data_source=self.data_source)
         session = self._session(request.run_id) if path.is_file() else JobSession(
             run_id=request.run_id, requester=requester, coordinator=coordinator, purpose=request.purpose,
-            labels=list(request.labels), scorers=list(request.scorers), setup_sha256=setup_sha, dataset=fingerprint,
+            labels=list(request.labels), scorers=allowed, setup_sha256=setup_sha, dataset=fingerprint,
             coordinator_key=request.coordinator_key)
-        if (session.labels, session.scorers, session.requester) != (list(request.labels), list(request.scorers), requester):
+        if (session.labels, session.scorers, session.requester) != (list(request.labels), allowed, requester):
             raise ProtocolError(f"run {request.run_id} was set up with other labels, scorers or coordinator")
         statuses: dict[str, ModelStatus] = {}
         refs: list[ModelRef] = []
@@ -477,7 +481,7 @@ class SiteAgent:
         if len(set(weights_seen)) != len(weights_seen):
             raise ProtocolError("two offered models have the same weights; offer each model once")
         self._save(session)
-        reply = Payload(doc=SetupReply(site=self.name, models=statuses, dp=self.policy.dp.enabled)
+        reply = Payload(doc=SetupReply(site=self.name, models=statuses, dp=self.policy.dp.enabled, refused_scorers=refused)
                         .model_dump(mode="json", by_alias=True))
         return self._send(reply, requester=requester, recipient=f"coordinator:{coordinator}", run_id=request.run_id,
                           round=0, purpose=request.purpose, request_sha256=setup_sha, models=refs)

@@ -280,6 +280,9 @@ class SetupReply(StrictModel):
     site: str = Field(min_length=1, max_length=128)
     models: dict[str, ModelStatus]
     dp: bool = Field(description="whether the site's policy adds DP noise to its releases")
+    refused_scorers: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, description="requested scorers this site's policy refuses, with the rule and reason "
+                                          "(decided from the request alone); the job runs without them")
 
     @classmethod
     def parse(cls, doc: Mapping[str, Any]) -> SetupReply:

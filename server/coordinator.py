@@ -369,7 +369,8 @@ def _site_names(replies: Mapping[int, SetupReply]) -> dict[int, str]:
     return {node: name if counts[name] == 1 else f"{name}#{node}" for node, name in names.items()}
 
 
-def _plan_model(record: ModelRecord, job: JobSpec, *, noisy: bool, run_id: str) -> None:
+def _plan_model(record: ModelRecord, job: JobSpec, *, noisy: bool, run_id: str,
+                refused: Mapping[str, Sequence[str]] | None = None) -> None:
     """The model's plan over the scorers its outputs allow; the rest fail with a reason.
 
     ``noisy`` (some site adds DP noise): the scorers read uncentred sums (offset zero) and the
@@ -383,7 +384,9 @@ def _plan_model(record: ModelRecord, job: JobSpec, *, noisy: bool, run_id: str) 
     has_probs = record.num_source_classes > 0
     usable = []
     for name in job.scorers_to_run:
-        if SCORERS[name].needs_source_probs and not has_probs:
+        if refused and name in refused:
+            record.failures[name] = "refused by " + "; ".join(refused[name])
+        elif SCORERS[name].needs_source_probs and not has_probs:
             record.failures[name] = ("needs source-class probabilities; the sites hold none for these features"
                                      if record.package.site_features else
                                      "needs source-class probabilities; this model has no source classifier head")
@@ -434,6 +437,11 @@ def execute_job(
         replies = {node: again[node] for node in replies}
     names = _site_names(replies)
     sites = {node: SiteRecord(node=node, name=names[node], dp=reply.dp) for node, reply in replies.items()}
+    refused_scorers: dict[str, list[str]] = {}  # a scorer one site refuses cannot be summed over all: left out
+    for node, reply in sorted(replies.items()):
+        for scorer, reason in sorted(reply.refused_scorers.items()):
+            refused_scorers.setdefault(scorer, []).append(f"{names[node]} {reason}")
+            sites[node].refusals.append(f"scorer {scorer}: {reason}")
     models = {p.model_id: ModelRecord(package=p) for p in packages}
     for model_id, record in models.items():
         statuses: dict[int, ModelStatus] = {node: reply.models[model_id] for node, reply in replies.items()}
@@ -453,7 +461,7 @@ def execute_job(
             raise FederationError(f"the sites disagree on the outputs of {record.package.label}: {sorted(shapes)}")
         record.dim, record.num_source_classes = (int(v or 0) for v in shapes.pop())
         _plan_model(record, job, noisy=any(site.dp for site in sites.values()) and job.privacy.centre == "coordinator",
-                    run_id=run_id)
+                    run_id=run_id, refused=refused_scorers)
     runs = {model_id: r.run for model_id, r in models.items() if r.run is not None}
     if not runs:
         reasons = "; ".join(f"{r.package.label}: {', '.join(r.refusals) or 'no scorer applies'}" for r in models.values())
@@ -521,6 +529,8 @@ def execute_job(
         models[model_id].result = result
         models[model_id].failures.update(result.failures)
     notes = _finish(recorder, run_id, sites, "finished", "", rounds, key, round_index + 1)
+    notes += [f"{scorer} was left out, the job ran without it: refused by {'; '.join(reasons)}"
+              for scorer, reasons in sorted(refused_scorers.items())]
     dropped = getattr(aggregator, "failures", {}) or {}  # the secure sum goes on without a failed site
     notes += [f"the secure sum left out {site} (its statistics are not in the sums): {reason}"
               for site, reason in sorted(dropped.items())]

@@ -132,16 +132,21 @@ def test_a_model_one_site_refuses_is_reported_with_the_rule_and_site(
                for r in read_records(site2 / "audit") if isinstance(r, RefusalRecord))
 
 
-def test_a_scorer_one_site_forbids_stops_the_job_naming_the_rule(
+def test_a_scorer_one_site_forbids_is_left_out_naming_the_site_and_rule(
     federation: LocalFederation, packages: dict[str, Path], tmp_path: Path
 ) -> None:
     job = make_job(federation, packages, tmp_path / "denied", ["gelu-head"], scorers=["ped", "hscore"])
+    report = run_job(job)  # the job runs with the scorers every site allows
+    (model,) = [m for m in report.models if m.name == "gelu-head"]
+    assert set(model.scores) == {"hscore"}
+    assert "[allowed_scorers] scorer(s) ['ped'] are not allowed here" in model.failures["ped"]
+    assert any(note.startswith("ped was left out") for note in report.notes)
+    # every scorer refused somewhere: the job cannot run, and the error names the rule
+    job = make_job(federation, packages, tmp_path / "denied-all", ["gelu-head"], scorers=["ped"])
     with pytest.raises(FederationError, match="allowed_scorers") as caught:
         run_job(job)
     site1 = federation.sites[1]
     assert set(caught.value.failures) == {str(site1.node_id)}
-    assert "refused by site policy: [allowed_scorers] scorer(s) ['ped'] are not allowed here" in \
-        caught.value.failures[str(site1.node_id)]
 
 
 def test_the_round_count_does_not_depend_on_the_number_of_models(

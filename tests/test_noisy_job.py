@@ -211,3 +211,18 @@ def test_a_dp_job_with_project_dim_reads_every_model_through_its_basis(tmp_path:
     report = build_job_report(job, outcome)
     assert any("projected to k = 3" in note for note in report.notes)
     assert report.uncertainty is not None and report.uncertainty.assessed
+
+
+def test_a_scorer_dp_cannot_noise_is_left_out_with_its_reason_and_the_rest_is_scored(tmp_path: Path) -> None:
+    """LEEP's second round sums log-likelihoods, which have no bounded sensitivity: every DP
+    site refuses it at setup, with that reason, and the job scores what it can."""
+    world = World(tmp_path, dp=True, sites=3)
+    job = world.job(["gelu-head"], scorers=["leep", "hscore"], ranking={"bootstrap": 0})
+    outcome, _ = world.run(job, "305")
+    (record,) = outcome.models.values()
+    assert record.result is not None and set(record.result.scores) == {"hscore"}
+    reason = record.failures["leep"]
+    assert "dp.bounded_statistics" in reason and "mixture_loglik" in reason
+    assert all(f"site{k}" in reason for k in range(3))  # every site said why
+    report = build_job_report(job, outcome)
+    assert any(note.startswith("leep was left out") for note in report.notes)

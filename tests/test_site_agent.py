@@ -146,13 +146,18 @@ def test_every_byte_a_site_sent_has_its_audit_record_and_payload_copy(
         assert len(stats_intents) == 4 and all(r.privacy is not None and r.privacy.mechanism == "none" for r in stats_intents)
 
 
-def test_a_scorer_the_policy_denies_is_refused_with_its_rule(world: World) -> None:
-    with pytest.raises(FederationError, match="setup round setup failed") as caught:
-        world.run(world.job(["gelu-head"], scorers=["ped", "hscore"]), "103")
-    assert set(caught.value.failures) == {"101"}
-    assert "[allowed_scorers] scorer(s) ['ped'] are not allowed here" in caught.value.failures["101"]
+def test_a_scorer_the_policy_denies_is_left_out_with_its_rule_and_the_rest_runs(world: World) -> None:
+    outcome, _ = world.run(world.job(["gelu-head"], scorers=["ped", "hscore"]), "103")
+    (record,) = outcome.models.values()
+    assert record.result is not None and set(record.result.scores) == {"hscore"}  # the allowed scorer still runs
+    assert "refused by site1 [allowed_scorers] scorer(s) ['ped'] are not allowed here" in record.failures["ped"]
+    assert any("ped was left out" in note and "site1" in note for note in outcome.notes)
     refusals = [r for r in read_records(world.site_files[1].parent / "audit") if isinstance(r, RefusalRecord)]
-    assert refusals[-1].run_id == "103" and refusals[-1].rule == "allowed_scorers"
+    assert refusals[-1].run_id == "103" and refusals[-1].rule == "scorers" and "ped" in refusals[-1].message
+    # a job whose every scorer a site refuses cannot run at all: refused at setup, naming each
+    with pytest.raises(FederationError, match="setup round setup failed") as caught:
+        world.run(world.job(["gelu-head"], scorers=["ped"]), "106")
+    assert set(caught.value.failures) == {"101"} and "ped: [allowed_scorers]" in caught.value.failures["101"]
 
 
 def test_an_unpinned_coordinator_is_refused_everywhere(world: World) -> None:

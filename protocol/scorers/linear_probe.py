@@ -204,11 +204,18 @@ def fit(ctx: Context, *, l2: float = DEFAULT_L2, max_rounds: int = DEFAULT_MAX_R
             t = 1.0
         else:
             t /= 2.0
+    return (yield from _validated("linear_probe", weights, split, train_counts, rounds, converged))
+
+
+def _validated(name: str, weights: np.ndarray, split: dict[str, np.ndarray], train_counts: np.ndarray, rounds: int,
+               converged: bool) -> Generator[Requests, Sums, ProbeFit]:
+    """The last round of every probe: the held-back rows' per-class counts of correct argmax
+    predictions under ``weights``, and of rows."""
     sums = yield {"correct": Stat.of("probe_correct", (), weights=weights, **split),
                   "held_back": Stat.of("holdout_class_counts", part=1, **split)}
     held_back = np.asarray(sums["held_back"])
     if not float(held_back.sum()) > 0:
-        raise ScorerDomainError("linear_probe's split held back no rows to validate on; hold back more, or use more rows")
+        raise ScorerDomainError(f"{name}'s split held back no rows to validate on; hold back more, or use more rows")
     return ProbeFit(weights=weights, correct=np.asarray(sums["correct"]), held_back=held_back,
                     train_counts=train_counts, rounds=rounds, converged=converged)
 
@@ -259,13 +266,7 @@ def lda_fit(ctx: Context, *, shrinkage: float = DEFAULT_SHRINKAGE, seed: int = D
     weights = np.zeros((k + 1, classes))
     weights[:-1] = solved
     weights[-1] = -0.5 * np.einsum("kc,ck->c", solved, means) + np.log(counts / n)
-    sums = yield {"correct": Stat.of("probe_correct", (), weights=weights, **split),
-                  "held_back": Stat.of("holdout_class_counts", part=1, **split)}
-    held_back = np.asarray(sums["held_back"])
-    if not float(held_back.sum()) > 0:
-        raise ScorerDomainError("lda_probe's split held back no rows to validate on; hold back more, or use more rows")
-    return ProbeFit(weights=weights, correct=np.asarray(sums["correct"]), held_back=held_back,
-                    train_counts=train_counts, rounds=1, converged=True)
+    return (yield from _validated("lda_probe", weights, split, train_counts, 1, True))
 
 
 def lda_program(ctx: Context, **options: object) -> Program:
