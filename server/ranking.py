@@ -656,15 +656,48 @@ def _plain_summary(groups: Sequence[Sequence[str]], p_best: Mapping[str, float],
             f"({count} resamples of the noisy sums, {level:.0%} intervals).")
 
 
-def _reliability_weights(
+@dataclass(frozen=True)
+class _Replicated:
+    """Every bootstrap replicate's score table and per-scorer ranks, computed once for both
+    the scorers' weights (step 4a) and the uncertainty (step 7)."""
+
+    tables: list[dict[str, dict[str, float | None]]]
+    ranks: list[dict[str, dict[str, float]]]
+    held: dict[str, list[str]]
+    failed_share: dict[str, dict[str, float]]
+
+
+def _replicate(
     scores: Mapping[str, Mapping[str, float | None]],
     replicates: Mapping[str, Mapping[str, np.ndarray]] | None,
     *,
     scorers: Sequence[str],
     use: Sequence[str],
     screening: _Screening,
-    per_scorer: Mapping[str, Mapping[str, float]],
     ties: str,
+) -> _Replicated | None:
+    """The replicates' tables and ranks (same screening and ties as the point); None without
+    replicates. Arrays of unequal length are refused: replicate r must be one draw for all."""
+    counts = {len(v) for row in (replicates or {}).values() for v in row.values()}
+    if len(counts) > 1:
+        raise InvalidInputError(f"replicate arrays differ in length {sorted(counts)}; replicate r must be one draw for all")
+    count = counts.pop() if counts else 0
+    if count == 0:
+        return None
+    draws, held, failed_share = _replicate_scores(scores, replicates or {}, count)
+    tables = [_score_table(draw, scorers, screening, {}) for draw in draws]
+    ranks = [{s: rank_scores({name: table_r[name][s] for name in screening.pool}, ties) for s in use}
+             for table_r in tables]
+    return _Replicated(tables=tables, ranks=ranks, held=held, failed_share=failed_share)
+
+
+def _reliability_weights(
+    replicated: _Replicated | None,
+    replicates: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    use: Sequence[str],
+    screening: _Screening,
+    per_scorer: Mapping[str, Mapping[str, float]],
 ) -> dict[str, float] | None:
     """Step 4a: each ranking scorer's weight in the mean rank under noise, from how well its
     ranking survives the noise: rho_s, the mean Kendall tau-b between its point ranks and its
@@ -676,12 +709,9 @@ def _reliability_weights(
     replicates (held at its point, or not resampled) gets the average weight of the others:
     its noise is unknown, neither trusted nor doubted."""
     pool = screening.pool
-    if not replicates or len(use) < 2 or len(pool) < 3:
+    if replicated is None or len(use) < 2 or len(pool) < 3:
         return None
-    counts = {len(v) for row in replicates.values() for v in row.values()}
-    if len(counts) != 1:
-        return None
-    draws, held, _ = _replicate_scores(scores, replicates, counts.pop())
+    held = replicated.held
 
     def resampled(scorer: str) -> bool:  # some pooled model has replicates of it (or of its helpers) that vary
         keys = [scorer, *(SCORERS[scorer].helper_scorers if scorer in SCORERS else ())]
@@ -689,11 +719,9 @@ def _reliability_weights(
 
     agreement: dict[str, list[float]] = {s: [] for s in use if resampled(s)}
     point = {s: np.array([per_scorer[s][name] for name in pool]) for s in use}
-    for draw in draws:
-        table_r = _score_table(draw, scorers, screening, {})
+    for ranks_r in replicated.ranks:
         for s in agreement:
-            ranks = rank_scores({name: table_r[name][s] for name in pool}, ties)
-            values = np.array([ranks[name] for name in pool])
+            values = np.array([ranks_r[s][name] for name in pool])
             if np.all(values == values[0]) or np.all(point[s] == point[s][0]):
                 continue
             with warnings.catch_warnings():
@@ -714,9 +742,9 @@ def _reliability_weights(
 
 
 def _assess(
-    scores: Mapping[str, Mapping[str, float | None]],
-    replicates: Mapping[str, Mapping[str, np.ndarray]] | None,
+    replicated: _Replicated | None,
     *,
+    per_scorer: Mapping[str, Mapping[str, float]],
     level: float,
     scorers: Sequence[str],
     use: Sequence[str],
@@ -732,24 +760,17 @@ def _assess(
     """Step 7: re-rank every replicate as the point was ranked; per-candidate intervals,
     chances and tie groups (see the module docstring)."""
     pool, ranked = screening.pool, list(order)
-    count = 0
-    if replicates:
-        counts = {len(v) for row in replicates.values() for v in row.values()}
-        if len(counts) > 1:
-            raise InvalidInputError(f"replicate arrays differ in length {sorted(counts)}; replicate r must be one draw for all")
-        count = counts.pop() if counts else 0
-    assessed = count > 0
-    draws, held, failed_share = (_replicate_scores(scores, replicates or {}, count) if assessed
-                                 else ([{n: dict(r) for n, r in scores.items()}], {}, {}))
+    assessed = replicated is not None
+    tables, draw_ranks = (replicated.tables, replicated.ranks) if replicated is not None else ([table], [per_scorer])
+    held, failed_share = (replicated.held, replicated.failed_share) if replicated is not None else ({}, {})
+    count = len(tables) if assessed else 0
     index = {name: i for i, name in enumerate(ranked)}
-    ranks = np.zeros((len(draws), len(ranked)))
-    values = {s: np.full((len(draws), len(ranked)), np.nan) for s in scorers}
+    ranks = np.zeros((len(tables), len(ranked)))
+    values = {s: np.full((len(tables), len(ranked)), np.nan) for s in scorers}
     above = np.zeros((len(ranked), len(ranked)))
     sign = 1.0 if better == "lower" else -1.0
-    for r, draw in enumerate(draws):
-        table_r = _score_table(draw, scorers, screening, {}) if assessed else table
-        per_scorer = {s: rank_scores({name: table_r[name][s] for name in pool}, settings.ties) for s in use}
-        aggregate = _aggregate(table_r, per_scorer, use, pool, settings.aggregate, weights)
+    for r, (table_r, ranks_r) in enumerate(zip(tables, draw_ranks)):
+        aggregate = _aggregate(table_r, ranks_r, use, pool, settings.aggregate, weights)
         final_r = _competition_ranks(aggregate, better) if aggregate else {}
         if not ranked:
             continue
@@ -758,7 +779,7 @@ def _assess(
         ranks[r] = [final_r[name] for name in ranked]
         for s in scorers:
             values[s][r] = [np.nan if table_r[name][s] is None else table_r[name][s] for name in ranked]
-    above /= len(draws)
+    above /= len(tables)
     exact = all(np.all(v == v[0]) or np.all(np.isnan(v)) for v in (*values.values(), ranks)) if ranked else True
     firsts = ranks == 1
     p_best = firsts / np.maximum(firsts.sum(axis=1, keepdims=True), 1)
@@ -852,8 +873,8 @@ def rank_models(
         use = [settings.scorer] if settings.scorer in ranked_scorers else []
     else:
         use = ranked_scorers
-    weights = (_reliability_weights(scores, replicates, scorers=scorers, use=use, screening=screening,
-                                    per_scorer=per_scorer, ties=settings.ties)
+    replicated = _replicate(scores, replicates, scorers=scorers, use=use, screening=screening, ties=settings.ties)
+    weights = (_reliability_weights(replicated, replicates or {}, use=use, screening=screening, per_scorer=per_scorer)
                if settings.aggregate == "mean_rank" and settings.weigh_by_noise else None)
     if weights is not None:
         notes.append("under the noise each scorer counts in the mean rank by how reproducible its ranking is "
@@ -873,8 +894,8 @@ def rank_models(
     if not 0 < level < 1:
         raise InvalidInputError(f"level must lie in (0, 1), got {level}")
     uncertain, summary, groups = _assess(
-        scores, replicates, level=level, scorers=scorers, use=use, screening=screening, table=table, order=order,
-        final=final, settings=settings, better=better, bounds=bounds or {}, weights=weights)
+        replicated, per_scorer=per_scorer, level=level, scorers=scorers, use=use, screening=screening, table=table,
+        order=order, final=final, settings=settings, better=better, bounds=bounds or {}, weights=weights)
     recommendation, recommendation_groups, recommend_notes = _recommend(
         order, groups, scored, screening.flagged, settings.top_k)
     for group in groups if summary.assessed and not summary.exact else []:
