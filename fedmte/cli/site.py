@@ -148,8 +148,7 @@ class _Check:
 
     # -- keys
     def _keys(self) -> list[dict[str, Any]]:
-        from fedmte.protocol.errors import FedmteError
-        from fedmte.protocol.keys import fingerprint, load_private_key, parse_public_key, public_key_text
+        from fedmte.protocol.keys import fingerprint, parse_public_key
 
         keys: list[dict[str, Any]] = []
         coordinators = self.config.trust.coordinators
@@ -161,17 +160,10 @@ class _Check:
                                  "request; add name = \"ed25519:...\" (the coordinator's public key, which "
                                  "`fedmte site fingerprint` prints)")
         audit = self.config.audit
-        entry: dict[str, Any] = {"role": "audit", "name": "audit signing key", "where": f"[audit] signing_key "
-                                 f"{audit.signing_key}", "fingerprint": None, "public_key": None,
-                                 "pinned": audit.verification_key_sha256}
-        try:
-            key = load_private_key(audit.signing_key)
-            entry["fingerprint"], entry["public_key"] = fingerprint(key), public_key_text(key)
-        except FedmteError as error:
-            self.problems.append(f"[audit] signing_key: {error}" + (
-                f"; to start a new log, make a key with `fedmte site keygen {audit.signing_key.parent}`"
-                if not audit.signing_key.exists() else ""))
-        else:
+        entry = self._key_entry("audit", "audit signing key", "[audit] signing_key", audit.signing_key,
+                                f"to start a new log, make a key with `fedmte site keygen {audit.signing_key.parent}`")
+        entry["pinned"] = audit.verification_key_sha256
+        if entry["fingerprint"] is not None:
             pinned = audit.verification_key_sha256
             if pinned is None:
                 self.warnings.append(f"[audit] verification_key_sha256 is not set, so a swapped audit key would go "
@@ -183,16 +175,11 @@ class _Check:
         keys.append(entry)
         secure = self.config.secure
         if secure is not None:
-            entry = {"role": "identity", "name": "secure identity key", "where": f"[secure] identity_key "
-                     f"{secure.identity_key}", "fingerprint": None, "public_key": None}
-            try:
-                key = load_private_key(secure.identity_key)
-                entry["fingerprint"], entry["public_key"] = fingerprint(key), public_key_text(key)
-            except FedmteError as error:
-                self.problems.append(f"[secure] identity_key: {error}" + (
-                    f"; make one with `fedmte site keygen {secure.identity_key.parent} --kind identity` and send "
-                    "its public key to the other sites' rosters" if not secure.identity_key.exists() else ""))
-            else:
+            entry = self._key_entry(
+                "identity", "secure identity key", "[secure] identity_key", secure.identity_key,
+                f"make one with `fedmte site keygen {secure.identity_key.parent} --kind identity` and send its "
+                "public key to the other sites' rosters")
+            if entry["fingerprint"] is not None:
                 listed = secure.roster.get(self.config.site.name)
                 if listed is not None and listed != entry["public_key"]:
                     self.problems.append(f"[secure.roster] {self.config.site.name}: lists {listed}, but "
@@ -200,6 +187,22 @@ class _Check:
                                          "roster (here and at every peer and the coordinator), or restore the key")
             keys.append(entry)
         return keys
+
+    def _key_entry(self, role: str, name: str, key: str, path: Path, when_missing: str) -> dict[str, Any]:
+        """A private key's row (its fingerprint and public key), or a problem naming ``key`` and,
+        when the file is missing, how to make one."""
+        from fedmte.protocol.errors import FedmteError
+        from fedmte.protocol.keys import fingerprint, load_private_key, public_key_text
+
+        entry: dict[str, Any] = {"role": role, "name": name, "where": f"{key} {path}", "fingerprint": None,
+                                 "public_key": None}
+        try:
+            loaded = load_private_key(path)
+        except FedmteError as error:
+            self.problems.append(f"{key}: {error}" + ("" if path.exists() else f"; {when_missing}"))
+        else:
+            entry["fingerprint"], entry["public_key"] = fingerprint(loaded), public_key_text(loaded)
+        return entry
 
     # -- budget
     def _budget(self) -> list[dict[str, Any]]:
