@@ -111,7 +111,8 @@ class Bench:
         key_path = root / demo.COORDINATOR_KEY
         self.key = write_private_key(key_path)
         self.key_path = key_path
-        pack_zoo(self.zoo, root / "models", self.key)
+        manifests = pack_zoo(self.zoo, root / "models", self.key)
+        self.architectures = sorted({m.architecture for m in manifests.values()})  # what the sites must allow
         self.models = sorted(entry.name for entry in self.zoo.index.entries)
         self.truth = self.zoo.index.ground_truth()
         self.split = load_digits_split()
@@ -143,7 +144,7 @@ class Bench:
             audit_key = write_private_key(home / "keys" / "audit.key")
             document = demo.site_document(name, trust_key=trust, audit_key_sha256=fingerprint(audit_key),
                                           dp=epsilon is not None, scorers=demo.DEMO_SCORERS,
-                                          architectures=self.manifest_architectures())
+                                          architectures=self.architectures)
             kept = self.data_dir(sites, index)
             document["site"]["cache_dir"] = str(kept / "cache")
             document["data"]["path"] = str(kept / demo.SITE_DATA_FILE)
@@ -175,10 +176,6 @@ class Bench:
         finally:
             site_agent.close_agents()
             shutil.rmtree(run_dir, ignore_errors=True)
-
-    def manifest_architectures(self) -> list[str]:
-        packages = self.root / "models"
-        return sorted({json.loads((packages / m / "manifest.json").read_text())["architecture"] for m in self.models})
 
 
 def ranking_scores(report: Report) -> dict[str, float]:
